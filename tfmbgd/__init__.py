@@ -1,0 +1,29 @@
+"""tfmbgd: see and measure how mini-batch gradient descent updates a network's weights.
+
+Submodules are imported on first use (PEP 562), so `import tfmbgd` and `train.py --help`
+stay fast and do not start TensorFlow until something needs it:
+
+    import tfmbgd
+    ds = tfmbgd.data.load("digits")          # imports tfmbgd.data (and numpy) here
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = (
+    "compare", "config", "data", "errors", "gradients", "losses", "models", "optimizers",
+    "stats", "summaries", "training",
+)
+
+__all__ = list(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_SUBMODULES))

@@ -1,0 +1,83 @@
+"""TrainConfig: every setting of a run, in one frozen, validated object.
+
+Only `train.py` turns flags into a TrainConfig; library code takes the config (or plain
+arguments) and never reads flags or the environment. This module imports no TensorFlow, so
+that bad settings are reported before TensorFlow starts.
+"""
+
+import dataclasses
+import math
+
+from tfmbgd.errors import UserError
+
+DATASETS = ("digits", "linear", "mnist", "fashion_mnist")  # plus "npz:PATH"
+MODELS = ("linear", "mlp", "cnn")
+REDUCTIONS = ("mean", "sum")
+UPDATES = ("manual", "custom", "keras")
+GRAD_METHODS = ("vectorized", "jacobian", "loop")
+MODES = ("train", "compare")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One run of `train.py`. Invalid values raise `UserError` naming the field."""
+
+    dataset: str = "digits"            # digits | linear | mnist | fashion_mnist | npz:PATH
+    model: str = "mlp"                 # linear | mlp | cnn
+    hidden: tuple = (64,)              # widths of the mlp's hidden layers
+    batch_size: int | None = 32        # examples per update; None = the whole training set
+    epochs: int = 10                   # passes over the training set
+    learning_rate: float = 0.1         # step size of every update rule
+    reduction: str = "mean"            # batch loss = mean or sum of per-example losses
+    update: str = "custom"             # manual (w -= lr*g) | custom (MiniBatchSGD) | keras (SGD)
+    grad_method: str = "vectorized"    # how per-example gradients are computed for statistics
+    log_every: int = 10                # write the mini-batch loss every N steps
+    stats_every: int = 10              # gradient statistics every N steps; 0 = never
+    logdir: str = "logs"               # runs land in logdir/<run-name>/{train,test}
+    seed: int = 0                      # initial weights, shuffling and synthetic data
+    mode: str = "train"                # train | compare (one batch, every method side by side)
+
+    def __post_init__(self):
+        _check_dataset(self.dataset)
+        _check_choice("model", self.model, MODELS)
+        _check_choice("reduction", self.reduction, REDUCTIONS)
+        _check_choice("update", self.update, UPDATES)
+        _check_choice("grad_method", self.grad_method, GRAD_METHODS)
+        _check_choice("mode", self.mode, MODES)
+        if not self.hidden or any(not _is_int(h) or h < 1 for h in self.hidden):
+            raise UserError(f"hidden must be positive layer widths, e.g. 64,32; got {self.hidden!r}")
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+            raise UserError(
+                f"batch_size must be a positive integer or None (full batch); got {self.batch_size!r}")
+        for name in ("epochs", "log_every"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("stats_every", self.stats_every, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise UserError(f"learning_rate must be a finite number > 0; got {lr!r}")
+        if not self.logdir:
+            raise UserError("logdir must be a directory path; got an empty string")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name, value, minimum):
+    if not _is_int(value) or value < minimum:
+        raise UserError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise UserError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _check_dataset(name):
+    if name in DATASETS:
+        return
+    if isinstance(name, str) and name.startswith("npz:") and len(name) > 4:
+        return
+    raise UserError(
+        f"dataset must be one of {', '.join(DATASETS)} or npz:PATH; got {name!r}")

@@ -1,0 +1,107 @@
+"""Batch gradients and per-example gradients of any Keras model and per-example loss.
+
+Conventions, shared by all of tfmbgd:
+
+- The per-example loss `l_n = loss_fn(y_n, model(x_n))` is *unscaled*: no 1/B.
+- The per-example gradient is `g_n = d l_n / d theta`, unscaled too. (BackPACK scales
+  per-example gradients of a mean loss by 1/B; Opacus and tfmbgd do not.)
+- The gradient of the `reduce_mean` batch loss is the mean of the `g_n`; of the
+  `reduce_sum` batch loss, their sum, i.e. B times the mean.
+
+Every function takes a model whose variables exist, a `loss_fn(y_true, y_pred) -> [B]`,
+and a batch `x [B, ...]`, `y [B, ...]`; every one works eagerly and inside `tf.function`.
+Gradient lists are aligned with `model.trainable_variables`; a variable that does not
+affect the loss gets zeros, never None.
+"""
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+from tfmbgd import losses as losses_lib
+from tfmbgd.errors import UserError
+
+METHODS = ("jacobian", "vectorized", "loop")
+_ZERO = tf.UnconnectedGradients.ZERO
+
+
+class PerExample(NamedTuple):
+    """Per-example losses, model outputs and gradients of one batch."""
+
+    losses: tf.Tensor      # [B] unscaled per-example losses
+    outputs: tf.Tensor     # [B, ...] model outputs
+    gradients: list        # per variable, [B, *variable.shape]
+
+
+def batch_gradients(model, loss_fn, x, y, reduction="mean"):
+    """The batch loss and its gradient by one ordinary backward pass.
+
+    Args:
+      reduction: "mean" (`reduce_mean` of the per-example losses) or "sum".
+
+    Returns:
+      `(loss, grads)`: the scalar batch loss, and a list aligned with
+      `model.trainable_variables` of gradients shaped like the variables.
+    """
+    with tf.GradientTape() as tape:
+        loss = losses_lib.reduce(loss_fn(y, model(x, training=True)), reduction)
+    return loss, tape.gradient(loss, model.trainable_variables, unconnected_gradients=_ZERO)
+
+
+def example_gradients(model, loss_fn, x_n, y_n):
+    """Loss, output and gradient of one example `x_n` (no batch axis), by one backprop.
+
+    Returns:
+      `(loss, output, grads)`: scalar loss, the model output without the batch axis, and
+      a gradient per trainable variable, shaped like the variable.
+    """
+    with tf.GradientTape() as tape:
+        output = model(x_n[None], training=True)
+        loss = loss_fn(y_n[None], output)[0]
+    grads = tape.gradient(loss, model.trainable_variables, unconnected_gradients=_ZERO)
+    return loss, output[0], grads
+
+
+def per_example_gradients(model, loss_fn, x, y, method="vectorized"):
+    """Per-example gradients `g_n` (unscaled), each `[B, *variable.shape]`.
+
+    Args:
+      method: "jacobian" (`tape.jacobian` of the `[B]` loss vector), "vectorized"
+        (`tf.vectorized_map` over single-example backprops) or "loop" (B single-example
+        backprops one after another: the slow oracle).
+    """
+    return per_example(model, loss_fn, x, y, method).gradients
+
+
+def per_example(model, loss_fn, x, y, method="vectorized"):
+    """Like `per_example_gradients`, with the per-example losses and outputs as well."""
+    if method == "jacobian":
+        return _jacobian(model, loss_fn, x, y)
+    if method == "vectorized":
+        return PerExample(*tf.vectorized_map(_example_fn(model, loss_fn), (x, y)))
+    if method == "loop":
+        return _loop(model, loss_fn, x, y)
+    raise UserError(f"per-example method must be one of {', '.join(METHODS)}; got {method!r}")
+
+
+def _example_fn(model, loss_fn):
+    return lambda example: example_gradients(model, loss_fn, *example)
+
+
+def _jacobian(model, loss_fn, x, y):
+    with tf.GradientTape() as tape:
+        outputs = model(x, training=True)
+        losses = loss_fn(y, outputs)
+    grads = tape.jacobian(losses, model.trainable_variables, unconnected_gradients=_ZERO)
+    return PerExample(losses, outputs, grads)
+
+
+def _loop(model, loss_fn, x, y):
+    fn = _example_fn(model, loss_fn)
+    # The first example fixes the dtypes and shapes of the rest, for any model.
+    first = fn((x[0], y[0]))
+    signature = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), first)
+    # parallel_iterations=1: one backprop after another, as a Python for-loop would do.
+    rest = tf.map_fn(fn, (x[1:], y[1:]), fn_output_signature=signature, parallel_iterations=1)
+    stacked = tf.nest.map_structure(lambda a, b: tf.concat([a[None], b], 0), first, rest)
+    return PerExample(*stacked)

@@ -1,0 +1,47 @@
+"""Per-example losses and the two reductions that turn them into a batch loss.
+
+A per-example loss maps `(y_true, y_pred)` to a `[B]` tensor of *unscaled* losses: no
+division by the batch size. The batch loss is their `reduce_mean` (the gradient is then
+the mean of the per-example gradients) or `reduce_sum` (B times that).
+"""
+
+import keras
+import tensorflow as tf
+
+from tfmbgd.errors import UserError
+
+REDUCTIONS = ("mean", "sum")
+
+
+def crossentropy(y_true, logits):
+    """Softmax cross-entropy of integer labels `[B]` against logits `[B, C]` -> `[B]`."""
+    return keras.losses.sparse_categorical_crossentropy(y_true, logits, from_logits=True)
+
+
+def mse(y_true, y_pred):
+    """Squared error averaged over the output units `[B, K]` -> `[B]` (not over the batch)."""
+    return keras.losses.mean_squared_error(y_true, y_pred)
+
+
+_LOSSES = {"crossentropy": crossentropy, "mse": mse}
+
+
+def per_example(name):
+    """The per-example loss called `name` ("crossentropy" or "mse")."""
+    if name not in _LOSSES:
+        raise UserError(f"unknown loss {name!r}: use {' or '.join(_LOSSES)}")
+    return _LOSSES[name]
+
+
+def for_task(num_classes):
+    """The natural loss name for a data set: crossentropy for classes, mse for regression."""
+    return "crossentropy" if num_classes else "mse"
+
+
+def reduce(losses, reduction="mean"):
+    """The batch loss: `reduce_mean` or `reduce_sum` of the `[B]` per-example losses."""
+    if reduction == "mean":
+        return tf.reduce_mean(losses)
+    if reduction == "sum":
+        return tf.reduce_sum(losses)
+    raise UserError(f"reduction must be mean or sum; got {reduction!r}")

@@ -1,0 +1,68 @@
+"""Gradient moments of one mini-batch: the one quantity every statistic is built from.
+
+For every trainable variable v and the per-example gradients `g_n` (unscaled, see
+`tfmbgd.gradients`), the moments are
+
+- `mean[v]         = (1/B) sum_n g_n,v`      the gradient of the `reduce_mean` loss
+- `sum_sq[v]       = sum_n g_n,v ** 2`       elementwise; the "elementwise tier"
+- `var_norms_sq[v] = [||g_n,v||^2]_n`        `[B]`; the cheap "norm tier"
+
+`tfmbgd.stats` turns them into variances, norms and the rest without touching a tape.
+"""
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+from tfmbgd import gradients
+
+
+class GradientMoments(NamedTuple):
+    """First and second moments of the per-example gradients of one batch.
+
+    Lists are aligned with `model.trainable_variables`. The per-example loss is unscaled,
+    so `mean` is exactly the gradient of the `reduce_mean` batch loss.
+    """
+
+    mean: list             # per variable, variable.shape
+    sum_sq: list | None    # per variable, variable.shape; None without the elementwise tier
+    var_norms_sq: list     # per variable, [B]: squared norm of each example's gradient
+    losses: tf.Tensor      # [B] per-example losses of the same forward pass
+    outputs: tf.Tensor     # [B, ...] model outputs of the same forward pass
+    batch_size: object     # B: a Python int when the batch shape is static, else a tensor
+
+    @property
+    def norms_sq(self):
+        """`[B]` squared norm of each example's gradient over all variables."""
+        return tf.add_n(self.var_norms_sq)
+
+
+def gradient_moments(model, loss_fn, x, y, method="vectorized", elementwise=True):
+    """Computes the gradient moments of the batch `(x, y)`.
+
+    Args:
+      model: a Keras model whose variables exist.
+      loss_fn: per-example loss `(y_true, y_pred) -> [B]`, unscaled.
+      method: how per-example gradients are obtained: "vectorized", "jacobian" or "loop"
+        (see `tfmbgd.gradients.per_example_gradients`). All give the same moments.
+      elementwise: also compute `sum_sq` (needed for per-parameter variance).
+
+    Returns:
+      A `GradientMoments`.
+    """
+    return from_per_example(gradients.per_example(model, loss_fn, x, y, method), elementwise)
+
+
+def from_per_example(per_example, elementwise=True):
+    """Reduces a `gradients.PerExample` (gradients `[B, *shape]`) to `GradientMoments`."""
+    grads = per_example.gradients
+    squares = [tf.square(g) for g in grads]
+    b = per_example.losses.shape[0]
+    return GradientMoments(
+        mean=[tf.reduce_mean(g, axis=0) for g in grads],
+        sum_sq=[tf.reduce_sum(s, axis=0) for s in squares] if elementwise else None,
+        var_norms_sq=[tf.reduce_sum(tf.reshape(s, [tf.shape(s)[0], -1]), axis=1) for s in squares],
+        losses=per_example.losses,
+        outputs=per_example.outputs,
+        batch_size=b if b is not None else tf.shape(per_example.losses)[0],
+    )

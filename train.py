@@ -1,0 +1,104 @@
+"""Train a small network by mini-batch gradient descent and watch its gradients in TensorBoard.
+
+  python train.py                                  # digits, mlp, batch 32, ~1 minute
+  python train.py --batch_size=1                   # SGD: one example per update
+  python train.py --batch_size=full                # full-batch gradient descent
+  python train.py --mode=compare --batch_size=16   # every gradient method side by side
+
+Flags are read here only: they become one `tfmbgd.config.TrainConfig`, and one call into
+the library does the work.
+"""
+
+import os
+import sys
+
+from absl import flags
+
+from tfmbgd.config import DATASETS, GRAD_METHODS, MODELS, MODES, REDUCTIONS, UPDATES, TrainConfig
+from tfmbgd.errors import UserError
+
+_D = TrainConfig()
+flags.DEFINE_string("dataset", _D.dataset, f"{' | '.join(DATASETS)} | npz:PATH (x_train, y_train, x_test, y_test).")
+flags.DEFINE_enum("model", _D.model, MODELS, "Network to train.")
+flags.DEFINE_list("hidden", [str(h) for h in _D.hidden], "Hidden layer widths of the mlp, e.g. 128,64.")
+flags.DEFINE_string("batch_size", str(_D.batch_size), "Examples per update: 1 (SGD) ... N, or 'full' (whole training set).")
+flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training set.", lower_bound=1)
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Step size, > 0.")
+flags.DEFINE_enum("reduction", _D.reduction, REDUCTIONS, "Batch loss = mean or sum of the per-example losses.")
+flags.DEFINE_enum("update", _D.update, UPDATES, "Update rule: manual w -= lr*g, custom MiniBatchSGD, keras SGD.")
+flags.DEFINE_enum("grad_method", _D.grad_method, GRAD_METHODS, "How per-example gradients are computed for statistics.")
+flags.DEFINE_integer("log_every", _D.log_every, "Write the mini-batch loss every N steps.", lower_bound=1)
+flags.DEFINE_integer("stats_every", _D.stats_every, "Gradient statistics every N steps; 0 = never.", lower_bound=0)
+flags.DEFINE_string("logdir", _D.logdir, "Runs are written to LOGDIR/<run-name>/{train,test}.")
+flags.DEFINE_integer("seed", _D.seed, "Seed of initial weights, shuffling and synthetic data.", lower_bound=0)
+flags.DEFINE_enum("mode", _D.mode, MODES, "train, or compare: contrast every gradient method and update rule on one batch.")
+
+flags.register_validator("batch_size", lambda v: v == "full" or (v.isdigit() and int(v) >= 1),
+                         message="must be a positive integer or 'full'")
+flags.register_validator("hidden", lambda v: bool(v) and all(h.isdigit() and int(h) >= 1 for h in v),
+                         message="must be positive integers separated by commas, e.g. 128,64")
+flags.register_validator("learning_rate", lambda v: v > 0 and v != float("inf"),
+                         message="must be a finite number > 0")
+
+FLAGS = flags.FLAGS
+
+
+def config_from_flags():
+    return TrainConfig(
+        dataset=FLAGS.dataset, model=FLAGS.model, hidden=tuple(int(h) for h in FLAGS.hidden),
+        batch_size=None if FLAGS.batch_size == "full" else int(FLAGS.batch_size),
+        epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate, reduction=FLAGS.reduction,
+        update=FLAGS.update, grad_method=FLAGS.grad_method, log_every=FLAGS.log_every,
+        stats_every=FLAGS.stats_every, logdir=FLAGS.logdir, seed=FLAGS.seed, mode=FLAGS.mode)
+
+
+def _start_tensorflow_quietly():
+    """Imports TensorFlow and initialises its devices with stderr sent to /dev/null.
+
+    TensorFlow's C++ start-up lines (oneDNN, CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL in
+    recent releases and print before absl logging is set up. Python errors still surface:
+    stderr is restored before anything is raised. Set TF_CPP_MIN_LOG_LEVEL to see them.
+    """
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        import tensorflow  # noqa: F401
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow as tf
+            tf.config.list_logical_devices()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def main(argv):
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+        print(__doc__ + "\nFlags:\n" + FLAGS.main_module_help())
+        return 0
+    try:
+        extra = FLAGS(argv)[1:]
+        if extra:
+            raise UserError(f"unexpected argument {extra[0]!r}; flags look like --name=value (see --help)")
+        config = config_from_flags()
+    except (flags.Error, UserError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    _start_tensorflow_quietly()
+    try:
+        if config.mode == "compare":
+            from tfmbgd import compare
+            return 0 if compare.run(config) else 1
+        from tfmbgd import training
+        training.train(config)
+    except UserError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
