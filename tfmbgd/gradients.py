@@ -22,7 +22,6 @@ from tfmbgd import losses as losses_lib
 from tfmbgd.errors import UserError
 
 METHODS = ("jacobian", "vectorized", "loop")
-_ZERO = tf.UnconnectedGradients.ZERO
 
 
 class PerExample(NamedTuple):
@@ -45,7 +44,7 @@ def batch_gradients(model, loss_fn, x, y, reduction="mean"):
     """
     with tf.GradientTape() as tape:
         loss = losses_lib.reduce(loss_fn(y, model(x, training=True)), reduction)
-    return loss, tape.gradient(loss, model.trainable_variables, unconnected_gradients=_ZERO)
+    return loss, _gradient(tape, loss, model.trainable_variables)
 
 
 def example_gradients(model, loss_fn, x_n, y_n):
@@ -58,8 +57,14 @@ def example_gradients(model, loss_fn, x_n, y_n):
     with tf.GradientTape() as tape:
         output = model(x_n[None], training=True)
         loss = loss_fn(y_n[None], output)[0]
-    grads = tape.gradient(loss, model.trainable_variables, unconnected_gradients=_ZERO)
-    return loss, output[0], grads
+    return loss, output[0], _gradient(tape, loss, model.trainable_variables)
+
+
+def _gradient(tape, target, variables):
+    # Zeros filled in here: UnconnectedGradients.ZERO fails on Keras 3 variables, whose
+    # dtype is a string.
+    grads = tape.gradient(target, variables)
+    return [tf.zeros(v.shape, v.dtype) if g is None else g for v, g in zip(variables, grads)]
 
 
 def per_example_gradients(model, loss_fn, x, y, method="vectorized"):
@@ -92,7 +97,10 @@ def _jacobian(model, loss_fn, x, y):
     with tf.GradientTape() as tape:
         outputs = model(x, training=True)
         losses = loss_fn(y, outputs)
-    grads = tape.jacobian(losses, model.trainable_variables, unconnected_gradients=_ZERO)
+    variables = model.trainable_variables
+    # Zeros filled in here, as in _gradient.
+    grads = [tf.zeros(tf.concat([tf.shape(losses), tf.shape(v)], 0), dtype=v.dtype) if g is None else g
+             for v, g in zip(variables, tape.jacobian(losses, variables))]
     return PerExample(losses, outputs, grads)
 
 

@@ -1,0 +1,55 @@
+"""Shared set-up: quiet TensorFlow, deterministic ops, and small test problems as data."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+tf.config.experimental.enable_op_determinism()
+
+from tfmbgd import losses  # noqa: E402
+
+# Test problems as data: a tiny Keras model, a batch, a per-example loss.
+PROBLEMS = [
+    dict(id="softmax_regression", layers=[], inputs=5, outputs=3, loss="crossentropy", batch=6),
+    dict(id="tanh_mlp", layers=[4], inputs=5, outputs=3, loss="crossentropy", batch=6),
+    dict(id="mse_mlp", layers=[3], inputs=4, outputs=1, loss="mse", batch=5),
+]
+
+
+def make_problem(spec, dtype="float32", seed=0):
+    """`(model, loss_fn, x, y)` for a problem of PROBLEMS, in `dtype`."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    inputs = keras.Input((spec["inputs"],), dtype=dtype)
+    h = inputs
+    for width in spec["layers"]:
+        h = keras.layers.Dense(width, activation="tanh", dtype=dtype)(h)
+    out = keras.layers.Dense(spec["outputs"], dtype=dtype)(h)
+    model = keras.Model(inputs, out)
+    # Larger-than-default weights so that per-example gradients differ visibly.
+    for v in model.trainable_variables:
+        v.assign(rng.normal(scale=0.7, size=v.shape).astype(dtype))
+    x = rng.normal(size=(spec["batch"], spec["inputs"])).astype(dtype)
+    if spec["loss"] == "crossentropy":
+        y = rng.integers(0, spec["outputs"], size=spec["batch"]).astype(np.int32)
+    else:
+        y = rng.normal(size=(spec["batch"], 1)).astype(dtype)
+    return model, losses.per_example(spec["loss"]), tf.constant(x), tf.constant(y)
+
+
+@pytest.fixture(params=PROBLEMS, ids=[p["id"] for p in PROBLEMS])
+def problem(request):
+    return request.param
+
+
+def oracle_per_example(model, loss_fn, x, y):
+    """Per-example gradients by the non-vectorized `tape.jacobian` (no pfor): numpy list."""
+    with tf.GradientTape(persistent=True) as tape:
+        per_example = loss_fn(y, model(x, training=True))
+    jac = tape.jacobian(per_example, model.trainable_variables, experimental_use_pfor=False)
+    return [j.numpy().astype(np.float64) for j in jac]

@@ -1,0 +1,75 @@
+"""Moments and statistics against numpy on the oracle's per-example gradients."""
+
+import numpy as np
+import pytest
+
+from conftest import PROBLEMS, make_problem, oracle_per_example
+from tfmbgd import stats
+from tfmbgd.moments import gradient_moments
+
+METHODS = ("jacobian", "vectorized", "loop")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_moments_match_numpy_on_oracle(problem, method):
+    model, loss_fn, x, y = make_problem(problem)
+    oracle = oracle_per_example(model, loss_fn, x, y)
+    m = gradient_moments(model, loss_fn, x, y, method=method, elementwise=True)
+    assert m.batch_size == len(x)
+    for got, o in zip(m.mean, oracle):
+        np.testing.assert_allclose(got.numpy(), o.mean(axis=0), rtol=1e-5, atol=1e-7)
+    for got, o in zip(m.sum_sq, oracle):
+        np.testing.assert_allclose(got.numpy(), (o ** 2).sum(axis=0), rtol=1e-5, atol=1e-7)
+    for got, o in zip(m.var_norms_sq, oracle):
+        np.testing.assert_allclose(got.numpy(), (o.reshape(len(x), -1) ** 2).sum(axis=1), rtol=1e-5)
+    total = sum((o.reshape(len(x), -1) ** 2).sum(axis=1) for o in oracle)
+    np.testing.assert_allclose(m.norms_sq.numpy(), total, rtol=1e-5)
+
+
+def test_variance_matches_numpy_var_ddof1(problem):
+    model, loss_fn, x, y = make_problem(problem)
+    oracle = oracle_per_example(model, loss_fn, x, y)
+    m = gradient_moments(model, loss_fn, x, y, method="vectorized")
+    for got, o in zip(stats.variance(m), oracle):
+        np.testing.assert_allclose(got.numpy(), np.var(o, axis=0, ddof=1), rtol=1e-4, atol=1e-6)
+
+
+def test_variance_float64_is_tight():
+    model, loss_fn, x, y = make_problem(PROBLEMS[1], dtype="float64")
+    oracle = oracle_per_example(model, loss_fn, x, y)
+    m = gradient_moments(model, loss_fn, x, y, method="loop")
+    for got, o in zip(stats.variance(m), oracle):
+        np.testing.assert_allclose(got.numpy(), np.var(o, axis=0, ddof=1), rtol=1e-10, atol=1e-14)
+
+
+def test_traces_norms_and_variance_of_mean_match_numpy(problem):
+    model, loss_fn, x, y = make_problem(problem)
+    oracle = oracle_per_example(model, loss_fn, x, y)
+    m = gradient_moments(model, loss_fn, x, y, method="jacobian", elementwise=False)
+    names = [v.path for v in model.trainable_variables]
+    got = stats.summarize(m, model.trainable_variables)
+    b = len(x)
+    var_traces = [np.var(o, axis=0, ddof=1).sum() for o in oracle]
+    mean_norms = [np.linalg.norm(o.mean(axis=0)) for o in oracle]
+    for name, trace, norm in zip(names, var_traces, mean_norms):
+        assert got[f"grad_var/{name}"] == pytest.approx(trace, rel=1e-4)
+        assert got[f"grad/norm/{name}"] == pytest.approx(norm, rel=1e-5)
+    assert got["grad_var/trace"] == pytest.approx(sum(var_traces), rel=1e-4)
+    assert got["grad_var/of_mean"] == pytest.approx(sum(var_traces) / b, rel=1e-4)
+    assert got["grad/norm"] == pytest.approx(np.sqrt(sum(n ** 2 for n in mean_norms)), rel=1e-5)
+
+
+def test_batch_of_one_reports_no_variance():
+    model, loss_fn, x, y = make_problem(PROBLEMS[1])
+    m = gradient_moments(model, loss_fn, x[:1], y[:1], method="vectorized")
+    got = stats.summarize(m, model.trainable_variables)
+    assert "grad/norm" in got
+    assert not [tag for tag in got if tag.startswith("grad_var")]
+
+
+def test_variance_without_elementwise_moments_is_a_clear_error():
+    model, loss_fn, x, y = make_problem(PROBLEMS[0])
+    m = gradient_moments(model, loss_fn, x, y, method="vectorized", elementwise=False)
+    assert m.sum_sq is None
+    with pytest.raises(ValueError, match="elementwise=True"):
+        stats.variance(m)

@@ -1,0 +1,152 @@
+"""`train.py --mode=compare`: every gradient method and update rule on one mini-batch.
+
+Each row contrasts two ways of computing the same thing and reports the largest absolute
+difference, the relative difference (largest absolute difference over the largest
+magnitude of the reference) and PASS when the relative difference is within float32
+round-off (`TOLERANCE`, or `TOLERANCE_FLOAT64` for float64 models).
+"""
+
+import dataclasses
+import statistics as pystats
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from tfmbgd import data, gradients, training
+from tfmbgd.moments import gradient_moments
+from tfmbgd.stats import variance_traces
+
+TOLERANCE = 1e-5          # float32: ~100 ulps of the largest gradient entry
+TOLERANCE_FLOAT64 = 1e-12
+TIMING_CALLS = 5
+
+
+@dataclasses.dataclass
+class Row:
+    what: str
+    reference: str
+    max_abs: float
+    relative: float
+    seconds: float
+    passed: bool
+
+
+def difference(a, b):
+    """(max |a - b|, max |a - b| / max |b|) over lists of arrays."""
+    a = np.concatenate([np.ravel(t) for t in a]).astype(np.float64)
+    b = np.concatenate([np.ravel(t) for t in b]).astype(np.float64)
+    max_abs = float(np.max(np.abs(a - b)))
+    return max_abs, max_abs / max(float(np.max(np.abs(b))), np.finfo(np.float64).tiny)
+
+
+def timed(fn, calls=TIMING_CALLS):
+    """`(result, median seconds)` of `calls` calls of `tf.function(fn)` after one warm-up."""
+    compiled = tf.function(fn)
+    result = compiled()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        result = tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, compiled())
+        times.append(time.perf_counter() - start)
+    return result, pystats.median(times)
+
+
+def accumulate_single_examples(model, loss_fn, x, y):
+    """The sum of B single-example gradients, by a plain Python loop of B backprops."""
+    total = None
+    for n in range(len(x)):
+        _, _, grads = gradients.example_gradients(model, loss_fn, x[n], y[n])
+        total = grads if total is None else [t + g for t, g in zip(total, grads)]
+    return total
+
+
+def contrast(model, loss_fn, x, y, learning_rate):
+    """All rows of the comparison for the batch `(x, y)`; leaves the weights unchanged."""
+    variables = model.trainable_variables
+    tol = TOLERANCE_FLOAT64 if variables[0].dtype == "float64" else TOLERANCE
+    b = len(x)
+    rows = []
+
+    def row(what, reference, a, ref, seconds):
+        max_abs, rel = difference(a, ref)
+        rows.append(Row(what, reference, max_abs, rel, seconds, rel <= tol))
+
+    (_, g_mean), t_mean = timed(lambda: gradients.batch_gradients(model, loss_fn, x, y, "mean"))
+    for method in gradients.METHODS:
+        m, t = timed(lambda: gradient_moments(model, loss_fn, x, y, method, elementwise=False).mean)
+        row(f"mean of per-example gradients ({method})", "gradient of the mean loss", m, g_mean, t)
+    (_, g_sum), t_sum = timed(lambda: gradients.batch_gradients(model, loss_fn, x, y, "sum"))
+    row("gradient of the sum loss", f"B x gradient of the mean loss (B={b})",
+        g_sum, [b * g for g in g_mean], t_sum)
+    start = time.perf_counter()
+    acc = accumulate_single_examples(model, loss_fn, x, y)
+    row(f"{b} single-example backprops, summed (eager loop)", "gradient of the sum loss",
+        acc, g_sum, time.perf_counter() - start)
+    row("the same, divided by B", "gradient of the mean loss", [a / b for a in acc], g_mean, 0.0)
+
+    initial = [v.numpy() for v in variables]
+    after = {}
+    for rule in ("manual", "custom", "keras"):
+        for v, w in zip(variables, initial):
+            v.assign(w)
+        start = time.perf_counter()
+        training.make_update(rule, variables, learning_rate)(g_mean)
+        after[rule] = ([v.numpy() for v in variables], time.perf_counter() - start)
+    for v, w in zip(variables, initial):
+        v.assign(w)
+    row("weights after one update: custom MiniBatchSGD", "manual w -= lr * g", after["custom"][0],
+        after["manual"][0], after["custom"][1])
+    row("weights after one update: keras.optimizers.SGD", "manual w -= lr * g", after["keras"][0],
+        after["manual"][0], after["keras"][1])
+    return rows, tol, t_mean
+
+
+def describe_batch(model, loss_fn, x, y):
+    """Lines that show what one batch looks like to the optimizer."""
+    m = gradient_moments(model, loss_fn, x, y, "vectorized", elementwise=False)
+    losses = m.losses.numpy()
+    norms = np.sqrt(m.norms_sq.numpy())
+    mean_norm = float(np.sqrt(sum(float(tf.reduce_sum(tf.square(g))) for g in m.mean)))
+    lines = [
+        f"per-example losses:          min {losses.min():.4f}  mean {losses.mean():.4f}  max {losses.max():.4f}",
+        f"per-example gradient norms:  min {norms.min():.4f}  mean {norms.mean():.4f}  max {norms.max():.4f}",
+        f"norm of the mean gradient:   {mean_norm:.4f}  (= {mean_norm / norms.mean():.2f} x the mean "
+        "per-example norm: the examples' gradients partly cancel)",
+    ]
+    if len(x) > 1:
+        trace = float(tf.add_n(variance_traces(m)))
+        lines.append(f"gradient variance tr(Sigma): {trace:.4f}; variance of this mean over "
+                     f"B={len(x)} examples: {trace / len(x):.4f}")
+    return lines
+
+
+def run(config, out=print):
+    """Prints the comparison for the first batch of `config`; True if every row passed."""
+    ds = data.load(config.dataset, config.seed)
+    model, loss_fn, batch = training.setup(config, ds)
+    x, y = next(iter(data.batches(*ds.train, batch, config.seed)))
+    rows, tol, t_plain = contrast(model, loss_fn, x, y, config.learning_rate)
+    out(f"One mini-batch of {ds.name}: model {config.model}, B={len(x)}, "
+        f"{model.trainable_variables[0].dtype}; PASS when relative difference <= {tol:g}")
+    out(f"times: median of {TIMING_CALLS} calls of a tf.function after tracing "
+        f"(one plain backprop took {t_plain * 1e3:.2f} ms); the eager loop and updates once")
+    for line in describe_batch(model, loss_fn, x, y):
+        out(line)
+    out("")
+    out(format_rows(rows))
+    failed = [r for r in rows if not r.passed]
+    out("")
+    out(f"{len(rows) - len(failed)} of {len(rows)} rows PASS" + (f"; FAIL: {len(failed)}" if failed else ""))
+    return not failed
+
+
+def format_rows(rows):
+    what_w = max(len(r.what) for r in rows)
+    ref_w = max(len(r.reference) for r in rows)
+    head = f"{'computed':<{what_w}}  {'vs':<{ref_w}}  {'max abs':>9}  {'relative':>9}  result  {'time':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.what:<{what_w}}  {r.reference:<{ref_w}}  {r.max_abs:9.2e}  {r.relative:9.2e}  "
+                     f"{'PASS' if r.passed else 'FAIL':<6}  {r.seconds * 1e3:7.2f}ms")
+    return "\n".join(lines)
