@@ -18,20 +18,28 @@ from tfmbgd.config import DATASETS, GRAD_METHODS, MODELS, MODES, REDUCTIONS, UPD
 from tfmbgd.errors import UserError
 
 _D = TrainConfig()
-flags.DEFINE_string("dataset", _D.dataset, f"{' | '.join(DATASETS)} | npz:PATH (x_train, y_train, x_test, y_test).")
+flags.DEFINE_string("dataset", _D.dataset,
+                    f"{' | '.join(DATASETS)} | npz:PATH (x_train, y_train, x_test, y_test).")
 flags.DEFINE_enum("model", _D.model, MODELS, "Network to train.")
 flags.DEFINE_list("hidden", [str(h) for h in _D.hidden], "Hidden layer widths of the mlp, e.g. 128,64.")
-flags.DEFINE_string("batch_size", str(_D.batch_size), "Examples per update: 1 (SGD) ... N, or 'full' (whole training set).")
+flags.DEFINE_string("batch_size", str(_D.batch_size),
+                    "Examples per update: 1 (SGD) ... N, or 'full' (whole training set).")
 flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training set.", lower_bound=1)
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Step size, > 0.")
-flags.DEFINE_enum("reduction", _D.reduction, REDUCTIONS, "Batch loss = mean or sum of the per-example losses.")
-flags.DEFINE_enum("update", _D.update, UPDATES, "Update rule: manual w -= lr*g, custom MiniBatchSGD, keras SGD.")
-flags.DEFINE_enum("grad_method", _D.grad_method, GRAD_METHODS, "How per-example gradients are computed for statistics.")
+flags.DEFINE_enum("reduction", _D.reduction, REDUCTIONS,
+                  "Batch loss = mean or sum of the per-example losses.")
+flags.DEFINE_enum("update", _D.update, UPDATES,
+                  "Update rule: manual w -= lr*g, custom MiniBatchSGD, keras SGD.")
+flags.DEFINE_enum("grad_method", _D.grad_method, GRAD_METHODS,
+                  "How per-example gradients are computed for statistics.")
 flags.DEFINE_integer("log_every", _D.log_every, "Write the mini-batch loss every N steps.", lower_bound=1)
-flags.DEFINE_integer("stats_every", _D.stats_every, "Gradient statistics every N steps; 0 = never.", lower_bound=0)
+flags.DEFINE_integer("stats_every", _D.stats_every, "Gradient statistics every N steps; 0 = never.",
+                     lower_bound=0)
 flags.DEFINE_string("logdir", _D.logdir, "Runs are written to LOGDIR/<run-name>/{train,test}.")
-flags.DEFINE_integer("seed", _D.seed, "Seed of initial weights, shuffling and synthetic data.", lower_bound=0)
-flags.DEFINE_enum("mode", _D.mode, MODES, "train, or compare: contrast every gradient method and update rule on one batch.")
+flags.DEFINE_integer("seed", _D.seed, "Seed of initial weights, shuffling and synthetic data.",
+                     lower_bound=0)
+flags.DEFINE_enum("mode", _D.mode, MODES,
+                  "train, or compare: contrast every gradient method and update rule on one batch.")
 
 flags.register_validator("batch_size", lambda v: v == "full" or (v.isdigit() and int(v) >= 1),
                          message="must be a positive integer or 'full'")

@@ -74,7 +74,8 @@ def contrast(model, loss_fn, x, y, learning_rate):
 
     (_, g_mean), t_mean = timed(lambda: gradients.batch_gradients(model, loss_fn, x, y, "mean"))
     for method in gradients.METHODS:
-        m, t = timed(lambda: gradient_moments(model, loss_fn, x, y, method, elementwise=False).mean)
+        m, t = timed(lambda method=method: gradient_moments(model, loss_fn, x, y, method,
+                                                            elementwise=False).mean)
         row(f"mean of per-example gradients ({method})", "gradient of the mean loss", m, g_mean, t)
     (_, g_sum), t_sum = timed(lambda: gradients.batch_gradients(model, loss_fn, x, y, "sum"))
     row("gradient of the sum loss", f"B x gradient of the mean loss (B={b})",
@@ -108,11 +109,12 @@ def describe_batch(model, loss_fn, x, y):
     losses = m.losses.numpy()
     norms = np.sqrt(m.norms_sq.numpy())
     mean_norm = float(np.sqrt(sum(float(tf.reduce_sum(tf.square(g))) for g in m.mean)))
+    spread = lambda a: f"min {a.min():.4f}  mean {a.mean():.4f}  max {a.max():.4f}"
     lines = [
-        f"per-example losses:          min {losses.min():.4f}  mean {losses.mean():.4f}  max {losses.max():.4f}",
-        f"per-example gradient norms:  min {norms.min():.4f}  mean {norms.mean():.4f}  max {norms.max():.4f}",
-        f"norm of the mean gradient:   {mean_norm:.4f}  (= {mean_norm / norms.mean():.2f} x the mean "
-        "per-example norm: the examples' gradients partly cancel)",
+        f"per-example losses:          {spread(losses)}",
+        f"per-example gradient norms:  {spread(norms)}",
+        (f"norm of the mean gradient:   {mean_norm:.4f}  (= {mean_norm / norms.mean():.2f} x the mean "
+         "per-example norm: the examples' gradients partly cancel)"),
     ]
     if len(x) > 1:
         trace = float(tf.add_n(variance_traces(m)))
@@ -144,7 +146,8 @@ def run(config, out=print):
 def format_rows(rows):
     what_w = max(len(r.what) for r in rows)
     ref_w = max(len(r.reference) for r in rows)
-    head = f"{'computed':<{what_w}}  {'vs':<{ref_w}}  {'max abs':>9}  {'relative':>9}  result  {'time':>9}"
+    head = (f"{'computed':<{what_w}}  {'vs':<{ref_w}}  {'max abs':>9}  {'relative':>9}  "
+            f"result  {'time':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.what:<{what_w}}  {r.reference:<{ref_w}}  {r.max_abs:9.2e}  {r.relative:9.2e}  "

@@ -134,7 +134,7 @@ def _keras_images(name):
     except Exception as err:  # network or cache failures surface as many exception types
         raise UserError(f"could not load {name} through keras.datasets ({err}); "
                         "check the network or the cache under $KERAS_HOME/datasets") from err
-    scale = lambda x: (np.asarray(x, np.float32) / 255.0)[..., None]   # noqa: E731
+    scale = lambda x: (np.asarray(x, np.float32) / 255.0)[..., None]
     return _validated(name, scale(x_tr), y_tr, scale(x_te), y_te)
 
 

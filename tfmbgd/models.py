@@ -30,7 +30,7 @@ def build(name, input_shape, num_classes, hidden=(64,), seed=0, activation="relu
       UserError: an unknown name, or a cnn for inputs that are not images.
     """
     seeds = iter(range(seed * 1000, seed * 1000 + 1000))
-    init = lambda: dict(kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds)))  # noqa: E731
+    init = lambda: dict(kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds)))
     outputs = num_classes if num_classes else 1
     inputs = keras.Input(shape=tuple(input_shape), name="x")
     if name in ("linear", "mlp"):

@@ -1,0 +1,118 @@
+"""train.py end to end: event files read back with TensorBoard's reader, compare mode, bad flags."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_train(*args, timeout=180):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}   # as a user runs it
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_scalars(event_dir):
+    """`{tag: [(step, value), ...]}` of a writer directory, by TensorBoard's own reader."""
+    acc = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+            for tag in acc.Tags()["tensors"]}
+
+
+def test_train_writes_the_documented_tags(tmp_path):
+    logdir = tmp_path / "logs"
+    proc = run_train("--epochs=2", "--batch_size=64", "--log_every=4", "--stats_every=5",
+                     f"--logdir={logdir}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"tensorboard --logdir {logdir}" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    (run_dir,) = logdir.iterdir()
+    train, test = read_scalars(run_dir / "train"), read_scalars(run_dir / "test")
+    names = ["hidden_1/kernel", "hidden_1/bias", "output/kernel", "output/bias"]
+    expected = {"loss", "accuracy", "grad/norm", "grad_var/trace", "grad_var/of_mean"}
+    expected |= {f"grad/norm/{n}" for n in names} | {f"grad_var/{n}" for n in names}
+    assert expected <= set(train), sorted(expected - set(train))
+    for tag, points in train.items():
+        assert all(math.isfinite(v) for _, v in points), tag
+    assert all(v > 0 for _, v in train["grad_var/trace"])
+    # 1437 examples / 64 = 23 steps per epoch, 46 in all: statistics at 0, 5, ..., 45.
+    assert [s for s, _ in train["grad_var/trace"]] == list(range(0, 46, 5))
+    assert {s for s, _ in train["loss"]} == set(range(0, 46, 4)) | set(range(0, 46, 5))
+    trace = dict(train["grad_var/trace"])
+    of_mean = dict(train["grad_var/of_mean"])
+    batch = {s: 1437 - 22 * 64 if s % 23 == 22 else 64 for s in trace}   # last batch: 29
+    assert all(of_mean[s] == pytest.approx(trace[s] / batch[s], rel=1e-5) for s in trace)
+    assert [s for s, _ in test["loss"]] == [23, 46]
+    assert 0.5 < test["accuracy"][-1][1] <= 1.0
+
+
+def test_compare_mode_passes_every_row():
+    proc = run_train("--mode=compare", "--batch_size=8", "--model=cnn")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for row in ("mean of per-example gradients (jacobian)", "mean of per-example gradients (loop)",
+                "B x gradient of the mean loss (B=8)", "8 single-example backprops, summed",
+                "weights after one update: keras.optimizers.SGD"):
+        assert row in out
+    assert "FAIL" not in out and "10 of 10 rows PASS" not in out and "8 of 8 rows PASS" in out
+
+
+def test_help_is_fast_and_lists_flags():
+    proc = run_train("--help", timeout=30)
+    assert proc.returncode == 0
+    for flag in ("--batch_size", "--reduction", "--update", "--grad_method", "--stats_every"):
+        assert flag in proc.stdout
+    assert "I0000" not in proc.stderr and proc.stderr == ""
+
+
+BAD_FLAGS = [
+    (["--batch_size=0"], "--batch_size"),
+    (["--batch_size=abc"], "--batch_size"),
+    (["--batch_size=-3"], "--batch_size"),
+    (["--epochs=0"], "--epochs"),
+    (["--learning_rate=0"], "--learning_rate"),
+    (["--learning_rate=-0.1"], "--learning_rate"),
+    (["--learning_rate=nan"], "--learning_rate"),
+    (["--learning_rate=inf"], "--learning_rate"),
+    (["--model=resnet"], "--model"),
+    (["--reduction=median"], "--reduction"),
+    (["--update=adam"], "--update"),
+    (["--grad_method=magic"], "--grad_method"),
+    (["--hidden=0"], "--hidden"),
+    (["--hidden=a,b"], "--hidden"),
+    (["--log_every=0"], "--log_every"),
+    (["--stats_every=-1"], "--stats_every"),
+    (["--seed=-1"], "--seed"),
+    (["--mode=serve"], "--mode"),
+    (["--dataset=cifar"], "dataset"),
+    (["--no_such_flag=1"], "no_such_flag"),
+    (["stray"], "unexpected argument"),
+]
+
+
+@pytest.mark.parametrize("args,names", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flag_is_one_line_without_traceback(args, names):
+    proc = run_train(*args, timeout=30)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0] and lines[0].startswith("train.py: error:")
+    assert proc.stdout == ""
+
+
+def test_bad_data_and_logdir_are_one_line_errors(tmp_path):
+    missing = run_train(f"--dataset=npz:{tmp_path / 'none.npz'}", f"--logdir={tmp_path}")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    blocked = run_train("--epochs=1", f"--logdir={a_file}")
+    assert blocked.returncode == 2 and "is a file" in blocked.stderr
+    assert "Traceback" not in blocked.stderr and a_file.read_text() == "keep me"

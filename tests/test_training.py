@@ -1,0 +1,141 @@
+"""The training loop: update rules agree, reductions relate, batch sizes from 1 to full."""
+
+import dataclasses
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfmbgd import losses, models, summaries, training
+from tfmbgd.config import TrainConfig
+from tfmbgd.errors import UserError
+
+
+def _batches(n_batches=4, b=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(tf.constant(rng.normal(size=(b, 6)).astype(np.float32)),
+             tf.constant(rng.integers(0, 3, size=b).astype(np.int32))) for _ in range(n_batches)]
+
+
+def _steps(rule, learning_rate=0.3, reduction="mean", method="vectorized"):
+    keras.utils.set_random_seed(0)
+    model = models.build("mlp", (6,), 3, hidden=(5,), seed=1)
+    apply = training.make_update(rule, model.trainable_variables, learning_rate)
+    return model, training.Steps(model, losses.crossentropy, apply, reduction, method)
+
+
+def _run(steps, batches, stats_on=()):
+    for i, (x, y) in enumerate(batches):
+        (steps.with_stats if i in stats_on else steps.plain)(x, y)
+
+
+def test_manual_custom_and_keras_updates_give_identical_weights():
+    batches = _batches(6)
+    weights = {}
+    for rule in ("manual", "custom", "keras"):
+        model, steps = _steps(rule)
+        _run(steps, batches, stats_on={0, 3})
+        weights[rule] = [v.numpy() for v in model.trainable_variables]
+    start = models.build("mlp", (6,), 3, hidden=(5,), seed=1)
+    assert np.abs(weights["manual"][0] - start.trainable_variables[0].numpy()).max() > 1e-3
+    for rule in ("custom", "keras"):
+        for a, b in zip(weights[rule], weights["manual"]):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["vectorized", "jacobian", "loop"])
+def test_statistics_step_applies_the_same_update_as_the_plain_step(method):
+    batches = _batches(3)
+    plain_model, plain = _steps("custom")
+    stats_model, with_stats = _steps("custom", method=method)
+    _run(plain, batches)
+    _run(with_stats, batches, stats_on={0, 1, 2})
+    for a, b in zip(plain_model.trainable_variables, stats_model.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_sum_reduction_acts_as_a_learning_rate_b_times_larger():
+    b = 8
+    batches = _batches(4, b=b)
+    mean_model, mean_steps = _steps("manual", learning_rate=0.4)
+    sum_model, sum_steps = _steps("manual", learning_rate=0.4 / b, reduction="sum")
+    _run(mean_steps, batches, stats_on={1})
+    _run(sum_steps, batches, stats_on={2})
+    for a, c in zip(mean_model.trainable_variables, sum_model.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), c.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_step_returns_loss_accuracy_and_statistics():
+    model, steps = _steps("custom")
+    x, y = _batches(1)[0]
+    logits = model(x)
+    out = steps.with_stats(x, y)
+    expected_loss = losses.crossentropy(y, logits).numpy().mean()
+    expected_acc = np.mean(np.argmax(logits, axis=1) == y.numpy())
+    assert float(out["loss"]) == pytest.approx(expected_loss, rel=1e-6)
+    assert float(out["accuracy"]) == pytest.approx(expected_acc)
+    assert {"grad/norm", "grad_var/trace", "grad_var/of_mean",
+            "grad_var/hidden_1/kernel", "grad/norm/output/bias"} <= set(out)
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(scale=3.0, size=(3, 4))
+    y = np.arange(60) % 3
+    x = centers[y] + rng.normal(size=(60, 4))
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x_train=x[:48], y_train=y[:48], x_test=x[48:], y_test=y[48:])
+    return f"npz:{path}"
+
+
+def _config(tmp_path, dataset, **overrides):
+    base = TrainConfig(dataset=dataset, model="mlp", hidden=(8,), epochs=3, learning_rate=0.1,
+                       log_every=1, stats_every=2, logdir=str(tmp_path / "logs"))
+    return dataclasses.replace(base, **overrides)
+
+
+def test_batch_size_one_is_sgd_one_update_per_example(tmp_path, tiny_npz):
+    result = training.train(_config(tmp_path, tiny_npz, batch_size=1, epochs=2), verbose=0)
+    assert result.steps == 2 * 48
+    assert result.train_history[-1] < result.train_history[0]
+
+
+def test_full_batch_makes_one_step_per_epoch(tmp_path, tiny_npz):
+    result = training.train(_config(tmp_path, tiny_npz, batch_size=None, epochs=5, learning_rate=0.5),
+                            verbose=0)
+    assert result.steps == 5
+    assert result.train_history == sorted(result.train_history, reverse=True)
+    assert result.test["accuracy"] > 0.5
+
+
+def test_remainder_batch_is_kept(tmp_path, tiny_npz):
+    result = training.train(_config(tmp_path, tiny_npz, batch_size=20, epochs=2), verbose=0)
+    assert result.steps == 2 * 3          # 48 = 20 + 20 + 8
+
+
+def test_batch_larger_than_training_set_is_refused(tmp_path, tiny_npz):
+    with pytest.raises(UserError, match="--batch_size=full"):
+        training.train(_config(tmp_path, tiny_npz, batch_size=49), verbose=0)
+
+
+def test_cnn_needs_images(tmp_path, tiny_npz):
+    with pytest.raises(UserError, match="needs image inputs"):
+        training.train(_config(tmp_path, tiny_npz, model="cnn"), verbose=0)
+
+
+def test_new_run_dir_never_reuses_a_directory(tmp_path):
+    first = summaries.new_run_dir(str(tmp_path), "run")
+    open(os.path.join(first, "keep"), "w").close()
+    second = summaries.new_run_dir(str(tmp_path), "run")
+    assert second != first and os.path.basename(second) == "run-2"
+    assert os.listdir(first) == ["keep"] and os.listdir(second) == []
+
+
+def test_logdir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        summaries.new_run_dir(str(path), "run")
