@@ -47,24 +47,35 @@ def batch_gradients(model, loss_fn, x, y, reduction="mean"):
     return loss, _gradient(tape, loss, model.trainable_variables)
 
 
-def example_gradients(model, loss_fn, x_n, y_n):
+def example_gradients(model, loss_fn, x_n, y_n, variables=None):
     """Loss, output and gradient of one example `x_n` (no batch axis), by one backprop.
+
+    Args:
+      variables: the variables to differentiate; default `model.trainable_variables`.
 
     Returns:
       `(loss, output, grads)`: scalar loss, the model output without the batch axis, and
-      a gradient per trainable variable, shaped like the variable.
+      a gradient per variable, shaped like the variable.
     """
     with tf.GradientTape() as tape:
         output = model(x_n[None], training=True)
         loss = loss_fn(y_n[None], output)[0]
-    return loss, output[0], _gradient(tape, loss, model.trainable_variables)
+    variables = model.trainable_variables if variables is None else variables
+    return loss, output[0], _gradient(tape, loss, variables)
 
 
 def _gradient(tape, target, variables):
-    # Zeros filled in here: UnconnectedGradients.ZERO fails on Keras 3 variables, whose
-    # dtype is a string.
-    grads = tape.gradient(target, variables)
-    return [tf.zeros(v.shape, v.dtype) if g is None else g for v, g in zip(variables, grads)]
+    return dense_gradients(variables, tape.gradient(target, variables))
+
+
+def dense_gradients(variables, grads):
+    """Gradients as dense tensors: zeros for None, IndexedSlices (Embedding) densified.
+
+    Zeros are filled in here because `UnconnectedGradients.ZERO` fails on Keras 3
+    variables, whose dtype is a string.
+    """
+    return [tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
+            for v, g in zip(variables, grads)]
 
 
 def per_example_gradients(model, loss_fn, x, y, method="vectorized"):
@@ -78,34 +89,38 @@ def per_example_gradients(model, loss_fn, x, y, method="vectorized"):
     return per_example(model, loss_fn, x, y, method).gradients
 
 
-def per_example(model, loss_fn, x, y, method="vectorized"):
-    """Like `per_example_gradients`, with the per-example losses and outputs as well."""
+def per_example(model, loss_fn, x, y, method="vectorized", variables=None):
+    """Like `per_example_gradients`, with the per-example losses and outputs as well.
+
+    Args:
+      variables: the variables to differentiate; default `model.trainable_variables`.
+    """
+    variables = model.trainable_variables if variables is None else variables
     if method == "jacobian":
-        return _jacobian(model, loss_fn, x, y)
+        return _jacobian(model, loss_fn, x, y, variables)
     if method == "vectorized":
-        return PerExample(*tf.vectorized_map(_example_fn(model, loss_fn), (x, y)))
+        return PerExample(*tf.vectorized_map(_example_fn(model, loss_fn, variables), (x, y)))
     if method == "loop":
-        return _loop(model, loss_fn, x, y)
+        return _loop(model, loss_fn, x, y, variables)
     raise UserError(f"per-example method must be one of {', '.join(METHODS)}; got {method!r}")
 
 
-def _example_fn(model, loss_fn):
-    return lambda example: example_gradients(model, loss_fn, *example)
+def _example_fn(model, loss_fn, variables):
+    return lambda example: example_gradients(model, loss_fn, *example, variables=variables)
 
 
-def _jacobian(model, loss_fn, x, y):
+def _jacobian(model, loss_fn, x, y, variables):
     with tf.GradientTape() as tape:
         outputs = model(x, training=True)
         losses = loss_fn(y, outputs)
-    variables = model.trainable_variables
     # Zeros filled in here, as in _gradient.
     grads = [tf.zeros(tf.concat([tf.shape(losses), tf.shape(v)], 0), dtype=v.dtype) if g is None else g
              for v, g in zip(variables, tape.jacobian(losses, variables))]
     return PerExample(losses, outputs, grads)
 
 
-def _loop(model, loss_fn, x, y):
-    fn = _example_fn(model, loss_fn)
+def _loop(model, loss_fn, x, y, variables):
+    fn = _example_fn(model, loss_fn, variables)
     # The first example fixes the dtypes and shapes of the rest, for any model.
     first = fn((x[0], y[0]))
     signature = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), first)

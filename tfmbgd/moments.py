@@ -12,9 +12,13 @@ For every trainable variable v and the per-example gradients `g_n` (unscaled, se
 
 from typing import NamedTuple
 
+import keras
 import tensorflow as tf
 
-from tfmbgd import gradients
+from tfmbgd import gradients, layerwise
+from tfmbgd.errors import UserError
+
+METHODS = ("auto", "layerwise", "vectorized", "jacobian", "loop")
 
 
 class GradientMoments(NamedTuple):
@@ -37,32 +41,64 @@ class GradientMoments(NamedTuple):
         return tf.add_n(self.var_norms_sq)
 
 
-def gradient_moments(model, loss_fn, x, y, method="vectorized", elementwise=True):
+def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
     """Computes the gradient moments of the batch `(x, y)`.
 
     Args:
       model: a Keras model whose variables exist.
       loss_fn: per-example loss `(y_true, y_pred) -> [B]`, unscaled.
-      method: how per-example gradients are obtained: "vectorized", "jacobian" or "loop"
-        (see `tfmbgd.gradients.per_example_gradients`). All give the same moments.
-      elementwise: also compute `sum_sq` (needed for per-parameter variance).
+      method: how per-example information is obtained; all give the same moments.
+        "auto" (default): the layer-wise rules of `tfmbgd.layerwise` for Dense, Conv2D and
+        Embedding layers of functional and Sequential models, from one backward pass, and
+        `vectorized` per-example gradients for the remaining variables. "layerwise": the
+        rules only (an error if a variable has none). "vectorized", "jacobian", "loop": from
+        per-example gradients, see `tfmbgd.gradients.per_example_gradients`.
+      elementwise: also compute `sum_sq` (needed for per-parameter variance and GSNR).
 
     Returns:
       A `GradientMoments`.
+
+    Raises:
+      UserError: an unknown method, or a model with BatchNormalization (its training mode
+        mixes the examples of a batch, so per-example gradients are not defined).
     """
+    if method not in METHODS:
+        raise UserError(f"gradient method must be one of {', '.join(METHODS)}; got {method!r}")
+    _refuse_batch_norm(model)
+    if method in ("auto", "layerwise"):
+        fields = layerwise.moments(model, loss_fn, x, y, elementwise, strict=method == "layerwise")
+        if fields is not None:
+            return GradientMoments(**fields, batch_size=_batch_size(fields["losses"]))
+        method = "vectorized"       # no layer has a rule: the exact fallback for all
     return from_per_example(gradients.per_example(model, loss_fn, x, y, method), elementwise)
+
+
+def _refuse_batch_norm(model):
+    stack = list(model.layers)
+    while stack:
+        layer = stack.pop()
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
+            raise UserError(
+                f"layer {layer.name} is BatchNormalization: in training mode it mixes the "
+                "examples of a batch, so per-example gradients are not defined; use "
+                "LayerNormalization or GroupNormalization, or freeze it (trainable=False)")
+        stack.extend(getattr(layer, "layers", []))
+
+
+def _batch_size(losses):
+    static = losses.shape[0]
+    return static if static is not None else tf.shape(losses)[0]
 
 
 def from_per_example(per_example, elementwise=True):
     """Reduces a `gradients.PerExample` (gradients `[B, *shape]`) to `GradientMoments`."""
     grads = per_example.gradients
     squares = [tf.square(g) for g in grads]
-    b = per_example.losses.shape[0]
     return GradientMoments(
         mean=[tf.reduce_mean(g, axis=0) for g in grads],
         sum_sq=[tf.reduce_sum(s, axis=0) for s in squares] if elementwise else None,
         var_norms_sq=[tf.reduce_sum(tf.reshape(s, [tf.shape(s)[0], -1]), axis=1) for s in squares],
         losses=per_example.losses,
         outputs=per_example.outputs,
-        batch_size=b if b is not None else tf.shape(per_example.losses)[0],
+        batch_size=_batch_size(per_example.losses),
     )

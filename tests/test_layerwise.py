@@ -1,0 +1,278 @@
+"""Layer-wise and auto moments against the single-example loop and hand-derived numpy."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfmbgd import layerwise, stats
+from tfmbgd.errors import UserError
+from tfmbgd.moments import gradient_moments
+
+
+def linear_loss(y, z):
+    """l_n = sum(y_n * z_n): its gradient at the output z_n is y_n itself."""
+    return tf.reduce_sum(tf.reshape(y * z, [tf.shape(z)[0], -1]), axis=1)
+
+
+def crossentropy(y, z):
+    return keras.losses.sparse_categorical_crossentropy(y, z, from_logits=True)
+
+
+def _conv(strides=1, padding="valid", dilation=1, activation=None, bias=True):
+    def build():
+        inputs = keras.Input((7, 6, 2))
+        z = keras.layers.Conv2D(3, (3, 2), strides=strides, padding=padding, dilation_rate=dilation,
+                                activation=activation, use_bias=bias)(inputs)
+        return keras.Model(inputs, z)
+    return build
+
+
+def _dense3d(activation=None):
+    def build():
+        inputs = keras.Input((4, 5))
+        return keras.Model(inputs, keras.layers.Dense(3, activation=activation)(inputs))
+    return build
+
+
+def _embedding():
+    inputs = keras.Input((6,), dtype="int32")
+    return keras.Model(inputs, keras.layers.Embedding(7, 3)(inputs))
+
+
+def _mlp(activation):
+    def build():
+        inputs = keras.Input((5,))
+        h = keras.layers.Dense(6, activation=activation)(inputs)
+        h = keras.layers.Dense(4, activation=activation)(h)
+        return keras.Model(inputs, keras.layers.Dense(3)(h))
+    return build
+
+
+def _cnn():
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    h = keras.layers.MaxPooling2D(2)(h)
+    h = keras.layers.Conv2D(5, 3, strides=2, activation="tanh")(h)
+    h = keras.layers.Flatten()(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+def _text():
+    inputs = keras.Input((5,), dtype="int32")
+    h = keras.layers.Embedding(9, 4)(inputs)
+    h = keras.layers.Dense(3, activation="sigmoid")(h)      # Dense on a sequence
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+def _rand_ids(vocab, shape):
+    return lambda rng: rng.integers(0, vocab, size=shape).astype(np.int32)
+
+
+PROBLEMS = [
+    dict(id="conv_valid", build=_conv(), loss="linear"),
+    dict(id="conv_same_stride2", build=_conv(strides=2, padding="same"), loss="linear"),
+    dict(id="conv_valid_stride_2x1", build=_conv(strides=(2, 1)), loss="linear"),
+    dict(id="conv_same_dilation2", build=_conv(padding="same", dilation=2), loss="linear"),
+    dict(id="conv_valid_dilation_1x2_nobias", build=_conv(dilation=(1, 2), bias=False), loss="linear"),
+    dict(id="conv_relu", build=_conv(padding="same", activation="relu"), loss="linear"),
+    dict(id="dense_3d", build=_dense3d(), loss="linear"),
+    dict(id="dense_3d_tanh", build=_dense3d("tanh"), loss="linear"),
+    dict(id="embedding", build=_embedding, loss="linear", x=_rand_ids(7, (5, 6))),
+    dict(id="mlp_relu", build=_mlp("relu"), loss="crossentropy"),
+    dict(id="mlp_tanh", build=_mlp("tanh"), loss="crossentropy"),
+    dict(id="mlp_sigmoid", build=_mlp("sigmoid"), loss="crossentropy"),
+    dict(id="cnn", build=_cnn, loss="crossentropy"),
+    dict(id="embedding_dense_seq", build=_text, loss="crossentropy", x=_rand_ids(9, (5, 5))),
+]
+
+
+def in_dtype(build, dtype):
+    """Builds a model with every layer in `dtype` (Keras' global floatx and dtype policy)."""
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
+    try:
+        return build()
+    finally:
+        keras.config.set_floatx("float32")
+        keras.config.set_dtype_policy("float32")
+
+
+def make(spec, batch=5, seed=0, dtype="float64"):
+    keras.utils.set_random_seed(seed)
+    model = in_dtype(spec["build"], dtype)
+    rng = np.random.default_rng(seed)
+    for v in model.trainable_variables:      # non-zero biases, so no unit is trivially dead
+        v.assign(rng.normal(scale=0.5, size=v.shape))
+    x = spec.get("x", lambda r: r.normal(size=(batch,) + tuple(model.inputs[0].shape[1:])))(rng)
+    x = tf.constant(x if x.dtype.kind == "i" else x.astype(dtype))
+    if spec["loss"] == "linear":
+        y = tf.constant(rng.normal(size=(batch,) + tuple(model.outputs[0].shape[1:])).astype(dtype))
+        return model, linear_loss, x, y
+    return model, crossentropy, x, tf.constant(rng.integers(0, 3, size=batch).astype(np.int32))
+
+
+def numpy_conv_per_example(x, y, kernel_shape, strides, padding, dilation):
+    """Per-example Conv2D kernel gradients of sum(y * conv(x)) by the definition:
+    g[n, i, j, c, o] = sum_{p, q} x_pad[n, p s_h + i d_h, q s_w + j d_w, c] * y[n, p, q, o]."""
+    (kh, kw, _, _), (sh, sw), (dh, dw) = kernel_shape, strides, dilation
+    n, h, w, _ = x.shape
+    _, oh, ow, _ = y.shape
+    if padding == "same":        # TensorFlow's SAME: the extra row/column goes at the end
+        ph = max((oh - 1) * sh + (kh - 1) * dh + 1 - h, 0)
+        pw = max((ow - 1) * sw + (kw - 1) * dw + 1 - w, 0)
+        x = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    g = np.zeros((n,) + tuple(kernel_shape))
+    for i in range(kh):
+        for j in range(kw):
+            window = x[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw, :]
+            g[:, i, j] = np.einsum("npqc,npqo->nco", window, y)
+    return g
+
+
+def assert_moments_close(m, oracle, rtol):
+    """Each moment within rtol of the oracle, relative to the largest entry of the tensor."""
+    pairs = list(zip(m.mean, oracle.mean)) + list(zip(m.var_norms_sq, oracle.var_norms_sq))
+    if m.sum_sq is not None:
+        pairs += list(zip(m.sum_sq, oracle.sum_sq))
+    for got, want in pairs:
+        want = np.asarray(want)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("elementwise", [True, False], ids=["elementwise", "norms"])
+@pytest.mark.parametrize("spec", PROBLEMS, ids=[p["id"] for p in PROBLEMS])
+def test_layerwise_matches_loop_oracle(spec, elementwise):
+    model, loss_fn, x, y = make(spec)
+    oracle = gradient_moments(model, loss_fn, x, y, method="loop", elementwise=elementwise)
+    got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=elementwise)
+    assert not layerwise.plan(model).fallback
+    assert (got.sum_sq is None) == (not elementwise)
+    assert_moments_close(got, oracle, rtol=1e-10)
+    np.testing.assert_allclose(got.losses.numpy(), oracle.losses.numpy(), rtol=1e-12)
+
+
+CONV_CASES = [p for p in PROBLEMS if p["id"].startswith("conv_") and p["id"] != "conv_relu"]
+
+
+@pytest.mark.parametrize("spec", CONV_CASES, ids=[p["id"] for p in CONV_CASES])
+def test_conv2d_matches_numpy_definition(spec):
+    model, loss_fn, x, y = make(spec)
+    conv = model.layers[1]
+    g = numpy_conv_per_example(x.numpy(), y.numpy(), conv.kernel.shape, conv.strides, conv.padding,
+                               conv.dilation_rate)
+    m = gradient_moments(model, loss_fn, x, y, method="layerwise")
+    np.testing.assert_allclose(m.mean[0].numpy(), g.mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(m.sum_sq[0].numpy(), (g ** 2).sum(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(m.var_norms_sq[0].numpy(), (g ** 2).sum(axis=(1, 2, 3, 4)), rtol=1e-10)
+    np.testing.assert_allclose(stats.variance(m)[0].numpy(), np.var(g, axis=0, ddof=1), rtol=1e-8, atol=1e-12)
+
+
+def test_dense_on_sequences_matches_numpy():
+    model, loss_fn, x, y = make(PROBLEMS[6])          # dense_3d, linear activation
+    g = np.einsum("nti,nto->nio", x.numpy(), y.numpy())   # per-example kernel gradient
+    gb = y.numpy().sum(axis=1)
+    m = gradient_moments(model, loss_fn, x, y, method="layerwise")
+    np.testing.assert_allclose(m.sum_sq[0].numpy(), (g ** 2).sum(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(m.var_norms_sq[0].numpy(), (g ** 2).sum(axis=(1, 2)), rtol=1e-10)
+    np.testing.assert_allclose(m.var_norms_sq[1].numpy(), (gb ** 2).sum(axis=1), rtol=1e-10)
+    m_norms = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=False)  # Gram path
+    np.testing.assert_allclose(m_norms.var_norms_sq[0].numpy(), (g ** 2).sum(axis=(1, 2)), rtol=1e-10)
+
+
+def test_embedding_matches_numpy_with_repeated_ids():
+    model, loss_fn, _, y = make(PROBLEMS[8])
+    ids = np.array([[1, 1, 1, 2, 0, 6], [3, 4, 3, 4, 3, 4], [5, 5, 5, 5, 5, 5],
+                    [0, 1, 2, 3, 4, 5], [6, 6, 0, 0, 2, 2]], np.int32)
+    g = np.zeros((5, 7, 3))
+    for n in range(5):
+        for t in range(6):
+            g[n, ids[n, t]] += y.numpy()[n, t]
+    m = gradient_moments(model, loss_fn, tf.constant(ids), y, method="layerwise")
+    np.testing.assert_allclose(m.mean[0].numpy(), g.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(m.sum_sq[0].numpy(), (g ** 2).sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(m.var_norms_sq[0].numpy(), (g ** 2).sum(axis=(1, 2)), rtol=1e-12)
+
+
+def test_dense_mlp_matches_hand_derived_numpy():
+    from test_gradients import numpy_per_example
+    model, loss_fn, x, y = make(PROBLEMS[10])        # mlp_tanh
+    g = numpy_per_example(model, x.numpy(), y.numpy(), "crossentropy")
+    m = gradient_moments(model, loss_fn, x, y, method="layerwise")
+    for got_mean, got_sq, got_norm, want in zip(m.mean, m.sum_sq, m.var_norms_sq, g):
+        np.testing.assert_allclose(got_mean.numpy(), want.mean(axis=0), rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(got_sq.numpy(), (want ** 2).sum(axis=0), rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(got_norm.numpy(), (want.reshape(5, -1) ** 2).sum(axis=1), rtol=1e-10)
+
+
+def _with_unsupported_layer():
+    inputs = keras.Input((5,))
+    h = keras.layers.Dense(4, activation="gelu")(inputs)          # no derivative from h
+    h = keras.layers.LayerNormalization()(h)                      # no rule
+    return keras.Model(inputs, keras.layers.Dense(3, activation="relu")(h))
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(4, activation="tanh")
+        self.out = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def _shared_layer():
+    inputs = keras.Input((4,))
+    shared = keras.layers.Dense(4, activation="tanh")
+    return keras.Model(inputs, keras.layers.Dense(3)(shared(shared(inputs))))
+
+
+FALLBACK = [
+    dict(id="unsupported_layers", build=_with_unsupported_layer, loss="crossentropy", tapped=1),
+    dict(id="shared_layer", build=_shared_layer, loss="crossentropy", tapped=1),
+    dict(id="sequential", loss="crossentropy", tapped=2, build=lambda: keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(3)])),
+]
+
+
+@pytest.mark.parametrize("spec", FALLBACK, ids=[p["id"] for p in FALLBACK])
+def test_auto_takes_the_exact_fallback(spec):
+    model, loss_fn, x, y = make(spec)
+    oracle = gradient_moments(model, loss_fn, x, y, method="loop")
+    got = gradient_moments(model, loss_fn, x, y, method="auto")
+    assert len(layerwise.plan(model).taps) == spec["tapped"]
+    assert_moments_close(got, oracle, rtol=1e-10)
+    if layerwise.plan(model).fallback:
+        with pytest.raises(UserError, match="use method auto"):
+            gradient_moments(model, loss_fn, x, y, method="layerwise")
+
+
+def test_subclassed_model_is_exact_through_the_fallback():
+    model = in_dtype(Subclassed, "float64")
+    x = tf.constant(np.random.default_rng(0).normal(size=(5, 5)))
+    model(x)
+    y = tf.constant([0, 1, 2, 1, 0])
+    oracle = gradient_moments(model, crossentropy, x, y, method="loop")
+    got = gradient_moments(model, crossentropy, x, y, method="auto")
+    assert not layerwise.plan(model).taps
+    assert_moments_close(got, oracle, rtol=1e-10)
+
+
+def test_layerwise_inside_tf_function_float32():
+    model, loss_fn, x, y = make(PROBLEMS[12], batch=8, dtype="float32")     # cnn
+    fn = tf.function(lambda a, b: gradient_moments(model, loss_fn, a, b, method="auto"))
+    got = fn(x, y)
+    oracle = gradient_moments(model, loss_fn, x, y, method="loop")
+    assert_moments_close(got, oracle, rtol=2e-4)
+
+
+def test_batch_normalization_is_refused():
+    inputs = keras.Input((4,))
+    h = keras.layers.BatchNormalization()(keras.layers.Dense(3)(inputs))
+    model = keras.Model(inputs, h)
+    x, y = tf.zeros((4, 4)), tf.constant([0, 1, 2, 0])
+    for method in ("auto", "vectorized"):
+        with pytest.raises(UserError, match="BatchNormalization"):
+            gradient_moments(model, crossentropy, x, y, method=method)

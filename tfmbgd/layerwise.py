@@ -1,0 +1,184 @@
+"""`method="layerwise"` and `"auto"`: gradient moments from one ordinary backward pass.
+
+How the layer inputs and output gradients are obtained. For a functional or Sequential
+model, a second `keras.Model(model.inputs, [l.input ...] + [l.output ...] + model.outputs)`
+is built once per model (and cached). It shares the model's layers and variables, so
+calling it computes exactly what the model computes, and it also returns each supported
+layer's input `a` and output `h`. One tape over that call differentiates the mean loss with
+respect to the variables *and* the outputs `h`: one backward pass gives the batch gradient
+and every `dL/dh`. Dense and Conv2D fuse their activation, so the gradient at the
+pre-activation is `dL/dh * act'(z)`; for linear, relu, tanh and sigmoid `act'(z)` follows
+from `h` (as TensorFlow's own gradients compute it), so no layer is changed or re-run.
+
+Layers without a rule, layers called more than once, and every layer of a subclassed model
+(which has no graph to tap) take the exact fallback: per-example gradients by
+`tf.vectorized_map`, for their variables only. Extend the registry with `register`.
+"""
+
+import weakref
+from typing import Callable, NamedTuple
+
+import keras
+import tensorflow as tf
+
+from tfmbgd import gradients, rules
+from tfmbgd.errors import UserError
+
+
+def _derivative_from_output(activation):
+    """`act'(z)` as a function of `h = act(z)`, or None if it cannot be had from h."""
+    table = {
+        keras.activations.linear: lambda h: None,
+        keras.activations.relu: lambda h: tf.cast(h > 0, h.dtype),
+        keras.activations.tanh: lambda h: 1 - tf.square(h),
+        keras.activations.sigmoid: lambda h: h * (1 - h),
+    }
+    return table.get(activation)
+
+
+class Rule(NamedTuple):
+    check: Callable      # layer -> None if the rule applies, else a short reason
+    moments: Callable    # (layer, a, delta, elementwise) -> [(sum_sq | None, norms_sq)]
+
+
+def _dense_check(layer):
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+        return "LoRA or quantized"
+    return None if _derivative_from_output(layer.activation) else "activation"
+
+
+def _conv_check(layer):
+    if layer.data_format != "channels_last" or layer.groups != 1:
+        return "channels_first or grouped"
+    if layer.padding not in ("valid", "same") or getattr(layer, "lora_enabled", False):
+        return "padding or LoRA"
+    return None if _derivative_from_output(layer.activation) else "activation"
+
+
+def _embedding_check(layer):
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+        return "LoRA or quantized"
+    return None
+
+
+RULES = {
+    keras.layers.Dense: Rule(_dense_check, rules.dense),
+    keras.layers.Conv2D: Rule(_conv_check, rules.conv2d),
+    keras.layers.Embedding: Rule(_embedding_check, rules.embedding),
+}
+
+
+def register(layer_class, check, moments):
+    """Adds a rule for `layer_class` (exact type; subclasses may compute something else)."""
+    RULES[layer_class] = Rule(check, moments)
+
+
+class Tap(NamedTuple):
+    layer: keras.layers.Layer
+    rule: Rule
+    indices: list        # positions of the layer's variables in model.trainable_variables
+
+
+class Plan(NamedTuple):
+    """What the layer-wise method does for one model."""
+
+    probe: keras.Model | None     # returns taps' inputs, taps' outputs, model outputs
+    taps: list                    # [Tap]
+    fallback: list                # indices of variables without a rule
+    reasons: dict                 # layer name -> why it takes the fallback
+
+
+_PLANS = weakref.WeakKeyDictionary()
+
+
+def plan(model):
+    """The (cached) `Plan` for `model`."""
+    if model not in _PLANS:
+        _PLANS[model] = _make_plan(model)
+    return _PLANS[model]
+
+
+def _calls_per_layer(model):
+    """How often each layer of a functional/Sequential model is called, or None."""
+    if isinstance(model, keras.Sequential):
+        names = [layer.name for layer in model.layers]
+        return {name: names.count(name) for name in names}
+    try:
+        config = model.get_config()
+        return {entry["name"]: len(entry["inbound_nodes"]) for entry in config["layers"]}
+    except Exception:   # custom layers that cannot serialize: no graph to trust
+        return None
+
+
+def _make_plan(model):
+    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    # Functional and Sequential models have symbolic inputs and outputs; subclassed do not.
+    is_graph = getattr(model, "inputs", None) is not None and getattr(model, "outputs", None) is not None
+    calls = _calls_per_layer(model) if is_graph else None
+    taps, reasons = [], {}
+    for layer in model.layers if calls else ():
+        rule = RULES.get(type(layer))
+        if not layer.trainable_variables:
+            continue
+        why = "no rule" if rule is None else rule.check(layer)
+        if why is None and calls.get(layer.name) != 1:
+            why = "called more than once"
+        if why is None:
+            taps.append(Tap(layer, rule, [index[id(v)] for v in layer.trainable_variables]))
+        else:
+            reasons[layer.name] = why
+    if not is_graph:
+        reasons[model.name] = "subclassed model: no graph to tap"
+    covered = {i for tap in taps for i in tap.indices}
+    fallback = [i for i in range(len(model.trainable_variables)) if i not in covered]
+    probe = None
+    if taps:
+        probe = keras.Model(model.inputs, [t.layer.input for t in taps] +
+                            [t.layer.output for t in taps] + list(model.outputs))
+    return Plan(probe, taps, fallback, reasons)
+
+
+def moments(model, loss_fn, x, y, elementwise=True, strict=False):
+    """Gradient moments by the layer-wise rules, with the exact fallback for the rest.
+
+    Returns the fields of `tfmbgd.moments.GradientMoments` as a dict.
+
+    Raises:
+      UserError: `strict` (method "layerwise") and some variable has no rule.
+    """
+    p = plan(model)
+    if strict and p.fallback:
+        raise UserError("method layerwise has no rule for: "
+                        + ", ".join(f"{name} ({why})" for name, why in p.reasons.items())
+                        + "; use method auto to take the exact fallback for them")
+    if not p.taps:
+        return None
+    variables = model.trainable_variables
+    k = len(p.taps)
+    with tf.GradientTape() as tape:
+        results = p.probe(x, training=True)
+        outputs = results[2 * k] if len(results) == 2 * k + 1 else results[2 * k:]
+        losses = loss_fn(y, outputs)
+        loss = tf.reduce_mean(losses)
+    grads = tape.gradient(loss, list(variables) + list(results[k:2 * k]))
+    mean = gradients.dense_gradients(variables, grads[:len(variables)])
+    b = tf.shape(losses)[0]
+    sum_sq = [None] * len(variables)
+    norms = [None] * len(variables)
+    for tap, a, h, dh in zip(p.taps, results[:k], results[k:2 * k], grads[len(variables):]):
+        delta = dh * tf.cast(b, dh.dtype)      # d(sum of losses)/dh: unscaled per example
+        derivative = _derivative_from_output(getattr(tap.layer, "activation", keras.activations.linear))
+        slope = derivative(h)
+        if slope is not None:
+            delta = delta * slope
+        for i, (sq, nsq) in zip(tap.indices, tap.rule.moments(tap.layer, a, delta, elementwise)):
+            sum_sq[i], norms[i] = sq, nsq
+    if p.fallback:
+        rest = [variables[i] for i in p.fallback]
+        per_ex = gradients.per_example(model, loss_fn, x, y, "vectorized", variables=rest)
+        for i, g in zip(p.fallback, per_ex.gradients):
+            squares = tf.square(g)
+            norms[i] = tf.reduce_sum(tf.reshape(squares, [b, -1]), axis=1)
+            sum_sq[i] = tf.reduce_sum(squares, axis=0) if elementwise else None
+    return dict(mean=mean, sum_sq=sum_sq if elementwise else None, var_norms_sq=norms,
+                losses=losses, outputs=outputs)
