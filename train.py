@@ -31,10 +31,15 @@ flags.DEFINE_enum("reduction", _D.reduction, REDUCTIONS,
 flags.DEFINE_enum("update", _D.update, UPDATES,
                   "Update rule: manual w -= lr*g, custom MiniBatchSGD, keras SGD.")
 flags.DEFINE_enum("grad_method", _D.grad_method, GRAD_METHODS,
-                  "How per-example gradients are computed for statistics.")
+                  "How gradient moments are computed: auto (layer-wise rules, exact fallback), "
+                  "layerwise, vectorized, jacobian, loop.")
 flags.DEFINE_integer("log_every", _D.log_every, "Write the mini-batch loss every N steps.", lower_bound=1)
 flags.DEFINE_integer("stats_every", _D.stats_every, "Gradient statistics every N steps; 0 = never.",
                      lower_bound=0)
+flags.DEFINE_bool("elementwise_stats", _D.elementwise_stats,
+                  "Also per-parameter variance and grad_snr/mean_gsnr (one more matmul per layer).")
+flags.DEFINE_float("noise_scale_decay", _D.noise_scale_decay,
+                   "EMA decay in [0, 1) of B_simple's numerator and denominator, per statistics step.")
 flags.DEFINE_string("logdir", _D.logdir, "Runs are written to LOGDIR/<run-name>/{train,test}.")
 flags.DEFINE_integer("seed", _D.seed, "Seed of initial weights, shuffling and synthetic data.",
                      lower_bound=0)
@@ -45,6 +50,7 @@ flags.register_validator("batch_size", lambda v: v == "full" or (v.isdigit() and
                          message="must be a positive integer or 'full'")
 flags.register_validator("hidden", lambda v: bool(v) and all(h.isdigit() and int(h) >= 1 for h in v),
                          message="must be positive integers separated by commas, e.g. 128,64")
+flags.register_validator("noise_scale_decay", lambda v: 0 <= v < 1, message="must be in [0, 1)")
 flags.register_validator("learning_rate", lambda v: v > 0 and v != float("inf"),
                          message="must be a finite number > 0")
 
@@ -57,7 +63,8 @@ def config_from_flags():
         batch_size=None if FLAGS.batch_size == "full" else int(FLAGS.batch_size),
         epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate, reduction=FLAGS.reduction,
         update=FLAGS.update, grad_method=FLAGS.grad_method, log_every=FLAGS.log_every,
-        stats_every=FLAGS.stats_every, logdir=FLAGS.logdir, seed=FLAGS.seed, mode=FLAGS.mode)
+        stats_every=FLAGS.stats_every, elementwise_stats=FLAGS.elementwise_stats,
+        noise_scale_decay=FLAGS.noise_scale_decay, logdir=FLAGS.logdir, seed=FLAGS.seed, mode=FLAGS.mode)
 
 
 def _start_tensorflow_quietly():

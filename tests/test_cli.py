@@ -24,20 +24,39 @@ def read_scalars(event_dir):
     acc = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.TENSORS: 0})
     acc.Reload()
     return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
-            for tag in acc.Tags()["tensors"]}
+            for tag in acc.Tags()["tensors"] if not acc.Tensors(tag)[0].tensor_proto.tensor_shape.dim}
+
+
+def read_histograms(event_dir):
+    """`{tag: [(step, HistogramValue), ...]}`; TF2 summaries store them as tensors."""
+    acc = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["tensors"]:
+        events = acc.Tensors(tag)
+        if events and events[0].tensor_proto.tensor_shape.dim:     # [buckets, 3]: a histogram
+            out[tag] = [(e.step, _Hist(tf.make_ndarray(e.tensor_proto))) for e in events]
+    return out
+
+
+class _Hist:
+    def __init__(self, buckets):      # rows (left edge, right edge, count)
+        self.num = int(round(buckets[:, 2].sum()))
+        self.min = float(buckets[0, 0])
 
 
 def test_train_writes_the_documented_tags(tmp_path):
     logdir = tmp_path / "logs"
     proc = run_train("--epochs=2", "--batch_size=64", "--log_every=4", "--stats_every=5",
-                     f"--logdir={logdir}")
+                     "--elementwise_stats", f"--logdir={logdir}")
     assert proc.returncode == 0, proc.stderr
     assert f"tensorboard --logdir {logdir}" in proc.stdout
     assert "Traceback" not in proc.stderr
     (run_dir,) = logdir.iterdir()
     train, test = read_scalars(run_dir / "train"), read_scalars(run_dir / "test")
     names = ["hidden_1/kernel", "hidden_1/bias", "output/kernel", "output/bias"]
-    expected = {"loss", "accuracy", "grad/norm", "grad_var/trace", "grad_var/of_mean"}
+    expected = {"loss", "accuracy", "grad/norm", "grad_var/trace", "grad_var/of_mean",
+                "grad_snr/mean_gsnr", "noise_scale/simple"}
     expected |= {f"grad/norm/{n}" for n in names} | {f"grad_var/{n}" for n in names}
     assert expected <= set(train), sorted(expected - set(train))
     for tag, points in train.items():
@@ -51,6 +70,9 @@ def test_train_writes_the_documented_tags(tmp_path):
     batch = {s: 1437 - 22 * 64 if s % 23 == 22 else 64 for s in trace}   # last batch: 29
     assert all(of_mean[s] == pytest.approx(trace[s] / batch[s], rel=1e-5) for s in trace)
     assert [s for s, _ in test["loss"]] == [23, 46]
+    histograms = read_histograms(run_dir / "train")["per_example_grad_norm"]
+    assert [s for s, _ in histograms] == list(range(0, 46, 5))
+    assert all(h.num == (29 if s == 45 else 64) and h.min > 0 for s, h in histograms)
     assert 0.5 < test["accuracy"][-1][1] <= 1.0
 
 
@@ -59,10 +81,11 @@ def test_compare_mode_passes_every_row():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     for row in ("mean of per-example gradients (jacobian)", "mean of per-example gradients (loop)",
+                "mean of per-example gradients (auto)", "per-parameter gradient variance (auto)",
                 "B x gradient of the mean loss (B=8)", "8 single-example backprops, summed",
                 "weights after one update: keras.optimizers.SGD"):
         assert row in out
-    assert "FAIL" not in out and "10 of 10 rows PASS" not in out and "8 of 8 rows PASS" in out
+    assert "FAIL" not in out and "12 of 12 rows PASS" in out
 
 
 def test_help_is_fast_and_lists_flags():

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import PROBLEMS, make_problem, oracle_per_example
 from tfmbgd import stats
@@ -73,3 +74,60 @@ def test_variance_without_elementwise_moments_is_a_clear_error():
     assert m.sum_sq is None
     with pytest.raises(ValueError, match="elementwise=True"):
         stats.variance(m)
+
+
+def test_mean_gsnr_matches_numpy(problem):
+    model, loss_fn, x, y = make_problem(problem)
+    oracle = oracle_per_example(model, loss_fn, x, y)
+    m = gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True)
+    mean = np.concatenate([o.mean(axis=0).ravel() for o in oracle])
+    var = np.concatenate([np.var(o, axis=0, ddof=1).ravel() for o in oracle])
+    defined = var > 1e-20
+    want = np.mean(mean[defined] ** 2 / var[defined])
+    got = stats.summarize(m, model.trainable_variables)
+    assert got["grad_snr/mean_gsnr"] == pytest.approx(want, rel=1e-3)
+    assert "grad_snr/mean_gsnr" not in stats.summarize(
+        gradient_moments(model, loss_fn, x, y, elementwise=False), model.trainable_variables)
+
+
+def test_per_example_grad_norm_is_the_histogram_of_oracle_norms(problem):
+    model, loss_fn, x, y = make_problem(problem)
+    oracle = oracle_per_example(model, loss_fn, x, y)
+    want = np.sqrt(sum((o.reshape(len(x), -1) ** 2).sum(axis=1) for o in oracle))
+    got = stats.summarize(gradient_moments(model, loss_fn, x, y), model.trainable_variables)
+    np.testing.assert_allclose(got["per_example_grad_norm"], want, rtol=1e-5)
+
+
+def test_noise_scale_terms_match_numpy(problem):
+    model, loss_fn, x, y = make_problem(problem)
+    oracle = oracle_per_example(model, loss_fn, x, y)
+    b = len(x)
+    trace = sum(np.var(o, axis=0, ddof=1).sum() for o in oracle)
+    mean_sq = sum((o.mean(axis=0) ** 2).sum() for o in oracle)
+    got_trace, got_grad_sq = stats.noise_scale_terms(gradient_moments(model, loss_fn, x, y))
+    assert float(got_trace) == pytest.approx(trace, rel=1e-4)
+    assert float(got_grad_sq) == pytest.approx(mean_sq - trace / b, rel=1e-3, abs=1e-6)
+
+
+def test_noise_scale_ema_smooths_numerator_and_denominator_separately():
+    class Fake:   # moments reduced to what noise_scale_terms reads: B=2, known values
+        def __init__(self, g1, g2):
+            self.mean = [tf.constant([(g1 + g2) / 2])]
+            self.var_norms_sq = [tf.constant([g1 ** 2, g2 ** 2])]
+            self.batch_size = 2
+    ema = stats.NoiseScaleEMA(decay=0.5)
+    # batch (1, 3): mean 2, trace = (1 + 9 - 2 * 4) / 1 = 2, |G|^2 = 4 - 2/2 = 3
+    # batch (0, 4): mean 2, trace = (0 + 16 - 8) = 8,       |G|^2 = 4 - 8/2 = 0
+    first = float(ema.update(Fake(1.0, 3.0)))
+    second = float(ema.update(Fake(0.0, 4.0)))
+    assert first == pytest.approx(2 / 3)
+    # EMAs: trace 0.25*2 + 0.5*8 = 4.5, |G|^2 0.25*3 + 0.5*0 = 0.75 -> 6, not mean(2/3, 8/0)
+    assert second == pytest.approx(4.5 / 0.75)
+
+
+def test_noise_scale_is_infinite_while_noise_hides_the_signal():
+    class Fake:
+        mean = [tf.constant([0.0])]
+        var_norms_sq = [tf.constant([1.0, 1.0])]
+        batch_size = 2
+    assert np.isinf(float(stats.NoiseScaleEMA(decay=0.0).update(Fake())))

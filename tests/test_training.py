@@ -139,3 +139,21 @@ def test_logdir_that_is_a_file_is_refused(tmp_path):
     path.write_text("x")
     with pytest.raises(UserError, match="is a file"):
         summaries.new_run_dir(str(path), "run")
+
+
+def test_stats_every_skips_the_moments_on_other_steps(tmp_path, tiny_npz, monkeypatch):
+    """Counts executions of the moment computation inside the compiled steps."""
+    calls = tf.Variable(0)
+    real = training.gradient_moments
+
+    def counting(*args, **kwargs):
+        calls.assign_add(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training, "gradient_moments", counting)
+    result = training.train(_config(tmp_path, tiny_npz, batch_size=8, epochs=2, stats_every=5),
+                            verbose=0)
+    assert result.steps == 12
+    assert int(calls.numpy()) == 3                  # steps 0, 5, 10
+    never = training.train(_config(tmp_path, tiny_npz, batch_size=8, epochs=1, stats_every=0),
+                           verbose=0)
+    assert never.steps == 6 and int(calls.numpy()) == 3

@@ -14,8 +14,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfmbgd import data, gradients, training
-from tfmbgd.moments import gradient_moments
-from tfmbgd.stats import variance_traces
+from tfmbgd.moments import METHODS, gradient_moments
+from tfmbgd.stats import variance, variance_traces
 
 TOLERANCE = 1e-5          # float32: ~100 ulps of the largest gradient entry
 TOLERANCE_FLOAT64 = 1e-12
@@ -73,10 +73,17 @@ def contrast(model, loss_fn, x, y, learning_rate):
         rows.append(Row(what, reference, max_abs, rel, seconds, rel <= tol))
 
     (_, g_mean), t_mean = timed(lambda: gradients.batch_gradients(model, loss_fn, x, y, "mean"))
-    for method in gradients.METHODS:
-        m, t = timed(lambda method=method: gradient_moments(model, loss_fn, x, y, method,
-                                                            elementwise=False).mean)
-        row(f"mean of per-example gradients ({method})", "gradient of the mean loss", m, g_mean, t)
+    moments = {}
+    for method in METHODS:
+        moments[method], t = timed(lambda method=method: gradient_moments(model, loss_fn, x, y, method))
+        row(f"mean of per-example gradients ({method})", "gradient of the mean loss",
+            moments[method].mean, g_mean, t)
+    fast, slow = moments["auto"], moments["loop"]
+    row("per-example squared gradient norms (auto)", "the same from the loop", [fast.norms_sq],
+        [slow.norms_sq], 0.0)
+    if b > 1:
+        row("per-parameter gradient variance (auto)", "the same from the loop", variance(fast),
+            variance(slow), 0.0)
     (_, g_sum), t_sum = timed(lambda: gradients.batch_gradients(model, loss_fn, x, y, "sum"))
     row("gradient of the sum loss", f"B x gradient of the mean loss (B={b})",
         g_sum, [b * g for g in g_mean], t_sum)
@@ -105,7 +112,7 @@ def contrast(model, loss_fn, x, y, learning_rate):
 
 def describe_batch(model, loss_fn, x, y):
     """Lines that show what one batch looks like to the optimizer."""
-    m = gradient_moments(model, loss_fn, x, y, "vectorized", elementwise=False)
+    m = gradient_moments(model, loss_fn, x, y, "auto", elementwise=False)
     losses = m.losses.numpy()
     norms = np.sqrt(m.norms_sq.numpy())
     mean_norm = float(np.sqrt(sum(float(tf.reduce_sum(tf.square(g))) for g in m.mean)))

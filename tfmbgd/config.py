@@ -14,7 +14,7 @@ DATASETS = ("digits", "linear", "mnist", "fashion_mnist")  # plus "npz:PATH"
 MODELS = ("linear", "mlp", "cnn")
 REDUCTIONS = ("mean", "sum")
 UPDATES = ("manual", "custom", "keras")
-GRAD_METHODS = ("vectorized", "jacobian", "loop")
+GRAD_METHODS = ("auto", "layerwise", "vectorized", "jacobian", "loop")
 MODES = ("train", "compare")
 
 
@@ -30,9 +30,11 @@ class TrainConfig:
     learning_rate: float = 0.1         # step size of every update rule
     reduction: str = "mean"            # batch loss = mean or sum of per-example losses
     update: str = "custom"             # manual (w -= lr*g) | custom (MiniBatchSGD) | keras (SGD)
-    grad_method: str = "vectorized"    # how per-example gradients are computed for statistics
+    grad_method: str = "auto"          # how gradient moments are computed for statistics
     log_every: int = 10                # write the mini-batch loss every N steps
     stats_every: int = 10              # gradient statistics every N steps; 0 = never
+    elementwise_stats: bool = False    # also per-parameter variance and GSNR (one more matmul/layer)
+    noise_scale_decay: float = 0.9     # EMA decay of B_simple's numerator and denominator
     logdir: str = "logs"               # runs land in logdir/<run-name>/{train,test}
     seed: int = 0                      # initial weights, shuffling and synthetic data
     mode: str = "train"                # train | compare (one batch, every method side by side)
@@ -56,6 +58,11 @@ class TrainConfig:
         lr = self.learning_rate
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise UserError(f"learning_rate must be a finite number > 0; got {lr!r}")
+        d = self.noise_scale_decay
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+            raise UserError(f"noise_scale_decay must be in [0, 1); got {d!r}")
+        if not isinstance(self.elementwise_stats, bool):
+            raise UserError(f"elementwise_stats must be True or False; got {self.elementwise_stats!r}")
         if not self.logdir:
             raise UserError("logdir must be a directory path; got an empty string")
 

@@ -16,9 +16,8 @@ import keras
 import tensorflow as tf
 
 from tfmbgd import gradients, layerwise
+from tfmbgd.config import GRAD_METHODS as METHODS
 from tfmbgd.errors import UserError
-
-METHODS = ("auto", "layerwise", "vectorized", "jacobian", "loop")
 
 
 class GradientMoments(NamedTuple):

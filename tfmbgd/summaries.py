@@ -8,6 +8,7 @@ import datetime
 import os
 import re
 
+import numpy as np
 import tensorflow as tf
 
 from tfmbgd.errors import UserError
@@ -56,11 +57,15 @@ class RunWriters:
             self._writers[split] = tf.summary.create_file_writer(os.path.join(self.run_dir, split))
         return self._writers[split]
 
-    def scalars(self, split, values, step):
-        """Writes every `tag -> number` of `values` as a scalar at `step`."""
+    def write(self, split, values, step):
+        """Writes `values` at `step`: numbers as scalars, vectors (e.g. the per-example
+        gradient norms) as histograms."""
         with self._writer(split).as_default(step=step):
             for tag, value in values.items():
-                tf.summary.scalar(tag, value)
+                if np.ndim(value) == 0:
+                    tf.summary.scalar(tag, value)
+                else:
+                    tf.summary.histogram(tag, value)
 
     def close(self):
         for writer in self._writers.values():

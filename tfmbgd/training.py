@@ -48,15 +48,23 @@ def make_update(rule, variables, learning_rate):
 class Steps:
     """The two compiled train steps of a run: `plain(x, y)` and `with_stats(x, y)`.
 
-    Both apply one update and return a dict of scalar tensors: `loss` (the mean
-    per-example loss of the batch, whatever the reduction, so runs compare), `accuracy`
-    (classification), and for `with_stats` the statistics of `tfmbgd.stats.statistics`.
+    Both apply one update and return a dict of tensors: `loss` (the mean per-example loss
+    of the batch, whatever the reduction, so runs compare), `accuracy` (classification);
+    `with_stats` adds the statistics of `tfmbgd.stats.statistics` and the smoothed
+    `noise_scale/simple`. `plain` computes no moments at all.
+
+    Args:
+      method: how `gradient_moments` gets per-example information ("auto", ...).
+      elementwise: compute the elementwise tier too (per-parameter variance, GSNR).
+      noise_scale: the `stats.NoiseScaleEMA` that smooths B_simple across steps.
     """
 
-    def __init__(self, model, loss_fn, apply, reduction="mean", method="vectorized",
-                 classification=True):
+    def __init__(self, model, loss_fn, apply, reduction="mean", method="auto",
+                 classification=True, elementwise=False, noise_scale=None):
         self.model, self.loss_fn, self.apply = model, loss_fn, apply
         self.reduction, self.method, self.classification = reduction, method, classification
+        self.elementwise = elementwise
+        self.noise_scale = noise_scale if noise_scale is not None else stats.NoiseScaleEMA()
         self.names = [v.path for v in model.trainable_variables]
         self.plain = tf.function(self._plain)
         self.with_stats = tf.function(self._with_stats)
@@ -70,13 +78,15 @@ class Steps:
         return self._metrics(per_example, outputs, y)
 
     def _with_stats(self, x, y):
-        m = gradient_moments(self.model, self.loss_fn, x, y, self.method, elementwise=False)
+        m = gradient_moments(self.model, self.loss_fn, x, y, self.method, self.elementwise)
         grads = m.mean
         if self.reduction == "sum":
             grads = [tf.cast(m.batch_size, g.dtype) * g for g in grads]
         self.apply(grads)
         out = self._metrics(m.losses, m.outputs, y)
         out.update(stats.statistics(m, self.names))
+        if "grad_var/trace" in out:      # B_simple needs a variance: not for a batch of one
+            out["noise_scale/simple"] = self.noise_scale.update(m)
         return out
 
     def _metrics(self, per_example, outputs, y):
@@ -134,7 +144,8 @@ def train(config, verbose=1):
     model, loss_fn, batch = setup(config, ds)
     classification = ds.num_classes > 0
     apply = make_update(config.update, model.trainable_variables, config.learning_rate)
-    steps = Steps(model, loss_fn, apply, config.reduction, config.grad_method, classification)
+    steps = Steps(model, loss_fn, apply, config.reduction, config.grad_method, classification,
+                  config.elementwise_stats, stats.NoiseScaleEMA(config.noise_scale_decay))
     run_dir = summaries.new_run_dir(config.logdir, summaries.run_name(config))
     pipeline = data.batches(*ds.train, batch, config.seed)
     per_epoch = math.ceil(len(ds.train[0]) / batch)
@@ -152,7 +163,7 @@ def train(config, verbose=1):
             result.epochs = epoch + 1
             result.train_history.append(float(np.mean(epoch_losses)))
             result.test = evaluate(model, loss_fn, *ds.test, classification)
-            writers.scalars("test", result.test, result.steps)
+            writers.write("test", result.test, result.steps)
             if verbose:
                 print("  test " + "  ".join(f"{k} {v:.4f}" for k, v in result.test.items()))
     if verbose:
@@ -173,5 +184,8 @@ def _one_step(config, steps, writers, x, y, step):
         raise UserError(f"the loss became {loss} at step {step}; "
                         "lower --learning_rate or check the data for extreme values")
     if want_stats or step % config.log_every == 0:
-        writers.scalars("train", {k: float(v) for k, v in out.items()}, step)
+        values = {k: v.numpy() for k, v in out.items()}
+        if not np.isfinite(values.get("noise_scale/simple", 0.0)):
+            del values["noise_scale/simple"]     # undefined while noise hides the signal
+        writers.write("train", values, step)
     return loss

@@ -1,0 +1,173 @@
+"""What gradient statistics cost per train step, as ratios to a plain step.
+
+    python benchmarks/step_cost.py            # full table, a few minutes on 2 cores
+    python benchmarks/step_cost.py --quick    # fewer cases and iterations
+
+Every ratio compares two steps measured in the same process, interleaved call by call, as
+a ratio of medians: the machine is shared and noisy, absolute times mean little. A "plain"
+step is forward + backward + update (`training.Steps.plain`); a statistics step
+(`Steps.with_stats`) also computes the gradient moments by the given method and tier and
+every statistic from them (traces, norms, noise scale, histogram; GSNR with the
+elementwise tier). Models: the MLP 784-256-256-10 (ReLU) and the small CNN of
+`tfmbgd.models` (28x28x1, two 3x3 convolutions with pooling, dense), synthetic data.
+
+Peak memory: each case runs in a child process with TensorFlow's BFC allocator on the CPU
+(`TF_CPU_ALLOCATOR_USE_BFC`), which makes `tf.config.experimental.get_memory_info`
+report the peak bytes allocated by tensors during one step (model, batch and
+intermediates).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = [("mlp", 32), ("mlp", 128), ("mlp", 512), ("cnn", 128)]
+METHODS = [  # (label, method, elementwise)
+    ("auto, norm tier", "auto", False),
+    ("auto, elementwise tier", "auto", True),
+    ("vectorized", "vectorized", False),
+    ("jacobian", "jacobian", False),
+    ("loop", "loop", False),
+]
+
+
+def make(model_name, batch):
+    import numpy as np
+
+    from tfmbgd import models
+
+    rng = np.random.default_rng(0)
+    if model_name == "mlp":
+        model = models.build("mlp", (784,), 10, hidden=(256, 256), seed=0)
+        x = rng.normal(size=(batch, 784)).astype(np.float32)
+    else:
+        model = models.build("cnn", (28, 28, 1), 10, seed=0)
+        x = rng.uniform(size=(batch, 28, 28, 1)).astype(np.float32)
+    return model, x, rng.integers(0, 10, size=batch).astype(np.int32)
+
+
+def steps_for(model, method="auto", elementwise=False):
+    from tfmbgd import losses, training
+
+    apply = training.make_update("manual", model.trainable_variables, 1e-4)
+    return training.Steps(model, losses.crossentropy, apply, "mean", method, True, elementwise)
+
+
+def call(fn, x, y):
+    fn(x, y)["loss"].numpy()      # .numpy(): wait for the step to finish
+
+
+def interleaved(fns, budget_s, min_rounds=5, max_rounds=300):
+    """Median seconds of each zero-argument fn, timed in alternation within a budget."""
+    for fn in fns:             # trace and warm up
+        fn(), fn()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < max_rounds and (len(times[0]) < min_rounds
+                                          or time.perf_counter() - start < budget_s):
+        for fn, acc in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times], len(times[0])
+
+
+def time_case(model_name, batch, budget_s, methods):
+    import tensorflow as tf
+
+    model, x, y = make(model_name, batch)
+    x, y = tf.constant(x), tf.constant(y)
+    plain = steps_for(model).plain
+    rows = []
+    for label, method, elementwise in methods:
+        stats_step = steps_for(model, method, elementwise).with_stats
+        (t_plain, t_stats), rounds = interleaved(
+            [lambda: call(plain, x, y), lambda s=stats_step: call(s, x, y)], budget_s)
+        rows.append((label, t_plain, t_stats, rounds))
+    return rows
+
+
+def time_amortised(model_name, batch, every, budget_s):
+    """Ratio of `every` steps with statistics on the first to `every` plain steps."""
+    import tensorflow as tf
+
+    model, x, y = make(model_name, batch)
+    x, y = tf.constant(x), tf.constant(y)
+    steps = steps_for(model)
+
+    def block(with_stats):
+        for i in range(every):
+            call(steps.with_stats if with_stats and i == 0 else steps.plain, x, y)
+    (t_plain, t_mixed), rounds = interleaved([lambda: block(False), lambda: block(True)], budget_s)
+    return t_mixed / t_plain, rounds
+
+
+def peak_memory(model_name, batch, method, elementwise):
+    """Child process: peak bytes allocated during one step (`method` None = plain)."""
+    import tensorflow as tf
+
+    model, x, y = make(model_name, batch)
+    x, y = tf.constant(x), tf.constant(y)
+    steps = steps_for(model, method or "auto", elementwise)
+    fn = steps.plain if method is None else steps.with_stats
+    call(fn, x, y)                                  # trace and allocate once
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    call(fn, x, y)
+    return tf.config.experimental.get_memory_info("CPU:0")["peak"]
+
+
+def measure_memory_in_child(model_name, batch, method, elementwise=False):
+    env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="3")
+    args = [sys.executable, __file__, "--memory", model_name, str(batch), method or "plain",
+            str(int(elementwise))]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer cases, shorter budgets")
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timing per ratio")
+    parser.add_argument("--memory", nargs=4, help=argparse.SUPPRESS)   # child: MODEL BATCH METHOD 0|1
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.memory:
+        model_name, batch, method, elementwise = args.memory
+        method = None if method == "plain" else method
+        print(json.dumps({"peak": peak_memory(model_name, int(batch), method, elementwise == "1")}))
+        return
+    import tensorflow as tf
+
+    budget = 1.0 if args.quick else args.budget
+    cases = CASES[1:2] + CASES[3:] if args.quick else CASES
+    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; ratios = median statistics step / "
+          "median plain step, interleaved in one process\n")
+    print("| model | B | plain step | method, tier | ratio | rounds |")
+    print("|---|---|---|---|---|---|")
+    for model_name, batch in cases:
+        methods = METHODS if batch <= 128 or not args.quick else METHODS[:3]
+        for label, t_plain, t_stats, rounds in time_case(model_name, batch, budget, methods):
+            print(f"| {model_name} | {batch} | {t_plain * 1e3:.2f} ms | {label} | "
+                  f"{t_stats / t_plain:.2f}x | {rounds} |", flush=True)
+    print("\nStatistics every 16 steps (auto, norm tier), 16-step blocks:\n")
+    print("| model | B | ratio to 16 plain steps | rounds |")
+    print("|---|---|---|---|")
+    for model_name, batch in [("mlp", 128), ("cnn", 128)]:
+        ratio, rounds = time_amortised(model_name, batch, 16, budget * 2)
+        print(f"| {model_name} | {batch} | {ratio:.3f}x | {rounds} |", flush=True)
+    print("\nPeak memory of one step at B=512 (MLP), bytes allocated by tensors:\n")
+    print("| step | peak | ratio to plain |")
+    print("|---|---|---|")
+    plain = measure_memory_in_child("mlp", 512, None)
+    print(f"| plain | {plain / 2**20:.1f} MiB | 1.00x |", flush=True)
+    for label, method, elementwise in METHODS[:4]:
+        peak = measure_memory_in_child("mlp", 512, method, elementwise)
+        print(f"| {label} | {peak / 2**20:.1f} MiB | {peak / plain:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
