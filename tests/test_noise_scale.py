@@ -20,8 +20,8 @@ def test_smoothed_b_simple_matches_closed_form_on_linear_data():
     expected = np.trace(cov) / (mean @ mean)
 
     ema = stats.NoiseScaleEMA(decay=0.995, dtype=tf.float64)
-    step = tf.function(lambda x, y: ema.update(gradient_moments(model, losses.mse, x, y, "auto",
-                                                                elementwise=False)))
+    step = tf.function(lambda x, y: ema.update(*stats.noise_scale_terms(
+        gradient_moments(model, losses.mse, x, y, "auto", elementwise=False))))
     rng = np.random.default_rng(1)
     b = 32
     for _ in range(2000):       # fresh examples from the generating distribution

@@ -118,8 +118,8 @@ def test_noise_scale_ema_smooths_numerator_and_denominator_separately():
     ema = stats.NoiseScaleEMA(decay=0.5)
     # batch (1, 3): mean 2, trace = (1 + 9 - 2 * 4) / 1 = 2, |G|^2 = 4 - 2/2 = 3
     # batch (0, 4): mean 2, trace = (0 + 16 - 8) = 8,       |G|^2 = 4 - 8/2 = 0
-    first = float(ema.update(Fake(1.0, 3.0)))
-    second = float(ema.update(Fake(0.0, 4.0)))
+    first = float(ema.update(*stats.noise_scale_terms(Fake(1.0, 3.0))))
+    second = float(ema.update(*stats.noise_scale_terms(Fake(0.0, 4.0))))
     assert first == pytest.approx(2 / 3)
     # EMAs: trace 0.25*2 + 0.5*8 = 4.5, |G|^2 0.25*3 + 0.5*0 = 0.75 -> 6, not mean(2/3, 8/0)
     assert second == pytest.approx(4.5 / 0.75)
@@ -130,4 +130,4 @@ def test_noise_scale_is_infinite_while_noise_hides_the_signal():
         mean = [tf.constant([0.0])]
         var_norms_sq = [tf.constant([1.0, 1.0])]
         batch_size = 2
-    assert np.isinf(float(stats.NoiseScaleEMA(decay=0.0).update(Fake())))
+    assert np.isinf(float(stats.NoiseScaleEMA(decay=0.0).update(*stats.noise_scale_terms(Fake()))))

@@ -52,6 +52,8 @@ def _conv_check(layer):
         return "channels_first or grouped"
     if layer.padding not in ("valid", "same") or getattr(layer, "lora_enabled", False):
         return "padding or LoRA"
+    if None in tuple(layer.input.shape[1:3]) + tuple(layer.output.shape[1:3]):
+        return "spatial size unknown until run time"
     return None if _derivative_from_output(layer.activation) else "activation"
 
 
@@ -89,6 +91,20 @@ class Plan(NamedTuple):
 
 
 _PLANS = weakref.WeakKeyDictionary()
+
+
+def _tap_moments(tap, a, h, dh, b, elementwise):
+    """The rule's moments for one layer, from its input, output and output gradient.
+
+    `dh` is the gradient of the *mean* loss; times B it is that of the summed loss, whose
+    rows are the examples' own, unscaled. Times `act'(z)` (from h) it is the gradient at
+    the pre-activation that the rules expect.
+    """
+    delta = dh * (float(b) if isinstance(b, int) else tf.cast(b, dh.dtype))
+    slope = _derivative_from_output(getattr(tap.layer, "activation", keras.activations.linear))(h)
+    if slope is not None:
+        delta = delta * slope
+    return tap.rule.moments(tap.layer, a, delta, elementwise)
 
 
 def plan(model):
@@ -162,16 +178,11 @@ def moments(model, loss_fn, x, y, elementwise=True, strict=False):
         loss = tf.reduce_mean(losses)
     grads = tape.gradient(loss, list(variables) + list(results[k:2 * k]))
     mean = gradients.dense_gradients(variables, grads[:len(variables)])
-    b = tf.shape(losses)[0]
+    b = losses.shape[0] if losses.shape[0] is not None else tf.shape(losses)[0]
     sum_sq = [None] * len(variables)
     norms = [None] * len(variables)
     for tap, a, h, dh in zip(p.taps, results[:k], results[k:2 * k], grads[len(variables):]):
-        delta = dh * tf.cast(b, dh.dtype)      # d(sum of losses)/dh: unscaled per example
-        derivative = _derivative_from_output(getattr(tap.layer, "activation", keras.activations.linear))
-        slope = derivative(h)
-        if slope is not None:
-            delta = delta * slope
-        for i, (sq, nsq) in zip(tap.indices, tap.rule.moments(tap.layer, a, delta, elementwise)):
+        for i, (sq, nsq) in zip(tap.indices, _tap_moments(tap, a, h, dh, b, elementwise)):
             sum_sq[i], norms[i] = sq, nsq
     if p.fallback:
         rest = [variables[i] for i in p.fallback]

@@ -24,43 +24,59 @@ def dense(layer, a, delta, elementwise):
     (sequences): the per-example gradient sums over the inner axes; see `_unfolded`.
     """
     if a.shape.rank == 2:
-        a2, d2 = tf.square(a), tf.square(delta)
-        kernel_sq = tf.matmul(a2, d2, transpose_a=True) if elementwise else None
-        out = [(kernel_sq, tf.reduce_sum(a2, 1) * tf.reduce_sum(d2, 1))]
-        bias_grad = delta
-    else:
-        b = tf.shape(a)[0]
-        a3 = tf.reshape(a, [b, -1, a.shape[-1]])
-        d3 = tf.reshape(delta, [b, -1, delta.shape[-1]])
-        out = [_unfolded(a3, d3, elementwise)]
-        bias_grad = tf.reduce_sum(d3, axis=1)
-    if layer.use_bias:
-        out.append(_direct(bias_grad, elementwise))
-    return out
-
-
-def conv2d(layer, a, delta, elementwise):
-    """`Conv2D` (channels_last, groups=1): a Dense rule over image patches.
-
-    The per-example kernel gradient is `sum_p patch_{n,p}^T delta_{n,p}` over output
-    positions p; `tf.image.extract_patches` with the layer's kernel size, strides,
-    dilation rate and padding ("valid" or "same", TensorFlow's rule for both ops) gives the
-    patches in the `(kh, kw, c_in)` order of the kernel.
-    """
-    kh, kw = layer.kernel_size
-    patches = tf.image.extract_patches(
-        a, sizes=[1, kh, kw, 1], strides=[1, *layer.strides, 1],
-        rates=[1, *layer.dilation_rate, 1], padding=layer.padding.upper())
+        delta_sq = _row_sq(delta)           # ||delta_n||^2: the bias's per-example norm too
+        kernel_sq = tf.matmul(tf.square(a), tf.square(delta), transpose_a=True) if elementwise else None
+        out = [(kernel_sq, _row_sq(a) * delta_sq)]
+        if layer.use_bias:
+            out.append((tf.reduce_sum(tf.square(delta), 0) if elementwise else None, delta_sq))
+        return out
     b = tf.shape(a)[0]
-    a3 = tf.reshape(patches, [b, -1, patches.shape[-1]])
+    a3 = tf.reshape(a, [b, -1, a.shape[-1]])
     d3 = tf.reshape(delta, [b, -1, delta.shape[-1]])
-    kernel_sq, kernel_norms = _unfolded(a3, d3, elementwise)
-    if kernel_sq is not None:
-        kernel_sq = tf.reshape(kernel_sq, layer.kernel.shape)
-    out = [(kernel_sq, kernel_norms)]
+    out = [_unfolded(a3, d3, elementwise)]
     if layer.use_bias:
         out.append(_direct(tf.reduce_sum(d3, axis=1), elementwise))
     return out
+
+
+def _row_sq(x):
+    """`[B]` squared norms of the rows of `x [B, k]`."""
+    return tf.reduce_sum(tf.square(x), axis=1)
+
+
+def conv2d(layer, a, delta, elementwise):
+    """`Conv2D` (channels_last, groups=1, static spatial size).
+
+    The per-example kernel gradient at kernel offset (i, j) is
+    `g_n[i, j] = sum_{p,q} a_pad[n, p s_h + i d_h, q s_w + j d_w, :]^T delta[n, p, q, :]`:
+    one batched matmul per offset over a strided window of the (padded) input, with the
+    layer's strides, dilation rate and padding ("same" pads as TensorFlow does, the odd
+    pixel at the end). This builds the layer's per-example gradients `[B, *kernel.shape]`
+    (small for convolutions) and is several times faster on CPU than
+    `tf.image.extract_patches` followed by one matmul.
+    """
+    b = tf.shape(a)[0]
+    c_in, c_out = a.shape[-1], delta.shape[-1]
+    d3 = tf.reshape(delta, [b, -1, c_out])
+    per_offset = [tf.einsum("btc,bto->bco", tf.reshape(window, [b, -1, c_in]), d3)
+                  for window in _windows(layer, a, delta.shape[1], delta.shape[2])]
+    grads = tf.reshape(tf.stack(per_offset, axis=1), [b, *layer.kernel.shape])
+    squares = tf.square(grads)
+    out = [(tf.reduce_sum(squares, 0) if elementwise else None, tf.reduce_sum(squares, axis=[1, 2, 3, 4]))]
+    if layer.use_bias:
+        out.append(_direct(tf.reduce_sum(d3, axis=1), elementwise))
+    return out
+
+
+def _windows(layer, a, out_h, out_w):
+    """For each kernel offset (i, j), row-major, the input pixels it meets: `[B, out_h, out_w, c]`."""
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.strides, layer.dilation_rate
+    if layer.padding == "same":
+        pad_h = max((out_h - 1) * sh + (kh - 1) * dh + 1 - a.shape[1], 0)
+        pad_w = max((out_w - 1) * sw + (kw - 1) * dw + 1 - a.shape[2], 0)
+        a = tf.pad(a, [[0, 0], [pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]])
+    return [a[:, i * dh: i * dh + (out_h - 1) * sh + 1: sh, j * dw: j * dw + (out_w - 1) * sw + 1: sw, :]
+            for i in range(kh) for j in range(kw)]
 
 
 def embedding(layer, ids, delta, elementwise):

@@ -16,6 +16,9 @@ from tfmbgd.moments import GradientMoments, gradient_moments  # noqa: F401  (pub
 
 
 def _b(m, dtype):
+    """B as a number of `dtype`; a Python float when the batch size is static (no op)."""
+    if isinstance(m.batch_size, int):
+        return float(m.batch_size)
     return tf.cast(m.batch_size, dtype)
 
 
@@ -41,17 +44,24 @@ def variance_traces(m):
 
     From the norm tier alone: `(sum_n ||g_n,v||^2 - B ||mean_v||^2) / (B - 1)`.
     """
-    out = []
-    for mean, norms_sq in zip(m.mean, m.var_norms_sq):
-        b = _b(m, mean.dtype)
-        total = tf.reduce_sum(norms_sq) - b * tf.reduce_sum(tf.square(mean))
-        out.append(tf.maximum(total / (b - 1), 0))
-    return out
+    return tf.unstack(_traces(m, _mean_sq(m)))
 
 
 def gradient_norms(m):
     """Per variable, the Euclidean norm of the mean gradient."""
-    return [tf.norm(tf.reshape(mean, [-1])) for mean in m.mean]
+    return tf.unstack(tf.sqrt(_mean_sq(m)))
+
+
+def _mean_sq(m):
+    """`[V]`: squared norm of the mean gradient of each variable."""
+    return tf.stack([2 * tf.nn.l2_loss(mean) for mean in m.mean])    # l2_loss: one fused pass
+
+
+def _traces(m, mean_sq):
+    """`[V]` variance traces, computed for all variables at once (few ops, one kernel each)."""
+    b = _b(m, mean_sq.dtype)
+    example_sq = tf.reduce_sum(tf.stack(m.var_norms_sq), axis=1)
+    return tf.maximum((example_sq - b * mean_sq) / (b - 1), 0)
 
 
 def mean_gsnr(m):
@@ -62,13 +72,16 @@ def mean_gsnr(m):
     variance is exactly 0 (e.g. weights of dead ReLU units, with zero gradient for every
     example) have no defined ratio and are left out of the mean. Needs the elementwise tier.
     """
+    if m.sum_sq is None:
+        raise UserError("GSNR needs the elementwise moments: call gradient_moments(..., elementwise=True)")
     total, count = 0.0, 0.0
-    for mean, var in zip(m.mean, variance(m)):
-        defined = var > 0
-        ratio = tf.math.divide_no_nan(tf.square(mean), var)
-        total += tf.reduce_sum(tf.where(defined, ratio, tf.zeros_like(ratio)))
-        count += tf.reduce_sum(tf.cast(defined, ratio.dtype))
-    return tf.math.divide_no_nan(total, count)
+    for mean, sum_sq in zip(m.mean, m.sum_sq):
+        mean2 = tf.square(mean)
+        spread = tf.maximum(sum_sq - _b(m, mean.dtype) * mean2, 0)     # (B - 1) * variance
+        total += tf.reduce_sum(tf.math.divide_no_nan(mean2, spread))
+        count += tf.math.count_nonzero(spread, dtype=mean.dtype)
+    b = _b(m, total.dtype)
+    return tf.math.divide_no_nan((b - 1) * total, count)
 
 
 def noise_scale_terms(m):
@@ -78,9 +91,9 @@ def noise_scale_terms(m):
     true gradient (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training",
     Appendix A): `E|mean|^2 = |G|^2 + tr(Sigma) / B`. It can be negative on a single batch.
     """
-    trace = tf.add_n(variance_traces(m))
-    mean_sq = tf.add_n([tf.reduce_sum(tf.square(mean)) for mean in m.mean])
-    return trace, mean_sq - trace / _b(m, trace.dtype)
+    mean_sq = _mean_sq(m)
+    trace = tf.reduce_sum(_traces(m, mean_sq))
+    return trace, tf.reduce_sum(mean_sq) - trace / _b(m, trace.dtype)
 
 
 class NoiseScaleEMA:
@@ -93,6 +106,9 @@ class NoiseScaleEMA:
     averaged `|G|^2` is not positive the noise hides the signal and `B_simple` is
     undefined; `update` then returns infinity.
 
+        ema = NoiseScaleEMA(0.9)
+        b_simple = ema.update(*noise_scale_terms(moments))
+
     Args:
       decay: weight of the past in each update, in [0, 1); 0 means no smoothing.
     """
@@ -104,9 +120,8 @@ class NoiseScaleEMA:
         self.trace = tf.Variable(tf.zeros([], dtype), trainable=False, name="noise_scale_trace")
         self.grad_sq = tf.Variable(tf.zeros([], dtype), trainable=False, name="noise_scale_grad_sq")
 
-    def update(self, m):
-        """Folds the moments of one batch in; returns the smoothed `B_simple`."""
-        trace, grad_sq = noise_scale_terms(m)
+    def update(self, trace, grad_sq):
+        """Folds in one batch's `noise_scale_terms`; returns the smoothed `B_simple`."""
         d = tf.cast(self.decay, self.trace.dtype)
         self.trace.assign(d * self.trace + (1 - d) * tf.cast(trace, self.trace.dtype))
         self.grad_sq.assign(d * self.grad_sq + (1 - d) * tf.cast(grad_sq, self.trace.dtype))
@@ -127,17 +142,16 @@ def statistics(m, names):
       tier; and the vector `per_example_grad_norm` (`[B]`, for a histogram). Works inside
       `tf.function`.
     """
-    norms = gradient_norms(m)
-    out = {"grad/norm": tf.sqrt(tf.add_n([tf.square(n) for n in norms]))}
-    out.update({f"grad/norm/{name}": n for name, n in zip(names, norms)})
+    mean_sq = _mean_sq(m)
+    out = {"grad/norm": tf.sqrt(tf.reduce_sum(mean_sq))}
+    out.update(zip([f"grad/norm/{name}" for name in names], tf.unstack(tf.sqrt(mean_sq))))
     out["per_example_grad_norm"] = tf.sqrt(m.norms_sq)
     if isinstance(m.batch_size, int) and m.batch_size < 2:
         return out
-    traces = variance_traces(m)
-    total = tf.add_n(traces)
-    out["grad_var/trace"] = total
-    out.update({f"grad_var/{name}": t for name, t in zip(names, traces)})
-    out["grad_var/of_mean"] = total / _b(m, total.dtype)
+    traces = _traces(m, mean_sq)
+    out["grad_var/trace"] = tf.reduce_sum(traces)
+    out.update(zip([f"grad_var/{name}" for name in names], tf.unstack(traces)))
+    out["grad_var/of_mean"] = out["grad_var/trace"] / _b(m, traces.dtype)
     if m.sum_sq is not None:
         out["grad_snr/mean_gsnr"] = mean_gsnr(m)
     return out

@@ -86,7 +86,10 @@ class Steps:
         out = self._metrics(m.losses, m.outputs, y)
         out.update(stats.statistics(m, self.names))
         if "grad_var/trace" in out:      # B_simple needs a variance: not for a batch of one
-            out["noise_scale/simple"] = self.noise_scale.update(m)
+            # The terms of stats.noise_scale_terms, from scalars already computed:
+            # |G|^2 = |mean|^2 - tr(Sigma) / B.
+            grad_sq = tf.square(out["grad/norm"]) - out["grad_var/of_mean"]
+            out["noise_scale/simple"] = self.noise_scale.update(out["grad_var/trace"], grad_sq)
         return out
 
     def _metrics(self, per_example, outputs, y):
