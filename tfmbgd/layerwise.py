@@ -7,8 +7,8 @@ calling it computes exactly what the model computes, and it also returns each su
 layer's input `a` and output `h`. One tape over that call differentiates the mean loss with
 respect to the variables *and* the outputs `h`: one backward pass gives the batch gradient
 and every `dL/dh`. Dense and Conv2D fuse their activation, so the gradient at the
-pre-activation is `dL/dh * act'(z)`; for linear, relu, tanh and sigmoid `act'(z)` follows
-from `h` (as TensorFlow's own gradients compute it), so no layer is changed or re-run.
+pre-activation is `dL/dh * act'(z)`; for linear, relu, tanh and sigmoid it follows from
+`h` by the same ops TensorFlow's own gradients use, so no layer is changed or re-run.
 
 Layers without a rule, layers called more than once, and every layer of a subclassed model
 (which has no graph to tap) take the exact fallback: per-example gradients by
@@ -25,13 +25,18 @@ from tfmbgd import gradients, rules
 from tfmbgd.errors import UserError
 
 
-def _derivative_from_output(activation):
-    """`act'(z)` as a function of `h = act(z)`, or None if it cannot be had from h."""
+def _backprop_activation(activation):
+    """`(dL/dh, h) -> dL/dz` for `h = act(z)`, computed from the output h, or None.
+
+    These are the very ops TensorFlow's own gradients of relu, tanh and sigmoid use (they
+    too read the output), so the result equals what the backward pass computed inside
+    the layer; each is one fused kernel.
+    """
     table = {
-        keras.activations.linear: lambda h: None,
-        keras.activations.relu: lambda h: tf.cast(h > 0, h.dtype),
-        keras.activations.tanh: lambda h: 1 - tf.square(h),
-        keras.activations.sigmoid: lambda h: h * (1 - h),
+        keras.activations.linear: lambda dh, h: dh,
+        keras.activations.relu: lambda dh, h: tf.raw_ops.ReluGrad(gradients=dh, features=h),
+        keras.activations.tanh: lambda dh, h: tf.raw_ops.TanhGrad(y=h, dy=dh),
+        keras.activations.sigmoid: lambda dh, h: tf.raw_ops.SigmoidGrad(y=h, dy=dh),
     }
     return table.get(activation)
 
@@ -44,7 +49,7 @@ class Rule(NamedTuple):
 def _dense_check(layer):
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
         return "LoRA or quantized"
-    return None if _derivative_from_output(layer.activation) else "activation"
+    return None if _backprop_activation(layer.activation) else "activation"
 
 
 def _conv_check(layer):
@@ -54,7 +59,7 @@ def _conv_check(layer):
         return "padding or LoRA"
     if None in tuple(layer.input.shape[1:3]) + tuple(layer.output.shape[1:3]):
         return "spatial size unknown until run time"
-    return None if _derivative_from_output(layer.activation) else "activation"
+    return None if _backprop_activation(layer.activation) else "activation"
 
 
 def _embedding_check(layer):
@@ -97,14 +102,13 @@ def _tap_moments(tap, a, h, dh, b, elementwise):
     """The rule's moments for one layer, from its input, output and output gradient.
 
     `dh` is the gradient of the *mean* loss; times B it is that of the summed loss, whose
-    rows are the examples' own, unscaled. Times `act'(z)` (from h) it is the gradient at
-    the pre-activation that the rules expect.
+    rows are the examples' own, unscaled. Through the activation (from h) it becomes the
+    gradient at the pre-activation that the rules expect.
     """
-    delta = dh * (float(b) if isinstance(b, int) else tf.cast(b, dh.dtype))
-    slope = _derivative_from_output(getattr(tap.layer, "activation", keras.activations.linear))(h)
-    if slope is not None:
-        delta = delta * slope
-    return tap.rule.moments(tap.layer, a, delta, elementwise)
+    backprop = _backprop_activation(getattr(tap.layer, "activation", keras.activations.linear))
+    delta = backprop(dh, h)
+    return tap.rule.moments(tap.layer, a, delta * (float(b) if isinstance(b, int) else tf.cast(b, dh.dtype)),
+                           elementwise)
 
 
 def plan(model):
