@@ -79,7 +79,7 @@ def mean_gsnr(m):
         mean2 = tf.square(mean)
         spread = tf.maximum(sum_sq - _b(m, mean.dtype) * mean2, 0)     # (B - 1) * variance
         total += tf.reduce_sum(tf.math.divide_no_nan(mean2, spread))
-        count += tf.math.count_nonzero(spread, dtype=mean.dtype)
+        count += tf.reduce_sum(tf.sign(spread))      # spread >= 0: counts the non-zero ones
     b = _b(m, total.dtype)
     return tf.math.divide_no_nan((b - 1) * total, count)
 
