@@ -9,28 +9,32 @@ Flags are read here only: they become one `tfmbgd.config.TrainConfig`, and one c
 the library does the work.
 """
 
+import dataclasses
 import os
 import sys
 
 from absl import flags
 
-from tfmbgd.config import DATASETS, GRAD_METHODS, MODELS, MODES, REDUCTIONS, UPDATES, TrainConfig
+from tfmbgd import config as cfg
 from tfmbgd.errors import UserError
 
-_D = TrainConfig()
+_D = cfg.TrainConfig()
 flags.DEFINE_string("dataset", _D.dataset,
-                    f"{' | '.join(DATASETS)} | npz:PATH (x_train, y_train, x_test, y_test).")
-flags.DEFINE_enum("model", _D.model, MODELS, "Network to train.")
+                    f"{' | '.join(cfg.DATASETS)} | npz:PATH (x_train, y_train, x_test, y_test).")
+flags.DEFINE_enum("model", _D.model, cfg.MODELS, "Network to train.")
 flags.DEFINE_list("hidden", [str(h) for h in _D.hidden], "Hidden layer widths of the mlp, e.g. 128,64.")
 flags.DEFINE_string("batch_size", str(_D.batch_size),
                     "Examples per update: 1 (SGD) ... N, or 'full' (whole training set).")
 flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training set.", lower_bound=1)
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Step size, > 0.")
-flags.DEFINE_enum("reduction", _D.reduction, REDUCTIONS,
+flags.DEFINE_enum("reduction", _D.reduction, cfg.REDUCTIONS,
                   "Batch loss = mean or sum of the per-example losses.")
-flags.DEFINE_enum("update", _D.update, UPDATES,
-                  "Update rule: manual w -= lr*g, custom MiniBatchSGD, keras SGD.")
-flags.DEFINE_enum("grad_method", _D.grad_method, GRAD_METHODS,
+flags.DEFINE_enum("update", _D.update, cfg.UPDATES,
+                  "Who applies the update: manual w -= lr*g (sgd only), custom (tfmbgd's optimizer), "
+                  "keras (the Keras built-in of the same name).")
+flags.DEFINE_enum("optimizer", _D.optimizer, cfg.OPTIMIZERS,
+                  "Update rule; other hyperparameters at the Keras defaults (momentum 0.9).")
+flags.DEFINE_enum("grad_method", _D.grad_method, cfg.GRAD_METHODS,
                   "How gradient moments are computed: auto (layer-wise rules, exact fallback), "
                   "layerwise, vectorized, jacobian, loop.")
 flags.DEFINE_integer("log_every", _D.log_every, "Write the mini-batch loss every N steps.", lower_bound=1)
@@ -43,7 +47,7 @@ flags.DEFINE_float("noise_scale_decay", _D.noise_scale_decay,
 flags.DEFINE_string("logdir", _D.logdir, "Runs are written to LOGDIR/<run-name>/{train,test}.")
 flags.DEFINE_integer("seed", _D.seed, "Seed of initial weights, shuffling and synthetic data.",
                      lower_bound=0)
-flags.DEFINE_enum("mode", _D.mode, MODES,
+flags.DEFINE_enum("mode", _D.mode, cfg.MODES,
                   "train, or compare: contrast every gradient method and update rule on one batch.")
 
 flags.register_validator("batch_size", lambda v: v == "full" or (v.isdigit() and int(v) >= 1),
@@ -58,13 +62,11 @@ FLAGS = flags.FLAGS
 
 
 def config_from_flags():
-    return TrainConfig(
-        dataset=FLAGS.dataset, model=FLAGS.model, hidden=tuple(int(h) for h in FLAGS.hidden),
-        batch_size=None if FLAGS.batch_size == "full" else int(FLAGS.batch_size),
-        epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate, reduction=FLAGS.reduction,
-        update=FLAGS.update, grad_method=FLAGS.grad_method, log_every=FLAGS.log_every,
-        stats_every=FLAGS.stats_every, elementwise_stats=FLAGS.elementwise_stats,
-        noise_scale_decay=FLAGS.noise_scale_decay, logdir=FLAGS.logdir, seed=FLAGS.seed, mode=FLAGS.mode)
+    """Every TrainConfig field has a flag of the same name."""
+    values = {field.name: getattr(FLAGS, field.name) for field in dataclasses.fields(cfg.TrainConfig)}
+    values["hidden"] = tuple(int(h) for h in FLAGS.hidden)
+    values["batch_size"] = None if FLAGS.batch_size == "full" else int(FLAGS.batch_size)
+    return cfg.TrainConfig(**values)
 
 
 def _start_tensorflow_quietly():

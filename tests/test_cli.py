@@ -118,6 +118,9 @@ BAD_FLAGS = [
     (["--dataset=cifar"], "dataset"),
     (["--no_such_flag=1"], "no_such_flag"),
     (["stray"], "unexpected argument"),
+    (["--optimizer=lion"], "--optimizer"),
+    (["--update=manual", "--optimizer=adam"], "plain SGD only"),
+    (["--noise_scale_decay=1"], "--noise_scale_decay"),
 ]
 
 

@@ -157,3 +157,17 @@ def test_stats_every_skips_the_moments_on_other_steps(tmp_path, tiny_npz, monkey
     never = training.train(_config(tmp_path, tiny_npz, batch_size=8, epochs=1, stats_every=0),
                            verbose=0)
     assert never.steps == 6 and int(calls.numpy()) == 3
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "nesterov", "rmsprop", "adagrad", "adam"])
+def test_custom_loop_family_matches_keras_builtins(optimizer):
+    batches = _batches(6)
+    weights = {}
+    for rule in ("custom", "keras"):
+        keras.utils.set_random_seed(0)
+        model = models.build("mlp", (6,), 3, hidden=(5,), seed=1)
+        apply = training.make_update(rule, model.trainable_variables, 0.05, optimizer)
+        _run(training.Steps(model, losses.crossentropy, apply), batches, stats_on={0, 4})
+        weights[rule] = [v.numpy() for v in model.trainable_variables]
+    for a, b in zip(weights["custom"], weights["keras"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ DATASETS = ("digits", "linear", "mnist", "fashion_mnist")  # plus "npz:PATH"
 MODELS = ("linear", "mlp", "cnn")
 REDUCTIONS = ("mean", "sum")
 UPDATES = ("manual", "custom", "keras")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam")
 GRAD_METHODS = ("auto", "layerwise", "vectorized", "jacobian", "loop")
 MODES = ("train", "compare")
 
@@ -29,7 +30,8 @@ class TrainConfig:
     epochs: int = 10                   # passes over the training set
     learning_rate: float = 0.1         # step size of every update rule
     reduction: str = "mean"            # batch loss = mean or sum of per-example losses
-    update: str = "custom"             # manual (w -= lr*g) | custom (MiniBatchSGD) | keras (SGD)
+    update: str = "custom"             # manual (w -= lr*g) | custom (tfmbgd) | keras (built-in)
+    optimizer: str = "sgd"             # sgd | momentum | nesterov | rmsprop | adagrad | adam
     grad_method: str = "auto"          # how gradient moments are computed for statistics
     log_every: int = 10                # write the mini-batch loss every N steps
     stats_every: int = 10              # gradient statistics every N steps; 0 = never
@@ -44,6 +46,10 @@ class TrainConfig:
         _check_choice("model", self.model, MODELS)
         _check_choice("reduction", self.reduction, REDUCTIONS)
         _check_choice("update", self.update, UPDATES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.update == "manual" and self.optimizer != "sgd":
+            raise UserError(f"update manual writes out plain SGD only; use --update=custom or keras "
+                            f"for optimizer {self.optimizer}")
         _check_choice("grad_method", self.grad_method, GRAD_METHODS)
         _check_choice("mode", self.mode, MODES)
         if not self.hidden or any(not _is_int(h) or h < 1 for h in self.hidden):

@@ -20,7 +20,8 @@ def run_name(config, now=None):
     batch = "full" if config.batch_size is None else str(config.batch_size)
     width = "x".join(map(str, config.hidden)) if config.model == "mlp" else ""
     stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    return (f"{data}-{config.model}{width}-b{batch}-{config.reduction}-{config.update}"
+    rule = config.update if config.optimizer == "sgd" else f"{config.update}_{config.optimizer}"
+    return (f"{data}-{config.model}{width}-b{batch}-{config.reduction}-{rule}"
             f"-lr{config.learning_rate:g}-s{config.seed}-{stamp}")
 
 

@@ -14,35 +14,55 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmbgd import data, losses, models, stats, summaries
+from tfmbgd import data, losses, models, optimizers, stats, summaries
 from tfmbgd.errors import UserError
 from tfmbgd.moments import gradient_moments
-from tfmbgd.optimizers import MiniBatchSGD
 
 
-def make_update(rule, variables, learning_rate):
+def make_optimizer(name, learning_rate, rule="custom"):
+    """The optimizer `name` ("sgd", "momentum", ...): tfmbgd's (`rule="custom"`) or Keras'.
+
+    Hyperparameters other than the learning rate are the Keras defaults (momentum 0.9).
+    """
+    ours = {"sgd": lambda lr: optimizers.MiniBatchSGD(lr),
+            "momentum": lambda lr: optimizers.MomentumSGD(lr, momentum=0.9),
+            "nesterov": lambda lr: optimizers.MomentumSGD(lr, momentum=0.9, nesterov=True),
+            "rmsprop": optimizers.RMSprop, "adagrad": optimizers.Adagrad, "adam": optimizers.Adam}
+    builtin = {"sgd": lambda lr: keras.optimizers.SGD(lr),
+               "momentum": lambda lr: keras.optimizers.SGD(lr, momentum=0.9),
+               "nesterov": lambda lr: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
+               "rmsprop": keras.optimizers.RMSprop, "adagrad": keras.optimizers.Adagrad,
+               "adam": keras.optimizers.Adam}
+    table = ours if rule == "custom" else builtin
+    if name not in table:
+        raise UserError(f"optimizer must be one of {', '.join(table)}; got {name!r}")
+    return table[name](learning_rate)
+
+
+def make_update(rule, variables, learning_rate, optimizer="sgd"):
     """Returns `apply(grads)` that changes `variables` by one update of `rule`.
 
     Args:
-      rule: "manual" (`v.assign_sub(learning_rate * g)` written out), "custom"
-        (`MiniBatchSGD.apply_gradients`) or "keras" (`keras.optimizers.SGD`). All three
-        compute `w - lr * g` and give bit-identical weights.
+      rule: "manual" (`v.assign_sub(learning_rate * g)` written out; plain SGD only),
+        "custom" (tfmbgd's optimizer, `MiniBatchSGD` for sgd) or "keras" (the Keras
+        built-in). For sgd all three compute `w - lr * g` and give bit-identical weights.
       variables: the variables to update, aligned with the gradients.
       learning_rate: a float > 0.
+      optimizer: "sgd", "momentum", "nesterov", "rmsprop", "adagrad" or "adam".
     """
     if rule == "manual":
+        if optimizer != "sgd":
+            raise UserError(f"update manual writes out plain SGD only, not {optimizer}")
+
         def apply(grads):
             for v, g in zip(variables, grads):
                 v.assign_sub(tf.cast(learning_rate, g.dtype) * g)
         return apply
-    if rule == "custom":
-        optimizer = MiniBatchSGD(learning_rate)
-    elif rule == "keras":
-        optimizer = keras.optimizers.SGD(learning_rate)
-    else:
+    if rule not in ("custom", "keras"):
         raise UserError(f"update must be manual, custom or keras; got {rule!r}")
-    optimizer.build(variables)   # slots exist before the step is traced
-    return lambda grads: optimizer.apply_gradients(zip(grads, variables))
+    opt = make_optimizer(optimizer, learning_rate, rule)
+    opt.build(variables)   # slots exist before the step is traced
+    return lambda grads: opt.apply_gradients(zip(grads, variables))
 
 
 class Steps:
@@ -146,7 +166,7 @@ def train(config, verbose=1):
     ds = data.load(config.dataset, config.seed)
     model, loss_fn, batch = setup(config, ds)
     classification = ds.num_classes > 0
-    apply = make_update(config.update, model.trainable_variables, config.learning_rate)
+    apply = make_update(config.update, model.trainable_variables, config.learning_rate, config.optimizer)
     steps = Steps(model, loss_fn, apply, config.reduction, config.grad_method, classification,
                   config.elementwise_stats, stats.NoiseScaleEMA(config.noise_scale_decay))
     run_dir = summaries.new_run_dir(config.logdir, summaries.run_name(config))
