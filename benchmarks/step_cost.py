@@ -5,7 +5,7 @@
 
 Every ratio compares two steps measured in the same process, interleaved call by call, as
 a ratio of medians: the machine is shared and noisy, absolute times mean little. A "plain"
-step is forward + backward + update (`training.Steps.plain`); a statistics step
+step is forward + backward + update (`steps.Steps.plain`); a statistics step
 (`Steps.with_stats`) also computes the gradient moments by the given method and tier and
 every statistic from them (traces, norms, noise scale, histogram; GSNR with the
 elementwise tier). Models: the MLP 784-256-256-10 (ReLU) and the small CNN of
@@ -51,10 +51,10 @@ def make(model_name, batch):
 
 
 def steps_for(model, method="auto", elementwise=False):
-    from tfmbgd import losses, training
+    from tfmbgd import losses, steps
 
-    apply = training.make_update("manual", model.trainable_variables, 1e-4)
-    return training.Steps(model, losses.crossentropy, apply, "mean", method, True, elementwise)
+    apply = steps.make_update("manual", model.trainable_variables, 1e-4)
+    return steps.Steps(model, losses.crossentropy, apply, "mean", method, True, elementwise)
 
 
 def call(fn, x, y):

@@ -11,6 +11,8 @@ import tensorflow as tf
 
 tf.config.experimental.enable_op_determinism()
 
+from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
+
 from tfmbgd import losses  # noqa: E402
 
 # Test problems as data: a tiny Keras model, a batch, a per-example loss.
@@ -53,3 +55,29 @@ def oracle_per_example(model, loss_fn, x, y):
         per_example = loss_fn(y, model(x, training=True))
     jac = tape.jacobian(per_example, model.trainable_variables, experimental_use_pfor=False)
     return [j.numpy().astype(np.float64) for j in jac]
+
+
+def read_scalars(event_dir):
+    """`{tag: [(step, value), ...]}` of a writer directory, by TensorBoard's own reader."""
+    acc = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+            for tag in acc.Tags()["tensors"] if not acc.Tensors(tag)[0].tensor_proto.tensor_shape.dim}
+
+
+def read_histograms(event_dir):
+    """`{tag: [(step, HistogramValue), ...]}`; TF2 summaries store them as tensors."""
+    acc = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["tensors"]:
+        events = acc.Tensors(tag)
+        if events and events[0].tensor_proto.tensor_shape.dim:     # [buckets, 3]: a histogram
+            out[tag] = [(e.step, _Hist(tf.make_ndarray(e.tensor_proto))) for e in events]
+    return out
+
+
+class _Hist:
+    def __init__(self, buckets):      # rows (left edge, right edge, count)
+        self.num = int(round(buckets[:, 2].sum()))
+        self.min = float(buckets[0, 0])

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import tensorflow as tf
-from tensorboard.backend.event_processing import event_accumulator
+
+from conftest import read_histograms, read_scalars
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,32 +17,6 @@ def run_train(*args, timeout=180):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}   # as a user runs it
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def read_scalars(event_dir):
-    """`{tag: [(step, value), ...]}` of a writer directory, by TensorBoard's own reader."""
-    acc = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.TENSORS: 0})
-    acc.Reload()
-    return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
-            for tag in acc.Tags()["tensors"] if not acc.Tensors(tag)[0].tensor_proto.tensor_shape.dim}
-
-
-def read_histograms(event_dir):
-    """`{tag: [(step, HistogramValue), ...]}`; TF2 summaries store them as tensors."""
-    acc = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.TENSORS: 0})
-    acc.Reload()
-    out = {}
-    for tag in acc.Tags()["tensors"]:
-        events = acc.Tensors(tag)
-        if events and events[0].tensor_proto.tensor_shape.dim:     # [buckets, 3]: a histogram
-            out[tag] = [(e.step, _Hist(tf.make_ndarray(e.tensor_proto))) for e in events]
-    return out
-
-
-class _Hist:
-    def __init__(self, buckets):      # rows (left edge, right edge, count)
-        self.num = int(round(buckets[:, 2].sum()))
-        self.min = float(buckets[0, 0])
 
 
 def test_train_writes_the_documented_tags(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmbgd import losses, models, summaries, training
+from tfmbgd import losses, models, steps, summaries, training
 from tfmbgd.config import TrainConfig
 from tfmbgd.errors import UserError
 
@@ -22,8 +22,8 @@ def _batches(n_batches=4, b=8, seed=0):
 def _steps(rule, learning_rate=0.3, reduction="mean", method="vectorized"):
     keras.utils.set_random_seed(0)
     model = models.build("mlp", (6,), 3, hidden=(5,), seed=1)
-    apply = training.make_update(rule, model.trainable_variables, learning_rate)
-    return model, training.Steps(model, losses.crossentropy, apply, reduction, method)
+    apply = steps.make_update(rule, model.trainable_variables, learning_rate)
+    return model, steps.Steps(model, losses.crossentropy, apply, reduction, method)
 
 
 def _run(steps, batches, stats_on=()):
@@ -144,12 +144,12 @@ def test_logdir_that_is_a_file_is_refused(tmp_path):
 def test_stats_every_skips_the_moments_on_other_steps(tmp_path, tiny_npz, monkeypatch):
     """Counts executions of the moment computation inside the compiled steps."""
     calls = tf.Variable(0)
-    real = training.gradient_moments
+    real = steps.gradient_moments
 
     def counting(*args, **kwargs):
         calls.assign_add(1)
         return real(*args, **kwargs)
-    monkeypatch.setattr(training, "gradient_moments", counting)
+    monkeypatch.setattr(steps, "gradient_moments", counting)
     result = training.train(_config(tmp_path, tiny_npz, batch_size=8, epochs=2, stats_every=5),
                             verbose=0)
     assert result.steps == 12
@@ -166,8 +166,8 @@ def test_custom_loop_family_matches_keras_builtins(optimizer):
     for rule in ("custom", "keras"):
         keras.utils.set_random_seed(0)
         model = models.build("mlp", (6,), 3, hidden=(5,), seed=1)
-        apply = training.make_update(rule, model.trainable_variables, 0.05, optimizer)
-        _run(training.Steps(model, losses.crossentropy, apply), batches, stats_on={0, 4})
+        apply = steps.make_update(rule, model.trainable_variables, 0.05, optimizer)
+        _run(steps.Steps(model, losses.crossentropy, apply), batches, stats_on={0, 4})
         weights[rule] = [v.numpy() for v in model.trainable_variables]
     for a, b in zip(weights["custom"], weights["keras"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

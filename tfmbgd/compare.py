@@ -13,7 +13,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfmbgd import data, gradients, training
+from tfmbgd import data, gradients, steps, training
 from tfmbgd.moments import METHODS, gradient_moments
 from tfmbgd.stats import variance, variance_traces
 
@@ -99,7 +99,7 @@ def contrast(model, loss_fn, x, y, learning_rate):
         for v, w in zip(variables, initial):
             v.assign(w)
         start = time.perf_counter()
-        training.make_update(rule, variables, learning_rate)(g_mean)
+        steps.make_update(rule, variables, learning_rate)(g_mean)
         after[rule] = ([v.numpy() for v in variables], time.perf_counter() - start)
     for v, w in zip(variables, initial):
         v.assign(w)

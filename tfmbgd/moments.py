@@ -72,16 +72,23 @@ def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
     return from_per_example(gradients.per_example(model, loss_fn, x, y, method), elementwise)
 
 
-def _refuse_batch_norm(model):
-    stack = list(model.layers)
+def all_layers(model):
+    """Every layer of `model`, nested models' layers included (public API only)."""
+    stack, seen = list(model.layers), []
     while stack:
         layer = stack.pop()
+        seen.append(layer)
+        stack.extend(getattr(layer, "layers", []))
+    return seen
+
+
+def _refuse_batch_norm(model):
+    for layer in all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
             raise UserError(
                 f"layer {layer.name} is BatchNormalization: in training mode it mixes the "
                 "examples of a batch, so per-example gradients are not defined; use "
                 "LayerNormalization or GroupNormalization, or freeze it (trainable=False)")
-        stack.extend(getattr(layer, "layers", []))
 
 
 def _batch_size(losses):

@@ -1,0 +1,179 @@
+"""The same gradient statistics inside `model.fit`.
+
+Keras 3 offers two places to add work to `fit`: callbacks, which never see the gradients
+or the batch, and `Model.train_step`, which does. Statistics need both, so tfmbgd
+overrides `train_step` (the way the Keras guide "Customizing what happens in fit()"
+shows) in a mixin:
+
+    model = tfmbgd.fit.with_statistics(functional_or_sequential_model)   # shares its layers
+    # or, for a subclassed model:  class MyModel(tfmbgd.fit.GradientStatisticsMixin, keras.Model)
+    model.compile(optimizer=tfmbgd.optimizers.Adam(1e-3), loss=..., metrics=[...])
+    model.configure_statistics("logs/my-run/train", stats_every=10)
+    model.fit(x, y, batch_size=32, epochs=5)
+    model.flush_statistics()
+
+Every `stats_every` optimizer steps the step computes the gradient moments of its batch
+(`tfmbgd.stats.gradient_moments`, any method), applies their mean (plus the gradient of
+weight regularization penalties) and writes the tags of the custom loop at the optimizer
+step, counted from 0 as there. Other steps are Keras' own step. The choice is made inside
+the compiled step (`tf.cond`), so it works with `steps_per_execution > 1`.
+
+Summary writes cannot run under XLA: a model compiled with `jit_compile=True` is refused
+(compile with `jit_compile=False`). Sample weights and activity regularizers are refused
+on statistics steps: the moments are of the unweighted per-example data loss.
+"""
+
+import keras
+import tensorflow as tf
+
+from tfmbgd import gradients, stats, steps
+from tfmbgd.errors import UserError
+from tfmbgd.moments import all_layers
+
+
+def per_example_loss(compiled_loss):
+    """The per-example (unreduced) form of the loss given to `compile`."""
+    if isinstance(compiled_loss, keras.losses.Loss):
+        return compiled_loss.call           # Loss.call is the unreduced per-example loss
+    fn = keras.losses.get(compiled_loss) if compiled_loss is not None else None
+    if fn is None or isinstance(fn, keras.losses.Loss) or not callable(fn):
+        raise UserError(f"cannot derive a per-example loss from {compiled_loss!r}; "
+                        "pass loss= to configure_statistics")
+    return fn
+
+
+class _Recorder:
+    """Settings and state of the statistics of one model: writer, method, smoothing."""
+
+    def __init__(self, log_dir, stats_every, method, elementwise, noise_scale_decay, loss):
+        if not isinstance(stats_every, int) or stats_every < 1:
+            raise UserError(f"stats_every must be an integer >= 1; got {stats_every!r}")
+        self.writer = tf.summary.create_file_writer(log_dir)
+        self.stats_every, self.method, self.elementwise = stats_every, method, elementwise
+        self.noise_scale = stats.NoiseScaleEMA(noise_scale_decay)
+        self.loss = loss
+
+    def write(self, values, step):
+        # The step writes from inside a tf.cond branch; name_scope(None) keeps its "cond/"
+        # scope out of the tags, so they read as in the custom loop.
+        with self.writer.as_default(step=step), tf.compat.v1.name_scope(None):
+            for tag, value in values.items():
+                if tag == "per_example_grad_norm":
+                    tf.summary.histogram(tag, value)
+                elif tag == "noise_scale/simple":    # undefined (inf) while noise hides the signal
+                    tf.cond(tf.math.is_finite(value), lambda t=tag, v=value: self._scalar(t, v),
+                            lambda: tf.constant(False))
+                else:
+                    tf.summary.scalar(tag, value)
+
+    @staticmethod
+    def _scalar(tag, value):
+        with tf.compat.v1.name_scope(None):
+            return tf.summary.scalar(tag, value)
+
+
+class GradientStatisticsMixin:
+    """Adds tfmbgd's gradient statistics to `fit`; put it before `keras.Model` in the bases."""
+
+    _statistics = None
+
+    def configure_statistics(self, log_dir, stats_every=10, method="auto", elementwise=False,
+                             noise_scale_decay=0.9, loss=None):
+        """Turns statistics on for the next `fit` calls (call after `compile`).
+
+        Args:
+          log_dir: directory of the TensorBoard event files, e.g. `logs/run/train`.
+          stats_every: compute and write statistics every N optimizer steps.
+          method, elementwise: as for `tfmbgd.stats.gradient_moments`.
+          noise_scale_decay: smoothing of `noise_scale/simple`.
+          loss: per-example loss `(y_true, y_pred) -> [B]`; default: derived from the
+            compiled loss.
+        """
+        if getattr(self, "jit_compile", False) is True:
+            raise UserError("gradient statistics write summaries, which XLA cannot compile: "
+                            "compile the model with jit_compile=False")
+        if not self.trainable_variables:
+            raise UserError("the model has no weights yet: build it first, e.g. by calling it "
+                            "on one batch, then configure_statistics")
+        self._statistics = _Recorder(log_dir, stats_every, method, elementwise, noise_scale_decay, loss)
+        if getattr(self, "train_function", None) is not None:
+            self.make_train_function(force=True)     # the old trace has no statistics
+
+    def flush_statistics(self):
+        """Writes buffered statistics to disk."""
+        if self._statistics is not None:
+            self._statistics.writer.flush()
+
+    def train_step(self, data):
+        if self._statistics is None:
+            return super().train_step(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = self.trainable_variables
+        self.optimizer.build(variables)                # slots exist before the branches
+        step = self.optimizer.iterations + 0           # read once, before this update
+        loss, y_pred = tf.cond(
+            step % self._statistics.stats_every == 0,
+            lambda: self._statistics_step(x, y, sample_weight, step),
+            lambda: self._plain_step(x, y, sample_weight))
+        for metric in self.metrics:                    # as the Keras guide does it
+            if metric.name == "loss":
+                metric.update_state(loss)
+            else:
+                metric.update_state(y, y_pred, sample_weight=sample_weight)
+        return {m.name: m.result() for m in self.metrics}
+
+    def _plain_step(self, x, y, sample_weight):
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        return loss, y_pred
+
+    def _statistics_step(self, x, y, sample_weight, step):
+        rec = self._statistics
+        if sample_weight is not None:
+            raise UserError("gradient statistics take no sample weights")
+        if any(getattr(layer, "activity_regularizer", None) for layer in all_layers(self)):
+            raise UserError("gradient statistics do not support activity regularizers")
+        loss_fn = rec.loss or per_example_loss(self.loss)
+        variables = self.trainable_variables
+
+        def penalties():
+            with tf.GradientTape() as tape:
+                total = tf.add_n(self.losses) if self.losses else tf.zeros([])
+            return gradients.dense_gradients(variables, tape.gradient(total, variables))
+
+        apply = lambda grads: self.optimizer.apply_gradients(zip(grads, variables))
+        m, values = steps.statistics_update(
+            self, loss_fn, x, y, apply, rec.method, rec.elementwise, rec.noise_scale,
+            extra_gradients=penalties if self.losses else None)
+        values["loss"] = tf.reduce_mean(m.losses)
+        rec.write(values, step)
+        penalty = tf.add_n(self.losses) if self.losses else 0.0
+        return tf.reduce_mean(m.losses) + penalty, m.outputs
+
+
+class GradientStatisticsModel(GradientStatisticsMixin, keras.Model):
+    """A functional `keras.Model` with gradient statistics in `fit`."""
+
+
+class GradientStatisticsSequential(GradientStatisticsMixin, keras.Sequential):
+    """A `keras.Sequential` with gradient statistics in `fit`."""
+
+
+def with_statistics(model):
+    """A model with statistics in `fit` that shares `model`'s layers and weights.
+
+    For functional and Sequential models (built with an `Input`): the result is a functional
+    model over the same layers. Subclassed models add `GradientStatisticsMixin` to their
+    bases instead.
+    """
+    if isinstance(model, GradientStatisticsMixin):
+        return model
+    if getattr(model, "inputs", None) is not None:        # functional, or a built Sequential
+        return GradientStatisticsModel(model.inputs, model.outputs, name=model.name)
+    raise UserError(f"{type(model).__name__} is a subclassed model: add "
+                    "tfmbgd.fit.GradientStatisticsMixin before keras.Model in its bases")
+
+

@@ -1,0 +1,138 @@
+"""One training step, plain or with gradient statistics, for the custom loop and model.fit.
+
+A step takes a mini-batch, computes the batch gradient and applies it once — one update
+per batch, never per example. The gradient is that of the `reduce_mean` (or `reduce_sum`)
+of the unscaled per-example losses. On statistics steps it comes from the gradient moments
+instead: their `mean` *is* the gradient of the mean loss, so the update is the same and the
+statistics are of the very batch that was applied.
+"""
+
+import keras
+import tensorflow as tf
+
+from tfmbgd import losses, optimizers, stats
+from tfmbgd.errors import UserError
+from tfmbgd.moments import gradient_moments
+
+
+def make_optimizer(name, learning_rate, rule="custom"):
+    """The optimizer `name` ("sgd", "momentum", ...): tfmbgd's (`rule="custom"`) or Keras'.
+
+    Hyperparameters other than the learning rate are the Keras defaults (momentum 0.9).
+    """
+    ours = {"sgd": lambda lr: optimizers.MiniBatchSGD(lr),
+            "momentum": lambda lr: optimizers.MomentumSGD(lr, momentum=0.9),
+            "nesterov": lambda lr: optimizers.MomentumSGD(lr, momentum=0.9, nesterov=True),
+            "rmsprop": optimizers.RMSprop, "adagrad": optimizers.Adagrad, "adam": optimizers.Adam}
+    builtin = {"sgd": lambda lr: keras.optimizers.SGD(lr),
+               "momentum": lambda lr: keras.optimizers.SGD(lr, momentum=0.9),
+               "nesterov": lambda lr: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
+               "rmsprop": keras.optimizers.RMSprop, "adagrad": keras.optimizers.Adagrad,
+               "adam": keras.optimizers.Adam}
+    table = ours if rule == "custom" else builtin
+    if name not in table:
+        raise UserError(f"optimizer must be one of {', '.join(table)}; got {name!r}")
+    return table[name](learning_rate)
+
+
+def make_update(rule, variables, learning_rate, optimizer="sgd"):
+    """Returns `apply(grads)` that changes `variables` by one update of `rule`.
+
+    Args:
+      rule: "manual" (`v.assign_sub(learning_rate * g)` written out; plain SGD only),
+        "custom" (tfmbgd's optimizer, `MiniBatchSGD` for sgd) or "keras" (the Keras
+        built-in). For sgd all three compute `w - lr * g` and give bit-identical weights.
+      variables: the variables to update, aligned with the gradients.
+      learning_rate: a float > 0.
+      optimizer: "sgd", "momentum", "nesterov", "rmsprop", "adagrad" or "adam".
+    """
+    if rule == "manual":
+        if optimizer != "sgd":
+            raise UserError(f"update manual writes out plain SGD only, not {optimizer}")
+
+        def apply(grads):
+            for v, g in zip(variables, grads):
+                v.assign_sub(tf.cast(learning_rate, g.dtype) * g)
+        return apply
+    if rule not in ("custom", "keras"):
+        raise UserError(f"update must be manual, custom or keras; got {rule!r}")
+    opt = make_optimizer(optimizer, learning_rate, rule)
+    opt.build(variables)   # slots exist before the step is traced
+    return lambda grads: opt.apply_gradients(zip(grads, variables))
+
+
+def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=False,
+                      noise_scale=None, reduction="mean", extra_gradients=None):
+    """Applies one update from the gradient moments of `(x, y)`; returns `(moments, stats)`.
+
+    Args:
+      apply: `apply(grads)` that updates `model.trainable_variables`.
+      method, elementwise: as for `tfmbgd.stats.gradient_moments`.
+      noise_scale: a `stats.NoiseScaleEMA` to fold this batch into, or None.
+      reduction: "mean" applies the mean gradient, "sum" B times it.
+      extra_gradients: `() -> grads` added to the update, e.g. of regularization penalties.
+
+    Returns:
+      The `GradientMoments` and the dict of `stats.statistics`, plus
+      `noise_scale/simple` when `noise_scale` is given and B >= 2.
+    """
+    m = gradient_moments(model, loss_fn, x, y, method, elementwise)
+    grads = m.mean
+    if reduction == "sum":
+        grads = [tf.cast(m.batch_size, g.dtype) * g for g in grads]
+    if extra_gradients is not None:
+        grads = [g + e for g, e in zip(grads, extra_gradients())]
+    apply(grads)
+    out = stats.statistics(m, [v.path for v in model.trainable_variables])
+    if noise_scale is not None and "grad_var/trace" in out:    # B_simple needs B >= 2
+        # The terms of stats.noise_scale_terms, from scalars already computed:
+        # |G|^2 = |mean|^2 - tr(Sigma) / B.
+        grad_sq = tf.square(out["grad/norm"]) - out["grad_var/of_mean"]
+        out["noise_scale/simple"] = noise_scale.update(out["grad_var/trace"], grad_sq)
+    return m, out
+
+
+class Steps:
+    """The two compiled train steps of a run: `plain(x, y)` and `with_stats(x, y)`.
+
+    Both apply one update and return a dict of tensors: `loss` (the mean per-example loss
+    of the batch, whatever the reduction, so runs compare), `accuracy` (classification);
+    `with_stats` adds the statistics of `tfmbgd.stats.statistics` and the smoothed
+    `noise_scale/simple`. `plain` computes no moments at all.
+
+    Args:
+      method: how `gradient_moments` gets per-example information ("auto", ...).
+      elementwise: compute the elementwise tier too (per-parameter variance, GSNR).
+      noise_scale: the `stats.NoiseScaleEMA` that smooths B_simple across steps.
+    """
+
+    def __init__(self, model, loss_fn, apply, reduction="mean", method="auto",
+                 classification=True, elementwise=False, noise_scale=None):
+        self.model, self.loss_fn, self.apply = model, loss_fn, apply
+        self.reduction, self.method, self.classification = reduction, method, classification
+        self.elementwise = elementwise
+        self.noise_scale = noise_scale if noise_scale is not None else stats.NoiseScaleEMA()
+        self.plain = tf.function(self._plain)
+        self.with_stats = tf.function(self._with_stats)
+
+    def _plain(self, x, y):
+        with tf.GradientTape() as tape:
+            outputs = self.model(x, training=True)
+            per_example = self.loss_fn(y, outputs)
+            loss = losses.reduce(per_example, self.reduction)
+        self.apply(tape.gradient(loss, self.model.trainable_variables))
+        return self._metrics(per_example, outputs, y)
+
+    def _with_stats(self, x, y):
+        m, statistics = statistics_update(self.model, self.loss_fn, x, y, self.apply, self.method,
+                                          self.elementwise, self.noise_scale, self.reduction)
+        out = self._metrics(m.losses, m.outputs, y)
+        out.update(statistics)
+        return out
+
+    def _metrics(self, per_example, outputs, y):
+        out = {"loss": tf.reduce_mean(per_example)}
+        if self.classification:
+            correct = tf.equal(tf.argmax(outputs, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32))
+            out["accuracy"] = tf.reduce_mean(tf.cast(correct, tf.float32))
+        return out
