@@ -38,6 +38,8 @@ flags.DEFINE_enum("grad_method", _D.grad_method, cfg.GRAD_METHODS,
                   "How gradient moments are computed: auto (layer-wise rules, exact fallback), "
                   "layerwise, vectorized, jacobian, loop.")
 flags.DEFINE_integer("log_every", _D.log_every, "Write the mini-batch loss every N steps.", lower_bound=1)
+flags.DEFINE_integer("steps_per_call", _D.steps_per_call,
+                     "Train steps per compiled call; Python sees the loss only between calls.", lower_bound=1)
 flags.DEFINE_integer("stats_every", _D.stats_every, "Gradient statistics every N steps; 0 = never.",
                      lower_bound=0)
 flags.DEFINE_bool("elementwise_stats", _D.elementwise_stats,

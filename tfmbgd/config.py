@@ -34,6 +34,7 @@ class TrainConfig:
     optimizer: str = "sgd"             # sgd | momentum | nesterov | rmsprop | adagrad | adam
     grad_method: str = "auto"          # how gradient moments are computed for statistics
     log_every: int = 10                # write the mini-batch loss every N steps
+    steps_per_call: int = 32           # train steps per tf.function call (like fit's steps_per_execution)
     stats_every: int = 10              # gradient statistics every N steps; 0 = never
     elementwise_stats: bool = False    # also per-parameter variance and GSNR (one more matmul/layer)
     noise_scale_decay: float = 0.9     # EMA decay of B_simple's numerator and denominator
@@ -57,7 +58,7 @@ class TrainConfig:
         if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
             raise UserError(
                 f"batch_size must be a positive integer or None (full batch); got {self.batch_size!r}")
-        for name in ("epochs", "log_every"):
+        for name in ("epochs", "log_every", "steps_per_call"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("stats_every", self.stats_every, minimum=0)
         _check_int("seed", self.seed, minimum=0)

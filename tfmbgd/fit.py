@@ -26,7 +26,7 @@ on statistics steps: the moments are of the unweighted per-example data loss.
 import keras
 import tensorflow as tf
 
-from tfmbgd import gradients, stats, steps
+from tfmbgd import gradients, stats, steps, summaries
 from tfmbgd.errors import UserError
 from tfmbgd.moments import all_layers
 
@@ -52,24 +52,6 @@ class _Recorder:
         self.stats_every, self.method, self.elementwise = stats_every, method, elementwise
         self.noise_scale = stats.NoiseScaleEMA(noise_scale_decay)
         self.loss = loss
-
-    def write(self, values, step):
-        # The step writes from inside a tf.cond branch; name_scope(None) keeps its "cond/"
-        # scope out of the tags, so they read as in the custom loop.
-        with self.writer.as_default(step=step), tf.compat.v1.name_scope(None):
-            for tag, value in values.items():
-                if tag == "per_example_grad_norm":
-                    tf.summary.histogram(tag, value)
-                elif tag == "noise_scale/simple":    # undefined (inf) while noise hides the signal
-                    tf.cond(tf.math.is_finite(value), lambda t=tag, v=value: self._scalar(t, v),
-                            lambda: tf.constant(False))
-                else:
-                    tf.summary.scalar(tag, value)
-
-    @staticmethod
-    def _scalar(tag, value):
-        with tf.compat.v1.name_scope(None):
-            return tf.summary.scalar(tag, value)
 
 
 class GradientStatisticsMixin:
@@ -149,7 +131,7 @@ class GradientStatisticsMixin:
             self, loss_fn, x, y, apply, rec.method, rec.elementwise, rec.noise_scale,
             extra_gradients=penalties if self.losses else None)
         values["loss"] = tf.reduce_mean(m.losses)
-        rec.write(values, step)
+        summaries.write_in_graph(rec.writer, values, step)
         penalty = tf.add_n(self.losses) if self.losses else 0.0
         return tf.reduce_mean(m.losses) + penalty, m.outputs
 

@@ -53,7 +53,8 @@ class RunWriters:
         self.run_dir = run_dir
         self._writers = {}
 
-    def _writer(self, split):
+    def writer(self, split):
+        """The `tf.summary` writer of `split` ("train", "test"), created on first use."""
         if split not in self._writers:
             self._writers[split] = tf.summary.create_file_writer(os.path.join(self.run_dir, split))
         return self._writers[split]
@@ -61,7 +62,7 @@ class RunWriters:
     def write(self, split, values, step):
         """Writes `values` at `step`: numbers as scalars, vectors (e.g. the per-example
         gradient norms) as histograms."""
-        with self._writer(split).as_default(step=step):
+        with self.writer(split).as_default(step=step):
             for tag, value in values.items():
                 if np.ndim(value) == 0:
                     tf.summary.scalar(tag, value)
@@ -78,3 +79,27 @@ class RunWriters:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def write_in_graph(writer, values, step):
+    """Writes a dict of tensors at `step` from inside a `tf.function`.
+
+    Scalars become scalar summaries and vectors (the per-example gradient norms)
+    histograms; a non-finite `noise_scale/simple` (undefined while the noise hides the
+    signal) is not written. The writes usually sit in a `tf.cond` branch: `name_scope(None)`
+    keeps its "cond/" scope out of the tags, so they read as when written eagerly.
+    """
+    with writer.as_default(step=step), tf.compat.v1.name_scope(None):
+        for tag, value in values.items():
+            if value.shape.rank:
+                tf.summary.histogram(tag, value)
+            elif tag == "noise_scale/simple":
+                tf.cond(tf.math.is_finite(value), lambda t=tag, v=value: _scalar(t, v),
+                        lambda: tf.constant(False))
+            else:
+                tf.summary.scalar(tag, value)
+
+
+def _scalar(tag, value):
+    with tf.compat.v1.name_scope(None):
+        return tf.summary.scalar(tag, value)

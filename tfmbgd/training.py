@@ -54,8 +54,69 @@ def setup(config, ds):
     return model, losses.per_example(losses.for_task(ds.num_classes)), batch
 
 
+class StepRunner:
+    """Runs many train steps per `tf.function` call and writes their summaries from inside.
+
+    Coming back to Python after every step costs more than a small step itself (and a
+    sync per step); `model.fit` avoids it with `steps_per_execution`, and so does this.
+    Batches are gathered from the training set held as tensors, by indices drawn in
+    Python, so every batch of a call has the same static size: a batch of one is known to
+    have no variance, and an epoch's remainder batch runs in a call of its own.
+    """
+
+    def __init__(self, steps, writer, log_every, stats_every):
+        self.steps, self.writer = steps, writer
+        self.log_every, self.stats_every = log_every, stats_every
+        self.run = tf.function(self._run)
+
+    def _run(self, x_all, y_all, index, first_step):
+        """Steps `first_step, first_step + 1, ...` on batches `x_all[index[i]]`; returns the
+        sum of their mean losses (float32)."""
+        total = tf.constant(0.0)
+        for i in tf.range(tf.shape(index)[0]):
+            loss = self._step(tf.gather(x_all, index[i]), tf.gather(y_all, index[i]),
+                              first_step + tf.cast(i, tf.int64))
+            total += tf.cast(loss, tf.float32)
+        return total
+
+    def _step(self, x, y, step):
+        if not self.stats_every:
+            return self._plain(x, y, step)
+        return tf.cond(step % self.stats_every == 0, lambda: self._with_stats(x, y, step),
+                       lambda: self._plain(x, y, step))
+
+    def _plain(self, x, y, step):
+        out = self.steps._plain(x, y)
+        tf.cond(step % self.log_every == 0, lambda: self._write(out, step), lambda: tf.constant(False))
+        return out["loss"]
+
+    def _with_stats(self, x, y, step):
+        out = self.steps._with_stats(x, y)
+        self._write(out, step)
+        return out["loss"]
+
+    def _write(self, values, step):
+        summaries.write_in_graph(self.writer, values, step)
+        return tf.constant(True)
+
+
+def epoch_batches(rng, n, batch, steps_per_call):
+    """Index arrays for one epoch: calls of up to `steps_per_call` full batches, then the
+    remainder batch (if any) alone. Every example once, in a fresh random order."""
+    order = rng.permutation(n).astype(np.int32)
+    full = n // batch * batch
+    chunks = order[:full].reshape(-1, batch)
+    calls = [chunks[i:i + steps_per_call] for i in range(0, len(chunks), steps_per_call)]
+    if full < n:
+        calls.append(order[full:][None])
+    return calls
+
+
 def train(config, verbose=1):
     """Runs the training of `config` and logs it to TensorBoard; returns a `RunResult`.
+
+    Steps count from 0: the statistics logged at step s are those of the weights after s
+    updates, computed on the batch of update s + 1.
 
     Raises:
       UserError: a data set, model or logdir that cannot be used, or a loss that stops
@@ -69,21 +130,29 @@ def train(config, verbose=1):
     steps = Steps(model, loss_fn, apply, config.reduction, config.grad_method, classification,
                   config.elementwise_stats, stats.NoiseScaleEMA(config.noise_scale_decay))
     run_dir = summaries.new_run_dir(config.logdir, summaries.run_name(config))
-    pipeline = data.batches(*ds.train, batch, config.seed)
+    x_all, y_all = tf.constant(ds.train[0]), tf.constant(ds.train[1])
+    rng = np.random.default_rng(config.seed)
     per_epoch = math.ceil(len(ds.train[0]) / batch)
     result = RunResult(run_dir, 0, 0, {})
     with summaries.RunWriters(run_dir) as writers:
+        runner = StepRunner(steps, writers.writer("train"), config.log_every, config.stats_every)
         for epoch in range(config.epochs):
             bar = keras.utils.Progbar(per_epoch, verbose=verbose, unit_name="batch")
             if verbose:
                 print(f"Epoch {epoch + 1}/{config.epochs}")
-            epoch_losses = []
-            for x, y in pipeline:
-                epoch_losses.append(_one_step(config, steps, writers, x, y, result.steps))
-                result.steps += 1
-                bar.update(len(epoch_losses), [("loss", epoch_losses[-1])])
+            loss_sum, done = 0.0, 0
+            for index in epoch_batches(rng, len(ds.train[0]), batch, config.steps_per_call):
+                first = tf.constant(result.steps, tf.int64)
+                total = float(runner.run(x_all, y_all, tf.constant(index), first))
+                if not math.isfinite(total):
+                    raise UserError(f"the loss became {total} between steps {result.steps} and "
+                                    f"{result.steps + len(index) - 1}; lower --learning_rate or "
+                                    "check the data for extreme values")
+                result.steps += len(index)
+                loss_sum, done = loss_sum + total, done + len(index)
+                bar.update(done, [("loss", total / len(index))])
             result.epochs = epoch + 1
-            result.train_history.append(float(np.mean(epoch_losses)))
+            result.train_history.append(loss_sum / done)
             result.test = evaluate(model, loss_fn, *ds.test, classification)
             writers.write("test", result.test, result.steps)
             if verbose:
@@ -91,23 +160,3 @@ def train(config, verbose=1):
     if verbose:
         print(f"Run written to {run_dir}\nSee it with:  tensorboard --logdir {config.logdir}")
     return result
-
-
-def _one_step(config, steps, writers, x, y, step):
-    """Runs step number `step`, logs what is due, and returns the batch's mean loss.
-
-    Steps count from 0, so the statistics logged at step s are those of the weights
-    after s updates, computed on the batch of update s + 1.
-    """
-    want_stats = config.stats_every > 0 and step % config.stats_every == 0
-    out = steps.with_stats(x, y) if want_stats else steps.plain(x, y)
-    loss = float(out["loss"])
-    if not math.isfinite(loss):
-        raise UserError(f"the loss became {loss} at step {step}; "
-                        "lower --learning_rate or check the data for extreme values")
-    if want_stats or step % config.log_every == 0:
-        values = {k: v.numpy() for k, v in out.items()}
-        if not np.isfinite(values.get("noise_scale/simple", 0.0)):
-            del values["noise_scale/simple"]     # undefined while noise hides the signal
-        writers.write("train", values, step)
-    return loss

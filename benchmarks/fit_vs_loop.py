@@ -1,0 +1,110 @@
+"""Samples per second: tfmbgd's custom loop against model.fit, with and without statistics.
+
+    python benchmarks/fit_vs_loop.py            # about two minutes on 2 cores
+    python benchmarks/fit_vs_loop.py --quick
+
+Same model (MLP 784-256-256-10, ReLU), same synthetic data (8192 examples), batch 128,
+plain mini-batch SGD. Each row runs several epochs in one process and reports the median
+epoch's samples per second; ratios compare rows of the same run. The custom loop is
+`tfmbgd.training.StepRunner` (many steps per compiled call, summaries written inside);
+`fit` is Keras' own, best at a large `steps_per_execution`.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+N, BATCH = 8192, 128
+
+
+def make():
+    import numpy as np
+
+    from tfmbgd import models
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, 784)).astype(np.float32)
+    y = rng.integers(0, 10, size=N).astype(np.int32)
+    return models.build("mlp", (784,), 10, hidden=(256, 256), seed=0), x, y
+
+
+def fit_rate(epochs, steps_per_execution, stats_every=None):
+    import keras
+
+    from tfmbgd import fit, optimizers
+
+    model, x, y = make()
+    if stats_every:
+        model = fit.with_statistics(model)
+    model.compile(optimizer=optimizers.MiniBatchSGD(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=steps_per_execution, jit_compile=False)
+    if stats_every:
+        model.configure_statistics(tempfile.mkdtemp(), stats_every=stats_every)
+    times = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.start)
+    model.fit(x, y, batch_size=BATCH, epochs=epochs + 1, shuffle=True, verbose=0, callbacks=[Timer()])
+    return N / statistics.median(times[1:])          # the first epoch traces
+
+
+def loop_rate(epochs, steps_per_call, stats_every=0):
+    import numpy as np
+    import tensorflow as tf
+
+    from tfmbgd import losses, steps, summaries, training
+
+    model, x, y = make()
+    apply = steps.make_update("custom", model.trainable_variables, 0.01)
+    writers = summaries.RunWriters(tempfile.mkdtemp())
+    runner = training.StepRunner(steps.Steps(model, losses.crossentropy, apply),
+                                 writers.writer("train"), log_every=10, stats_every=stats_every)
+    x_all, y_all = tf.constant(x), tf.constant(y)
+    rng = np.random.default_rng(0)
+    times, step = [], 0
+    for _ in range(epochs + 1):
+        start = time.perf_counter()
+        for index in training.epoch_batches(rng, N, BATCH, steps_per_call):
+            float(runner.run(x_all, y_all, tf.constant(index), tf.constant(step, tf.int64)))
+            step += len(index)
+        times.append(time.perf_counter() - start)
+    writers.close()
+    return N / statistics.median(times[1:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer epochs")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    epochs = 3 if args.quick else 7
+    rows = [
+        ("model.fit, steps_per_execution=1", lambda: fit_rate(epochs, 1)),
+        ("model.fit, steps_per_execution=32", lambda: fit_rate(epochs, 32)),
+        ("model.fit, spe=32, statistics every 16 steps", lambda: fit_rate(epochs, 32, 16)),
+        ("custom loop, 1 step per call", lambda: loop_rate(epochs, 1)),
+        ("custom loop, 32 steps per call", lambda: loop_rate(epochs, 32)),
+        ("custom loop, 32 per call, statistics every 16", lambda: loop_rate(epochs, 32, 16)),
+    ]
+    print(f"MLP 784-256-256-10, B={BATCH}, {N} examples; median of {epochs} epochs after one warm-up\n")
+    print("| run | samples/s | ratio to fit (spe=32) |")
+    print("|---|---|---|")
+    rates = {}
+    for name, fn in rows:
+        rates[name] = fn()
+    best_fit = rates["model.fit, steps_per_execution=32"]
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:,.0f} | {rate / best_fit:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
