@@ -25,6 +25,9 @@ flags.DEFINE_enum("model", _D.model, cfg.MODELS, "Network to train.")
 flags.DEFINE_list("hidden", [str(h) for h in _D.hidden], "Hidden layer widths of the mlp, e.g. 128,64.")
 flags.DEFINE_string("batch_size", str(_D.batch_size),
                     "Examples per update: 1 (SGD) ... N, or 'full' (whole training set).")
+flags.DEFINE_integer("accumulate", _D.accumulate,
+                     "Gradient accumulation: sum K micro-batches of batch_size into one update.",
+                     lower_bound=1)
 flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training set.", lower_bound=1)
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Step size, > 0.")
 flags.DEFINE_enum("reduction", _D.reduction, cfg.REDUCTIONS,

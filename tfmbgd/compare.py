@@ -133,7 +133,7 @@ def describe_batch(model, loss_fn, x, y):
 def run(config, out=print):
     """Prints the comparison for the first batch of `config`; True if every row passed."""
     ds = data.load(config.dataset, config.seed)
-    model, loss_fn, batch = training.setup(config, ds)
+    model, loss_fn, batch, _ = training.setup(config, ds)
     x, y = next(iter(data.batches(*ds.train, batch, config.seed)))
     rows, tol, t_plain = contrast(model, loss_fn, x, y, config.learning_rate)
     out(f"One mini-batch of {ds.name}: model {config.model}, B={len(x)}, "

@@ -27,6 +27,7 @@ class TrainConfig:
     model: str = "mlp"                 # linear | mlp | cnn
     hidden: tuple = (64,)              # widths of the mlp's hidden layers
     batch_size: int | None = 32        # examples per update; None = the whole training set
+    accumulate: int = 1                # micro-batches of batch_size summed into one update
     epochs: int = 10                   # passes over the training set
     learning_rate: float = 0.1         # step size of every update rule
     reduction: str = "mean"            # batch loss = mean or sum of per-example losses
@@ -58,7 +59,7 @@ class TrainConfig:
         if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
             raise UserError(
                 f"batch_size must be a positive integer or None (full batch); got {self.batch_size!r}")
-        for name in ("epochs", "log_every", "steps_per_call"):
+        for name in ("epochs", "log_every", "steps_per_call", "accumulate"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("stats_every", self.stats_every, minimum=0)
         _check_int("seed", self.seed, minimum=0)

@@ -108,3 +108,44 @@ def from_per_example(per_example, elementwise=True):
         outputs=per_example.outputs,
         batch_size=_batch_size(per_example.losses),
     )
+
+
+def micro_batches(n, size):
+    """Static `(start, stop)` slices of `n` examples in micro-batches of `size` (last smaller)."""
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def accumulated_moments(model, loss_fn, x, y, micro_batch, method="auto", elementwise=True):
+    """`gradient_moments` of the whole batch, computed one micro-batch at a time.
+
+    For gradient accumulation: memory holds one micro-batch, the moments are exactly those
+    of the whole batch (see `combine`). The batch size must be static.
+    """
+    parts, previous = [], []
+    for start, stop in micro_batches(x.shape[0], micro_batch):
+        with tf.control_dependencies(previous):        # one micro-batch after another
+            part = gradient_moments(model, loss_fn, x[start:stop], y[start:stop], method, elementwise)
+        parts.append(part)
+        previous = part.mean
+    return combine(parts)
+
+
+def combine(parts):
+    """The moments of the union of disjoint batches, from each batch's moments. Exact:
+
+    mean = sum_k B_k mean_k / B, sum_sq = sum_k sum_sq_k, per-example norms concatenated.
+    """
+    sizes = [p.batch_size for p in parts]
+    if not all(isinstance(b, int) for b in sizes):
+        raise UserError("combining moments needs static batch sizes")
+    n = sum(sizes)
+    mean = [tf.add_n([b * p.mean[i] for b, p in zip(sizes, parts)]) / n for i in range(len(parts[0].mean))]
+    sum_sq = None
+    if all(p.sum_sq is not None for p in parts):
+        sum_sq = [tf.add_n([p.sum_sq[i] for p in parts]) for i in range(len(mean))]
+    return GradientMoments(
+        mean=mean, sum_sq=sum_sq,
+        var_norms_sq=[tf.concat([p.var_norms_sq[i] for p in parts], 0) for i in range(len(mean))],
+        losses=tf.concat([p.losses for p in parts], 0),
+        outputs=tf.concat([p.outputs for p in parts], 0),
+        batch_size=n)

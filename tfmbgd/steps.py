@@ -10,9 +10,9 @@ statistics are of the very batch that was applied.
 import keras
 import tensorflow as tf
 
-from tfmbgd import losses, optimizers, stats
+from tfmbgd import gradients, losses, optimizers, stats
 from tfmbgd.errors import UserError
-from tfmbgd.moments import gradient_moments
+from tfmbgd.moments import accumulated_moments, gradient_moments, micro_batches
 
 
 def make_optimizer(name, learning_rate, rule="custom"):
@@ -62,7 +62,7 @@ def make_update(rule, variables, learning_rate, optimizer="sgd"):
 
 
 def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=False,
-                      noise_scale=None, reduction="mean", extra_gradients=None):
+                      noise_scale=None, reduction="mean", extra_gradients=None, micro_batch=None):
     """Applies one update from the gradient moments of `(x, y)`; returns `(moments, stats)`.
 
     Args:
@@ -71,12 +71,16 @@ def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=Fa
       noise_scale: a `stats.NoiseScaleEMA` to fold this batch into, or None.
       reduction: "mean" applies the mean gradient, "sum" B times it.
       extra_gradients: `() -> grads` added to the update, e.g. of regularization penalties.
+      micro_batch: accumulate the moments over micro-batches of this size (None: at once).
 
     Returns:
       The `GradientMoments` and the dict of `stats.statistics`, plus
       `noise_scale/simple` when `noise_scale` is given and B >= 2.
     """
-    m = gradient_moments(model, loss_fn, x, y, method, elementwise)
+    if micro_batch is None:
+        m = gradient_moments(model, loss_fn, x, y, method, elementwise)
+    else:
+        m = accumulated_moments(model, loss_fn, x, y, micro_batch, method, elementwise)
     grads = m.mean
     if reduction == "sum":
         grads = [tf.cast(m.batch_size, g.dtype) * g for g in grads]
@@ -104,18 +108,23 @@ class Steps:
       method: how `gradient_moments` gets per-example information ("auto", ...).
       elementwise: compute the elementwise tier too (per-parameter variance, GSNR).
       noise_scale: the `stats.NoiseScaleEMA` that smooths B_simple across steps.
+      micro_batch: gradient accumulation: the batch of one update is processed in
+        micro-batches of this size, one after another, and their summed gradients applied
+        once — the same update as the whole batch at once. None: no accumulation.
     """
 
     def __init__(self, model, loss_fn, apply, reduction="mean", method="auto",
-                 classification=True, elementwise=False, noise_scale=None):
+                 classification=True, elementwise=False, noise_scale=None, micro_batch=None):
         self.model, self.loss_fn, self.apply = model, loss_fn, apply
         self.reduction, self.method, self.classification = reduction, method, classification
-        self.elementwise = elementwise
+        self.elementwise, self.micro_batch = elementwise, micro_batch
         self.noise_scale = noise_scale if noise_scale is not None else stats.NoiseScaleEMA()
         self.plain = tf.function(self._plain)
         self.with_stats = tf.function(self._with_stats)
 
     def _plain(self, x, y):
+        if self.micro_batch is not None:
+            return self._accumulated(x, y)
         with tf.GradientTape() as tape:
             outputs = self.model(x, training=True)
             per_example = self.loss_fn(y, outputs)
@@ -123,9 +132,29 @@ class Steps:
         self.apply(tape.gradient(loss, self.model.trainable_variables))
         return self._metrics(per_example, outputs, y)
 
+    def _accumulated(self, x, y):
+        """Sums the gradients of the summed loss of each micro-batch, then applies once."""
+        variables = self.model.trainable_variables
+        total, per_example, outputs = None, [], []
+        for start, stop in micro_batches(x.shape[0], self.micro_batch):
+            with tf.control_dependencies(total or []):    # one micro-batch after another
+                with tf.GradientTape() as tape:
+                    out = self.model(x[start:stop], training=True)
+                    losses_k = self.loss_fn(y[start:stop], out)
+                    summed = tf.reduce_sum(losses_k)
+                grads = gradients.dense_gradients(variables, tape.gradient(summed, variables))
+            total = grads if total is None else [t + g for t, g in zip(total, grads)]
+            per_example.append(losses_k)
+            outputs.append(out)
+        if self.reduction == "mean":
+            total = [g / x.shape[0] for g in total]
+        self.apply(total)
+        return self._metrics(tf.concat(per_example, 0), tf.concat(outputs, 0), y)
+
     def _with_stats(self, x, y):
         m, statistics = statistics_update(self.model, self.loss_fn, x, y, self.apply, self.method,
-                                          self.elementwise, self.noise_scale, self.reduction)
+                                          self.elementwise, self.noise_scale, self.reduction,
+                                          micro_batch=self.micro_batch)
         out = self._metrics(m.losses, m.outputs, y)
         out.update(statistics)
         return out

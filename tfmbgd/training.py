@@ -44,14 +44,24 @@ def evaluate(model, loss_fn, x, y, classification, batch_size=1024):
 
 
 def setup(config, ds):
-    """The model, per-example loss and batch size of a run (batch_size None = full set)."""
+    """The model, per-example loss, examples per update, and micro-batch size of a run.
+
+    Without accumulation the micro-batch size is None and an update takes `batch_size`
+    examples (None = the whole training set). With `accumulate=K` an update takes K
+    micro-batches of `batch_size` (for the full set: K micro-batches that split it).
+    """
     n = len(ds.train[0])
-    batch = n if config.batch_size is None else config.batch_size
-    if batch > n:
-        raise UserError(f"batch_size {batch} is larger than the {n} training examples of "
-                        f"{ds.name}; use --batch_size=full for full-batch gradient descent")
+    k = config.accumulate
+    if config.batch_size is None:
+        update, micro = n, -(-n // k)
+    else:
+        update, micro = config.batch_size * k, config.batch_size
+    if update > n:
+        raise UserError(f"an update of {update} examples (batch_size x accumulate) is more than the {n} "
+                        f"training examples of {ds.name}; use --batch_size=full for full-batch "
+                        "gradient descent")
     model = models.build(config.model, ds.input_shape, ds.num_classes, config.hidden, config.seed)
-    return model, losses.per_example(losses.for_task(ds.num_classes)), batch
+    return model, losses.per_example(losses.for_task(ds.num_classes)), update, (micro if k > 1 else None)
 
 
 class StepRunner:
@@ -124,11 +134,11 @@ def train(config, verbose=1):
     """
     keras.utils.set_random_seed(config.seed)
     ds = data.load(config.dataset, config.seed)
-    model, loss_fn, batch = setup(config, ds)
+    model, loss_fn, batch, micro = setup(config, ds)
     classification = ds.num_classes > 0
     apply = make_update(config.update, model.trainable_variables, config.learning_rate, config.optimizer)
     steps = Steps(model, loss_fn, apply, config.reduction, config.grad_method, classification,
-                  config.elementwise_stats, stats.NoiseScaleEMA(config.noise_scale_decay))
+                  config.elementwise_stats, stats.NoiseScaleEMA(config.noise_scale_decay), micro)
     run_dir = summaries.new_run_dir(config.logdir, summaries.run_name(config))
     x_all, y_all = tf.constant(ds.train[0]), tf.constant(ds.train[1])
     rng = np.random.default_rng(config.seed)
