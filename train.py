@@ -25,6 +25,11 @@ flags.DEFINE_enum("model", _D.model, cfg.MODELS, "Network to train.")
 flags.DEFINE_list("hidden", [str(h) for h in _D.hidden], "Hidden layer widths of the mlp, e.g. 128,64.")
 flags.DEFINE_string("batch_size", str(_D.batch_size),
                     "Examples per update: 1 (SGD) ... N, or 'full' (whole training set).")
+flags.DEFINE_list("batch_sizes", [], "A study: one run per batch size, e.g. 1,8,32,128,full, "
+                  "same data and initial weights, compared in TensorBoard's HParams dashboard.")
+flags.DEFINE_enum("lr_scaling", _D.lr_scaling, cfg.LR_SCALINGS,
+                  "Study: the learning rate is fixed (none) or scaled with batch / --batch_size "
+                  "(linear, sqrt).")
 flags.DEFINE_integer("accumulate", _D.accumulate,
                      "Gradient accumulation: sum K micro-batches of batch_size into one update.",
                      lower_bound=1)
@@ -57,6 +62,9 @@ flags.DEFINE_enum("mode", _D.mode, cfg.MODES,
 
 flags.register_validator("batch_size", lambda v: v == "full" or (v.isdigit() and int(v) >= 1),
                          message="must be a positive integer or 'full'")
+flags.register_validator("batch_sizes",
+                         lambda v: all(b == "full" or (b.isdigit() and int(b) >= 1) for b in v),
+                         message="must be positive integers or 'full', separated by commas")
 flags.register_validator("hidden", lambda v: bool(v) and all(h.isdigit() and int(h) >= 1 for h in v),
                          message="must be positive integers separated by commas, e.g. 128,64")
 flags.register_validator("noise_scale_decay", lambda v: 0 <= v < 1, message="must be in [0, 1)")
@@ -71,6 +79,7 @@ def config_from_flags():
     values = {field.name: getattr(FLAGS, field.name) for field in dataclasses.fields(cfg.TrainConfig)}
     values["hidden"] = tuple(int(h) for h in FLAGS.hidden)
     values["batch_size"] = None if FLAGS.batch_size == "full" else int(FLAGS.batch_size)
+    values["batch_sizes"] = tuple(None if b == "full" else int(b) for b in FLAGS.batch_sizes)
     return cfg.TrainConfig(**values)
 
 
@@ -114,6 +123,10 @@ def main(argv):
         if config.mode == "compare":
             from tfmbgd import compare
             return 0 if compare.run(config) else 1
+        if config.batch_sizes:
+            from tfmbgd import study
+            study.run(config)
+            return 0
         from tfmbgd import training
         training.train(config)
     except UserError as err:

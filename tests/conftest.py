@@ -62,7 +62,7 @@ def read_scalars(event_dir):
     acc = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.TENSORS: 0})
     acc.Reload()
     return {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
-            for tag in acc.Tags()["tensors"] if not acc.Tensors(tag)[0].tensor_proto.tensor_shape.dim}
+            for tag in acc.Tags()["tensors"] if acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}
 
 
 def read_histograms(event_dir):
@@ -72,7 +72,7 @@ def read_histograms(event_dir):
     out = {}
     for tag in acc.Tags()["tensors"]:
         events = acc.Tensors(tag)
-        if events and events[0].tensor_proto.tensor_shape.dim:     # [buckets, 3]: a histogram
+        if acc.SummaryMetadata(tag).plugin_data.plugin_name == "histograms":   # [buckets, 3]
             out[tag] = [(e.step, _Hist(tf.make_ndarray(e.tensor_proto))) for e in events]
     return out
 

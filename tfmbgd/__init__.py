@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "compare", "config", "data", "errors", "fit", "gradients", "layerwise", "losses", "models",
-    "moments", "optimizers", "rules", "stats", "steps", "summaries", "training",
+    "moments", "optimizers", "rules", "stats", "steps", "study", "summaries", "training",
 )
 
 __all__ = list(_SUBMODULES)

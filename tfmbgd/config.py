@@ -17,6 +17,7 @@ UPDATES = ("manual", "custom", "keras")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam")
 GRAD_METHODS = ("auto", "layerwise", "vectorized", "jacobian", "loop")
 MODES = ("train", "compare")
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,8 @@ class TrainConfig:
     model: str = "mlp"                 # linear | mlp | cnn
     hidden: tuple = (64,)              # widths of the mlp's hidden layers
     batch_size: int | None = 32        # examples per update; None = the whole training set
+    batch_sizes: tuple = ()            # a study: one run per batch size (None = full); () = one run
+    lr_scaling: str = "none"           # study: learning rate fixed, or scaled linear / sqrt from batch_size
     accumulate: int = 1                # micro-batches of batch_size summed into one update
     epochs: int = 10                   # passes over the training set
     learning_rate: float = 0.1         # step size of every update rule
@@ -54,6 +57,11 @@ class TrainConfig:
                             f"for optimizer {self.optimizer}")
         _check_choice("grad_method", self.grad_method, GRAD_METHODS)
         _check_choice("mode", self.mode, MODES)
+        _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
+        if any(b is not None and (not _is_int(b) or b < 1) for b in self.batch_sizes):
+            raise UserError(f"batch_sizes must be positive integers or None (full); got {self.batch_sizes!r}")
+        if len(set(self.batch_sizes)) != len(self.batch_sizes):
+            raise UserError(f"batch_sizes has repeats: {self.batch_sizes!r}")
         if not self.hidden or any(not _is_int(h) or h < 1 for h in self.hidden):
             raise UserError(f"hidden must be positive layer widths, e.g. 64,32; got {self.hidden!r}")
         if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):

@@ -138,7 +138,8 @@ def statistics(m, names):
     Returns:
       Scalars `grad/norm`, `grad/norm/<name>`, and, when the batch has at least two
       examples (or its size is unknown until run time), `grad_var/trace`,
-      `grad_var/<name>`, `grad_var/of_mean`, plus `grad_snr/mean_gsnr` with the elementwise
+      `grad_var/<name>`, `grad_var/of_mean`, `grad_var/of_mean/<name>` (the variance of
+      the mini-batch gradient of one variable), plus `grad_snr/mean_gsnr` with the elementwise
       tier; and the vector `per_example_grad_norm` (`[B]`, for a histogram). Works inside
       `tf.function`.
     """
@@ -152,6 +153,7 @@ def statistics(m, names):
     out["grad_var/trace"] = tf.reduce_sum(traces)
     out.update(zip([f"grad_var/{name}" for name in names], tf.unstack(traces)))
     out["grad_var/of_mean"] = out["grad_var/trace"] / _b(m, traces.dtype)
+    out.update(zip([f"grad_var/of_mean/{name}" for name in names], tf.unstack(traces / _b(m, traces.dtype))))
     if m.sum_sq is not None:
         out["grad_snr/mean_gsnr"] = mean_gsnr(m)
     return out

@@ -10,18 +10,21 @@ import re
 
 import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import summary as custom_scalar
 
 from tfmbgd.errors import UserError
 
 
-def run_name(config, now=None):
+def run_name(config, now=None, with_batch=True):
     """A readable run name from the main settings plus a timestamp."""
     data = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.dataset.replace("npz:", "npz-").split("/")[-1])
     batch = "full" if config.batch_size is None else str(config.batch_size)
     width = "x".join(map(str, config.hidden)) if config.model == "mlp" else ""
     stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
     rule = config.update if config.optimizer == "sgd" else f"{config.update}_{config.optimizer}"
-    return (f"{data}-{config.model}{width}-b{batch}-{config.reduction}-{rule}"
+    batch = f"-b{batch}" if with_batch else ""
+    return (f"{data}-{config.model}{width}{batch}-{config.reduction}-{rule}"
             f"-lr{config.learning_rate:g}-s{config.seed}-{stamp}")
 
 
@@ -103,3 +106,32 @@ def write_in_graph(writer, values, step):
 def _scalar(tag, value):
     with tf.compat.v1.name_scope(None):
         return tf.summary.scalar(tag, value)
+
+
+def layout(variable_paths):
+    """The custom-scalars layout: loss, per-variable signal and noise, noise scale and batch size."""
+    def chart(title, *patterns):
+        return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=list(patterns)))
+
+    per_variable = [chart(f"{path}: norm of the mean gradient and variance of the mean",
+                          f"^grad/norm/{path}$", f"^grad_var/of_mean/{path}$") for path in variable_paths]
+    return layout_pb2.Layout(category=[
+        layout_pb2.Category(title="Loss (train and test)", chart=[
+            chart("loss by step", "^loss$"),
+            chart("loss by examples seen", "^loss_by/examples_seen$"),
+            chart("loss by milliseconds of training", "^loss_by/milliseconds$"),
+            chart("accuracy", "^accuracy$")]),
+        layout_pb2.Category(title="Gradient signal and noise per variable", chart=[
+            chart("all variables: norm of the mean gradient, variance of the mean",
+                  "^grad/norm$", "^grad_var/of_mean$"), *per_variable]),
+        layout_pb2.Category(title="Noise scale and batch size", chart=[
+            chart("B_simple (smoothed)", "^noise_scale/simple$"),
+            chart("batch size", "^batch_size$")]),
+    ])
+
+
+def write_layout(writer, variable_paths):
+    """Writes the custom-scalars layout with `writer` (once per run)."""
+    with writer.as_default():
+        tf.summary.experimental.write_raw_pb(
+            custom_scalar.pb(layout(variable_paths)).SerializeToString(), step=0)

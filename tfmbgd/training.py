@@ -9,6 +9,7 @@ same and the statistics are of the very batch that was applied.
 
 import dataclasses
 import math
+import time
 
 import keras
 import numpy as np
@@ -26,6 +27,7 @@ class RunResult:
     epochs: int
     test: dict                    # final test metrics
     train_history: list = dataclasses.field(default_factory=list)   # mean train loss per epoch
+    means: dict = dataclasses.field(default_factory=dict)   # StepRunner.means(): mean B_simple, ...
 
 
 def evaluate(model, loss_fn, x, y, classification, batch_size=1024):
@@ -72,41 +74,72 @@ class StepRunner:
     Batches are gathered from the training set held as tensors, by indices drawn in
     Python, so every batch of a call has the same static size: a batch of one is known to
     have no variance, and an epoch's remainder batch runs in a call of its own.
+
+    Besides the step's own values it writes, on log steps, `loss_by/examples_seen` (the
+    x-axis is the number of examples used so far) and `loss_by/milliseconds` (time since
+    training began), so runs with different batch sizes compare on one chart; and on
+    statistics steps `batch_size`. It keeps the running sums of the finite values of
+    `AVERAGED` tags, for `means()`.
     """
+
+    AVERAGED = ("noise_scale/simple", "grad_var/trace", "grad_var/of_mean")
 
     def __init__(self, steps, writer, log_every, stats_every):
         self.steps, self.writer = steps, writer
         self.log_every, self.stats_every = log_every, stats_every
+        self._sums = {tag: (tf.Variable(0.0, trainable=False, dtype=tf.float64),
+                            tf.Variable(0, trainable=False, dtype=tf.int64)) for tag in self.AVERAGED}
         self.run = tf.function(self._run)
 
-    def _run(self, x_all, y_all, index, first_step):
+    def means(self):
+        """Mean of each `AVERAGED` tag over the steps that wrote it (NaN if none)."""
+        return {tag: float(total.numpy()) / int(count.numpy()) if int(count.numpy()) else float("nan")
+                for tag, (total, count) in self._sums.items()}
+
+    def _run(self, x_all, y_all, index, first_step, first_example, start_time):
         """Steps `first_step, first_step + 1, ...` on batches `x_all[index[i]]`; returns the
-        sum of their mean losses (float32)."""
+        sum of their mean losses (float32). `start_time`: `time.time()` when training began."""
         total = tf.constant(0.0)
+        batch = tf.cast(tf.shape(index)[1], tf.int64)
         for i in tf.range(tf.shape(index)[0]):
-            loss = self._step(tf.gather(x_all, index[i]), tf.gather(y_all, index[i]),
-                              first_step + tf.cast(i, tf.int64))
+            i64 = tf.cast(i, tf.int64)
+            where = (first_step + i64, first_example + i64 * batch, start_time)
+            loss = self._step(tf.gather(x_all, index[i]), tf.gather(y_all, index[i]), where)
             total += tf.cast(loss, tf.float32)
         return total
 
-    def _step(self, x, y, step):
+    def _step(self, x, y, where):
         if not self.stats_every:
-            return self._plain(x, y, step)
-        return tf.cond(step % self.stats_every == 0, lambda: self._with_stats(x, y, step),
-                       lambda: self._plain(x, y, step))
+            return self._plain(x, y, where)
+        return tf.cond(where[0] % self.stats_every == 0, lambda: self._with_stats(x, y, where),
+                       lambda: self._plain(x, y, where))
 
-    def _plain(self, x, y, step):
+    def _plain(self, x, y, where):
         out = self.steps._plain(x, y)
-        tf.cond(step % self.log_every == 0, lambda: self._write(out, step), lambda: tf.constant(False))
+        tf.cond(where[0] % self.log_every == 0, lambda: self._write(out, where),
+                lambda: tf.constant(False))
         return out["loss"]
 
-    def _with_stats(self, x, y, step):
+    def _with_stats(self, x, y, where):
         out = self.steps._with_stats(x, y)
-        self._write(out, step)
+        out["batch_size"] = tf.cast(tf.shape(x)[0], tf.float32)
+        for tag, (total, count) in self._sums.items():
+            if tag in out:
+                value = tf.cast(out[tag], tf.float64)
+                finite = tf.math.is_finite(value)
+                total.assign_add(tf.where(finite, value, tf.zeros_like(value)))
+                count.assign_add(tf.cast(finite, tf.int64))
+        self._write(out, where)
         return out["loss"]
 
-    def _write(self, values, step):
+    def _write(self, values, where):
+        step, examples, start_time = where
         summaries.write_in_graph(self.writer, values, step)
+        # tf.timestamp is refused under op determinism; the host clock through py_function is not.
+        now = tf.py_function(time.time, [], tf.float64)
+        elapsed_ms = tf.cast((now - start_time) * 1000.0, tf.int64)
+        summaries.write_in_graph(self.writer, {"loss_by/examples_seen": values["loss"]}, examples)
+        summaries.write_in_graph(self.writer, {"loss_by/milliseconds": values["loss"]}, elapsed_ms)
         return tf.constant(True)
 
 
@@ -122,8 +155,11 @@ def epoch_batches(rng, n, batch, steps_per_call):
     return calls
 
 
-def train(config, verbose=1):
+def train(config, verbose=1, run_dir=None):
     """Runs the training of `config` and logs it to TensorBoard; returns a `RunResult`.
+
+    `run_dir`: an existing, empty directory to write to; default a new one named by
+    `summaries.run_name` under `config.logdir`.
 
     Steps count from 0: the statistics logged at step s are those of the weights after s
     updates, computed on the batch of update s + 1.
@@ -139,13 +175,15 @@ def train(config, verbose=1):
     apply = make_update(config.update, model.trainable_variables, config.learning_rate, config.optimizer)
     steps = Steps(model, loss_fn, apply, config.reduction, config.grad_method, classification,
                   config.elementwise_stats, stats.NoiseScaleEMA(config.noise_scale_decay), micro)
-    run_dir = summaries.new_run_dir(config.logdir, summaries.run_name(config))
+    run_dir = run_dir or summaries.new_run_dir(config.logdir, summaries.run_name(config))
     x_all, y_all = tf.constant(ds.train[0]), tf.constant(ds.train[1])
     rng = np.random.default_rng(config.seed)
     per_epoch = math.ceil(len(ds.train[0]) / batch)
     result = RunResult(run_dir, 0, 0, {})
+    examples, start_time = 0, tf.constant(time.time(), tf.float64)
     with summaries.RunWriters(run_dir) as writers:
         runner = StepRunner(steps, writers.writer("train"), config.log_every, config.stats_every)
+        summaries.write_layout(writers.writer("train"), [v.path for v in model.trainable_variables])
         for epoch in range(config.epochs):
             bar = keras.utils.Progbar(per_epoch, verbose=verbose, unit_name="batch")
             if verbose:
@@ -153,12 +191,14 @@ def train(config, verbose=1):
             loss_sum, done = 0.0, 0
             for index in epoch_batches(rng, len(ds.train[0]), batch, config.steps_per_call):
                 first = tf.constant(result.steps, tf.int64)
-                total = float(runner.run(x_all, y_all, tf.constant(index), first))
+                total = float(runner.run(x_all, y_all, tf.constant(index), first,
+                                         tf.constant(examples, tf.int64), start_time))
                 if not math.isfinite(total):
                     raise UserError(f"the loss became {total} between steps {result.steps} and "
                                     f"{result.steps + len(index) - 1}; lower --learning_rate or "
                                     "check the data for extreme values")
                 result.steps += len(index)
+                examples += index.size
                 loss_sum, done = loss_sum + total, done + len(index)
                 bar.update(done, [("loss", total / len(index))])
             result.epochs = epoch + 1
@@ -167,6 +207,7 @@ def train(config, verbose=1):
             writers.write("test", result.test, result.steps)
             if verbose:
                 print("  test " + "  ".join(f"{k} {v:.4f}" for k, v in result.test.items()))
+        result.means = runner.means()
     if verbose:
         print(f"Run written to {run_dir}\nSee it with:  tensorboard --logdir {config.logdir}")
     return result

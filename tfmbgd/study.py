@@ -1,0 +1,101 @@
+"""The batch-size study: one run per batch size, compared in TensorBoard.
+
+`python train.py --batch_sizes=1,8,32,128,full` trains the same model from the same
+initial weights on the same data once per batch size, into one study directory:
+
+    logs/<study>/b1/{train,test}, logs/<study>/b8/..., ...
+
+Each run records its settings and final results with TensorBoard's HParams plugin (hparams:
+batch size, learning rate, reduction, gradient method; metrics: final test loss and
+accuracy, mean smoothed B_simple). Every run, in a study or not, also carries the
+custom-scalars layout of `tfmbgd.summaries.layout`.
+"""
+
+import dataclasses
+import math
+import os
+
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
+
+from tfmbgd import data, summaries, training
+from tfmbgd.errors import UserError
+
+HPARAMS = {
+    "batch_size": hp.HParam("batch_size", hp.IntInterval(1, 2 ** 31 - 1), "examples per update"),
+    "learning_rate": hp.HParam("learning_rate", hp.RealInterval(0.0, float("inf")), "step size"),
+    "reduction": hp.HParam("reduction", hp.Discrete(["mean", "sum"])),
+    "grad_method": hp.HParam("grad_method", hp.Discrete(["auto", "layerwise", "vectorized",
+                                                         "jacobian", "loop"])),
+}
+METRICS = [
+    hp.Metric("final/test_loss", display_name="test loss"),
+    hp.Metric("final/test_accuracy", display_name="test accuracy"),
+    hp.Metric("final/mean_noise_scale", display_name="mean B_simple"),
+]
+
+
+def scaled_learning_rate(learning_rate, batch, reference, rule):
+    """The learning rate for `batch` examples per update, given `learning_rate` at `reference`.
+
+    rule "none": the same rate for every batch size; "linear": times batch / reference (Goyal
+    et al. 2017); "sqrt": times sqrt(batch / reference) (Krizhevsky 2014).
+    """
+    if rule == "none":
+        return learning_rate
+    ratio = batch / reference
+    if rule == "linear":
+        return learning_rate * ratio
+    if rule == "sqrt":
+        return learning_rate * math.sqrt(ratio)
+    raise UserError(f"lr_scaling must be none, linear or sqrt; got {rule!r}")
+
+
+def run(config, verbose=1):
+    """Trains one run per batch size of `config.batch_sizes`; returns `{name: RunResult}`."""
+    n = len(data.load(config.dataset, config.seed).train[0])
+    reference = n if config.batch_size is None else config.batch_size
+    name = f"study-{config.lr_scaling}-" + summaries.run_name(config, with_batch=False)
+    study_dir = summaries.new_run_dir(config.logdir, name)
+    with tf.summary.create_file_writer(study_dir).as_default():
+        hp.hparams_config(hparams=list(HPARAMS.values()), metrics=METRICS)
+    results = {}
+    for batch_size in config.batch_sizes:
+        batch = n if batch_size is None else batch_size
+        lr = scaled_learning_rate(config.learning_rate, batch, reference, config.lr_scaling)
+        one = dataclasses.replace(config, batch_size=batch_size, learning_rate=lr, batch_sizes=())
+        name = "bfull" if batch_size is None else f"b{batch_size}"
+        run_dir = os.path.join(study_dir, name)
+        os.mkdir(run_dir)
+        if verbose:
+            print(f"== batch size {batch} (learning rate {lr:g}) -> {run_dir}")
+        results[name] = result = training.train(one, verbose=verbose, run_dir=run_dir)
+        _write_session(run_dir, one, batch, result)
+    if verbose:
+        print(table(results))
+        print(f"Study written to {study_dir}\nSee it with:  tensorboard --logdir {study_dir}")
+    return results
+
+
+def table(results):
+    """A markdown table of a study: per batch size, updates, final test metrics, means."""
+    lines = ["| run | updates | test loss | test accuracy | mean tr(Sigma) | mean tr(Sigma)/B "
+             "| mean B_simple |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        acc = r.test.get("accuracy", float("nan"))
+        m = r.means
+        lines.append(f"| {name} | {r.steps} | {r.test['loss']:.4f} | {acc:.4f} | {m['grad_var/trace']:.3g} | "
+                     f"{m['grad_var/of_mean']:.3g} | {m['noise_scale/simple']:.3g} |")
+    return "\n".join(lines)
+
+
+def _write_session(run_dir, config, batch, result):
+    """HParams session of one run: its settings, its final metrics, and the layout."""
+    with tf.summary.create_file_writer(run_dir).as_default():
+        hp.hparams({HPARAMS["batch_size"]: batch, HPARAMS["learning_rate"]: config.learning_rate,
+                    HPARAMS["reduction"]: config.reduction, HPARAMS["grad_method"]: config.grad_method})
+        tf.summary.scalar("final/test_loss", result.test["loss"], step=result.steps)
+        if "accuracy" in result.test:
+            tf.summary.scalar("final/test_accuracy", result.test["accuracy"], step=result.steps)
+        if math.isfinite(result.means["noise_scale/simple"]):
+            tf.summary.scalar("final/mean_noise_scale", result.means["noise_scale/simple"], step=result.steps)
