@@ -95,6 +95,12 @@ BAD_FLAGS = [
     (["--optimizer=lion"], "--optimizer"),
     (["--update=manual", "--optimizer=adam"], "plain SGD only"),
     (["--noise_scale_decay=1"], "--noise_scale_decay"),
+    (["--batch_sizes=0,8"], "--batch_sizes"),
+    (["--batch_sizes=8,eight"], "--batch_sizes"),
+    (["--batch_sizes=8,8"], "repeats"),
+    (["--lr_scaling=cubic"], "--lr_scaling"),
+    (["--accumulate=0"], "--accumulate"),
+    (["--steps_per_call=0"], "--steps_per_call"),
 ]
 
 
@@ -116,3 +122,17 @@ def test_bad_data_and_logdir_are_one_line_errors(tmp_path):
     blocked = run_train("--epochs=1", f"--logdir={a_file}")
     assert blocked.returncode == 2 and "is a file" in blocked.stderr
     assert "Traceback" not in blocked.stderr and a_file.read_text() == "keep me"
+
+
+def test_flags_become_the_config():
+    sys.path.insert(0, str(ROOT))
+    import train
+    try:
+        train.FLAGS(["train.py", "--batch_sizes=4,full", "--lr_scaling=sqrt", "--hidden=16,8",
+                     "--batch_size=full", "--accumulate=2", "--optimizer=adam", "--elementwise_stats"])
+        config = train.config_from_flags()
+    finally:
+        train.FLAGS.unparse_flags()
+    assert config.batch_sizes == (4, None) and config.batch_size is None
+    assert config.hidden == (16, 8) and config.lr_scaling == "sqrt" and config.accumulate == 2
+    assert config.optimizer == "adam" and config.elementwise_stats is True
