@@ -11,6 +11,7 @@ the library does the work.
 
 import dataclasses
 import os
+import signal
 import sys
 
 from absl import flags
@@ -57,6 +58,14 @@ flags.DEFINE_float("noise_scale_decay", _D.noise_scale_decay,
 flags.DEFINE_string("logdir", _D.logdir, "Runs are written to LOGDIR/<run-name>/{train,test}.")
 flags.DEFINE_integer("seed", _D.seed, "Seed of initial weights, shuffling and synthetic data.",
                      lower_bound=0)
+flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
+                     "Save a checkpoint every N steps (and after every epoch); 0 = after epochs only.",
+                     lower_bound=0)
+flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "Checkpoints to keep.", lower_bound=1)
+flags.DEFINE_string("resume", None, "Continue the run in this directory from its last checkpoint; "
+                    "other flags may only change epochs, log_every, steps_per_call and checkpointing.")
+flags.DEFINE_bool("deterministic", _D.deterministic,
+                  "TensorFlow op determinism: reruns and resumed runs give bit-identical weights.")
 flags.DEFINE_enum("mode", _D.mode, cfg.MODES,
                   "train, or compare: contrast every gradient method and update rule on one batch.")
 
@@ -75,12 +84,16 @@ FLAGS = flags.FLAGS
 
 
 def config_from_flags():
-    """Every TrainConfig field has a flag of the same name."""
+    """Every TrainConfig field has a flag of the same name. With --resume, the run's saved
+    settings, changed only by the flags given on the command line that may change."""
     values = {field.name: getattr(FLAGS, field.name) for field in dataclasses.fields(cfg.TrainConfig)}
     values["hidden"] = tuple(int(h) for h in FLAGS.hidden)
     values["batch_size"] = None if FLAGS.batch_size == "full" else int(FLAGS.batch_size)
     values["batch_sizes"] = tuple(None if b == "full" else int(b) for b in FLAGS.batch_sizes)
-    return cfg.TrainConfig(**values)
+    if FLAGS.resume is None:
+        return cfg.TrainConfig(**values)
+    given = {name: values[name] for name in values if FLAGS[name].present and name != "resume"}
+    return cfg.resume(FLAGS.resume, given)
 
 
 def _start_tensorflow_quietly():
@@ -119,6 +132,7 @@ def main(argv):
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     _start_tensorflow_quietly()
+    from tfmbgd import training
     try:
         if config.mode == "compare":
             from tfmbgd import compare
@@ -127,12 +141,38 @@ def main(argv):
             from tfmbgd import study
             study.run(config)
             return 0
-        from tfmbgd import training
-        training.train(config)
+        with _stop_on_signals() as stop:
+            training.train(config, should_stop=stop)
     except UserError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    except training.Interrupted as stopped:
+        print(f"\ntrain.py: {stopped}. Continue with:\n  python train.py --resume={stopped.run_dir}",
+              file=sys.stderr)
+        return 128 + stop.signal_number
     return 0
+
+
+class _stop_on_signals:
+    """SIGINT and SIGTERM ask the run to stop after the current compiled call (it then saves
+    a checkpoint); a second SIGINT stops at once."""
+
+    def __enter__(self):
+        self.signal_number = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, number, frame):
+        if self.signal_number == signal.SIGINT and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_number = number
+
+    def __call__(self):
+        return self.signal_number is not None
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

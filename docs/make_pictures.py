@@ -62,9 +62,9 @@ def main():
                     "--epochs=3", "--stats_every=5", "--log_every=5", f"--logdir={work}"], check=True)
     (study,) = os.listdir(work)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", os.path.join(work, study),
-                               "--host", "127.0.0.1", "--port", str(port), "--load_fast=false"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir",
+                               os.path.join(work, study), "--host", "127.0.0.1", "--port", str(port),
+                               "--load_fast=false"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_runs(port, expected=15)
         for name, fragment in PAGES.items():

@@ -6,7 +6,9 @@ that bad settings are reported before TensorFlow starts.
 """
 
 import dataclasses
+import json
 import math
+import os
 
 from tfmbgd.errors import UserError
 
@@ -43,6 +45,10 @@ class TrainConfig:
     elementwise_stats: bool = False    # also per-parameter variance and GSNR (one more matmul/layer)
     noise_scale_decay: float = 0.9     # EMA decay of B_simple's numerator and denominator
     logdir: str = "logs"               # runs land in logdir/<run-name>/{train,test}
+    checkpoint_every: int = 500        # checkpoint every N steps and after every epoch; 0 = epochs only
+    keep_checkpoints: int = 3          # how many checkpoints to keep
+    resume: str | None = None          # a run directory to continue from its last checkpoint
+    deterministic: bool = False        # TensorFlow op determinism: bit-identical reruns and resumes
     seed: int = 0                      # initial weights, shuffling and synthetic data
     mode: str = "train"                # train | compare (one batch, every method side by side)
 
@@ -70,6 +76,8 @@ class TrainConfig:
         for name in ("epochs", "log_every", "steps_per_call", "accumulate"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("stats_every", self.stats_every, minimum=0)
+        _check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+        _check_int("keep_checkpoints", self.keep_checkpoints, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         lr = self.learning_rate
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
@@ -104,3 +112,48 @@ def _check_dataset(name):
         return
     raise UserError(
         f"dataset must be one of {', '.join(DATASETS)} or npz:PATH; got {name!r}")
+
+
+# Saving a run's settings and resuming it (no TensorFlow needed).
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+# Settings that may differ when a run is resumed; every other one must match the run's.
+CHANGEABLE_ON_RESUME = ("epochs", "log_every", "steps_per_call", "checkpoint_every", "keep_checkpoints",
+                        "resume", "logdir", "deterministic")
+
+
+def save(run_dir, config):
+    with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1, sort_keys=True)
+
+
+def load(run_dir):
+    """The `TrainConfig` a run was started with; `UserError` if `run_dir` holds no run."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path) or not os.path.isdir(os.path.join(run_dir, CHECKPOINTS)):
+        raise UserError(f"{run_dir!r} holds no run to resume (no {CONFIG_FILE} and {CHECKPOINTS}/); "
+                        "pass a directory that train.py wrote")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+        values["hidden"] = tuple(values["hidden"])
+        values["batch_sizes"] = tuple(values["batch_sizes"])
+        return TrainConfig(**values)
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{path} cannot be read as a run's settings ({err})") from err
+
+
+def resume(run_dir, overrides):
+    """The saved config of `run_dir` with the changeable `overrides` applied.
+
+    Raises:
+      UserError: an override that contradicts the run (another model, data set, ...).
+    """
+    saved = load(run_dir)
+    for name, value in overrides.items():
+        if name not in CHANGEABLE_ON_RESUME and getattr(saved, name) != value:
+            raise UserError(f"--{name}={value} contradicts the run in {run_dir}, which has "
+                            f"{name}={getattr(saved, name)}; drop the flag or start a new run")
+    allowed = {k: v for k, v in overrides.items() if k in CHANGEABLE_ON_RESUME}
+    return dataclasses.replace(saved, **allowed, resume=run_dir, logdir=os.path.dirname(run_dir.rstrip("/")))

@@ -9,15 +9,19 @@ same and the statistics are of the very batch that was applied.
 
 import dataclasses
 import math
+import os
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmbgd import data, losses, models, stats, summaries
+from tfmbgd import checkpoints, data, losses, models, stats, summaries
+from tfmbgd import config as config_lib
 from tfmbgd.errors import UserError
-from tfmbgd.steps import Steps, make_update
+from tfmbgd.steps import Steps, make_optimizer, make_update
+
+FINAL_WEIGHTS = "final.weights.h5"
 
 
 @dataclasses.dataclass
@@ -89,7 +93,22 @@ class StepRunner:
         self.log_every, self.stats_every = log_every, stats_every
         self._sums = {tag: (tf.Variable(0.0, trainable=False, dtype=tf.float64),
                             tf.Variable(0, trainable=False, dtype=tf.int64)) for tag in self.AVERAGED}
-        self.run = tf.function(self._run)
+        self._compiled = {}
+
+    def run(self, x_all, y_all, index, first_step, first_example, start_time):
+        """Runs `len(index)` steps in one call: one compiled function per batch size, for
+        any number of steps (checkpoints and epoch ends cut calls short)."""
+        batch = int(index.shape[1])
+        if batch not in self._compiled:
+            spec = lambda t: tf.TensorSpec(t.shape, t.dtype)
+            self._compiled[batch] = tf.function(self._run, input_signature=[
+                spec(x_all), spec(y_all), tf.TensorSpec([None, batch], tf.int32),
+                tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.float64)])
+        return self._compiled[batch](x_all, y_all, index, first_step, first_example, start_time)
+
+    def variables(self):
+        """The running sums behind `means()` (checkpointed with the run)."""
+        return [v for pair in self._sums.values() for v in pair]
 
     def means(self):
         """Mean of each `AVERAGED` tag over the steps that wrote it (NaN if none)."""
@@ -143,71 +162,137 @@ class StepRunner:
         return tf.constant(True)
 
 
-def epoch_batches(rng, n, batch, steps_per_call):
-    """Index arrays for one epoch: calls of up to `steps_per_call` full batches, then the
-    remainder batch (if any) alone. Every example once, in a fresh random order."""
+def epoch_batches(rng, n, batch, steps_per_call, skip=0, checkpoint_every=0, first_step=0):
+    """Index arrays for one epoch, one array `[steps, batch]` per compiled call.
+
+    The epoch's order is drawn from `rng` (every example once); full batches first, then
+    the remainder batch alone. The first `skip` steps are left out (a resumed epoch), and
+    calls end at multiples of `checkpoint_every` (counted from `first_step`, the step of the
+    first batch returned) so that checkpoints fall between calls.
+    """
     order = rng.permutation(n).astype(np.int32)
     full = n // batch * batch
-    chunks = order[:full].reshape(-1, batch)
-    calls = [chunks[i:i + steps_per_call] for i in range(0, len(chunks), steps_per_call)]
+    batches = list(order[:full].reshape(-1, batch))
     if full < n:
-        calls.append(order[full:][None])
+        batches.append(order[full:])
+    batches = batches[skip:]
+    calls, step = [], first_step
+    while batches:
+        size = len(batches[0])
+        limit = steps_per_call
+        if checkpoint_every:
+            limit = min(limit, checkpoint_every - step % checkpoint_every)
+        take = 1
+        while take < min(limit, len(batches)) and len(batches[take]) == size:
+            take += 1
+        calls.append(np.stack(batches[:take]))
+        batches, step = batches[take:], step + take
     return calls
 
 
-def train(config, verbose=1, run_dir=None):
+def train(config, verbose=1, run_dir=None, should_stop=None):
     """Runs the training of `config` and logs it to TensorBoard; returns a `RunResult`.
 
-    `run_dir`: an existing, empty directory to write to; default a new one named by
-    `summaries.run_name` under `config.logdir`.
+    Args:
+      run_dir: an existing, empty directory to write to; default a new one named by
+        `summaries.run_name` under `config.logdir`. With `config.resume` the run continues
+        in that directory from its last checkpoint.
+      should_stop: polled between compiled calls; when it returns True the run saves a
+        checkpoint and raises `Interrupted` (train.py sets it on SIGINT / SIGTERM).
 
     Steps count from 0: the statistics logged at step s are those of the weights after s
     updates, computed on the batch of update s + 1.
 
     Raises:
       UserError: a data set, model or logdir that cannot be used, or a loss that stops
-        being finite.
+        being finite. Interrupted: `should_stop` asked for it.
     """
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     ds = data.load(config.dataset, config.seed)
     model, loss_fn, batch, micro = setup(config, ds)
     classification = ds.num_classes > 0
-    apply = make_update(config.update, model.trainable_variables, config.learning_rate, config.optimizer)
+    optimizer = None
+    if config.update == "manual":
+        apply = make_update("manual", model.trainable_variables, config.learning_rate, config.optimizer)
+    else:
+        optimizer = make_optimizer(config.optimizer, config.learning_rate, config.update)
+        optimizer.build(model.trainable_variables)
+        apply = lambda grads: optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    noise_scale = stats.NoiseScaleEMA(config.noise_scale_decay)
     steps = Steps(model, loss_fn, apply, config.reduction, config.grad_method, classification,
-                  config.elementwise_stats, stats.NoiseScaleEMA(config.noise_scale_decay), micro)
-    run_dir = run_dir or summaries.new_run_dir(config.logdir, summaries.run_name(config))
+                  config.elementwise_stats, noise_scale, micro)
+    if config.resume:
+        run_dir = config.resume
+    else:
+        run_dir = run_dir or summaries.new_run_dir(config.logdir, summaries.run_name(config))
+        config_lib.save(run_dir, config)
     x_all, y_all = tf.constant(ds.train[0]), tf.constant(ds.train[1])
     rng = np.random.default_rng(config.seed)
     per_epoch = math.ceil(len(ds.train[0]) / batch)
     result = RunResult(run_dir, 0, 0, {})
-    examples, start_time = 0, tf.constant(time.time(), tf.float64)
+    start_time = tf.constant(time.time(), tf.float64)
     with summaries.RunWriters(run_dir) as writers:
         runner = StepRunner(steps, writers.writer("train"), config.log_every, config.stats_every)
-        summaries.write_layout(writers.writer("train"), [v.path for v in model.trainable_variables])
-        for epoch in range(config.epochs):
+        state = checkpoints.RunState(run_dir, model, optimizer,
+                                     [noise_scale.trace, noise_scale.grad_sq, *runner.variables()],
+                                     config.keep_checkpoints)
+        if config.resume:
+            latest = state.restore()
+            if verbose:
+                print(f"Resuming {run_dir} from {os.path.basename(latest)} (step {int(state.step.numpy())})")
+        else:
+            state.remember_rng(rng)
+            summaries.write_layout(writers.writer("train"), [v.path for v in model.trainable_variables])
+        for epoch in range(int(state.epoch.numpy()), config.epochs):
+            state.recall_rng(rng)
+            done = int(state.in_epoch.numpy())
             bar = keras.utils.Progbar(per_epoch, verbose=verbose, unit_name="batch")
             if verbose:
                 print(f"Epoch {epoch + 1}/{config.epochs}")
-            loss_sum, done = 0.0, 0
-            for index in epoch_batches(rng, len(ds.train[0]), batch, config.steps_per_call):
-                first = tf.constant(result.steps, tf.int64)
-                total = float(runner.run(x_all, y_all, tf.constant(index), first,
-                                         tf.constant(examples, tf.int64), start_time))
+            loss_sum = 0.0
+            for index in epoch_batches(rng, len(ds.train[0]), batch, config.steps_per_call, skip=done,
+                                       checkpoint_every=config.checkpoint_every,
+                                       first_step=int(state.step.numpy())):
+                total = float(runner.run(x_all, y_all, tf.constant(index), tf.constant(state.step),
+                                         tf.constant(state.examples), start_time))
                 if not math.isfinite(total):
-                    raise UserError(f"the loss became {total} between steps {result.steps} and "
-                                    f"{result.steps + len(index) - 1}; lower --learning_rate or "
+                    raise UserError(f"the loss became {total} between steps {int(state.step.numpy())} and "
+                                    f"{int(state.step.numpy()) + len(index) - 1}; lower --learning_rate or "
                                     "check the data for extreme values")
-                result.steps += len(index)
-                examples += index.size
+                state.step.assign_add(len(index))
+                state.in_epoch.assign_add(len(index))
+                state.examples.assign_add(index.size)
                 loss_sum, done = loss_sum + total, done + len(index)
                 bar.update(done, [("loss", total / len(index))])
+                if config.checkpoint_every and int(state.step.numpy()) % config.checkpoint_every == 0:
+                    state.save()
+                if should_stop is not None and should_stop():
+                    state.save()
+                    writers.close()
+                    raise Interrupted(run_dir, int(state.step.numpy()))
+            state.epoch.assign_add(1)
+            state.in_epoch.assign(0)
+            state.remember_rng(rng)
             result.epochs = epoch + 1
-            result.train_history.append(loss_sum / done)
+            result.train_history.append(loss_sum / max(done, 1))
             result.test = evaluate(model, loss_fn, *ds.test, classification)
-            writers.write("test", result.test, result.steps)
+            writers.write("test", result.test, int(state.step.numpy()))
+            state.save()
             if verbose:
                 print("  test " + "  ".join(f"{k} {v:.4f}" for k, v in result.test.items()))
+        result.steps = int(state.step.numpy())
         result.means = runner.means()
+    model.save_weights(os.path.join(run_dir, FINAL_WEIGHTS))
     if verbose:
         print(f"Run written to {run_dir}\nSee it with:  tensorboard --logdir {config.logdir}")
     return result
+
+
+class Interrupted(Exception):
+    """A run stopped on request after saving a checkpoint; `resume` continues it."""
+
+    def __init__(self, run_dir, step):
+        super().__init__(f"stopped at step {step}; checkpoint saved in {run_dir}")
+        self.run_dir, self.step = run_dir, step

@@ -1,0 +1,50 @@
+"""Checkpoints of a run and exact resume.
+
+A run directory holds `config.json` (the settings it was started with, see
+`tfmbgd.config.save` and `resume`) and `checkpoints/` (`tf.train.CheckpointManager`): the
+model, the optimizer with its slots, the step, the epoch and the steps done in it, the
+state of the random generator that orders the epoch's examples (drawn at the epoch's
+start), and the noise-scale smoothing. Batches are gathered by indices from that
+generator, so the position in the data is the generator state plus the steps done in the
+epoch: a resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+import json
+import os
+
+import tensorflow as tf
+
+from tfmbgd.config import CHECKPOINTS
+from tfmbgd.errors import UserError
+
+
+class RunState:
+    """The counters of a run and the checkpoint that holds them with model and optimizer."""
+
+    def __init__(self, run_dir, model, optimizer, extra_variables, keep):
+        counter = lambda: tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.step, self.epoch, self.in_epoch, self.examples = counter(), counter(), counter(), counter()
+        self.rng_state = tf.Variable("", dtype=tf.string, trainable=False)
+        items = dict(model=model, step=self.step, epoch=self.epoch, in_epoch=self.in_epoch,
+                     examples=self.examples, rng_state=self.rng_state, extra=list(extra_variables))
+        if optimizer is not None:
+            items["optimizer"] = optimizer
+        self.checkpoint = tf.train.Checkpoint(**items)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(run_dir, CHECKPOINTS),
+                                                  max_to_keep=keep)
+
+    def save(self):
+        return self.manager.save(checkpoint_number=int(self.step.numpy()))
+
+    def restore(self):
+        latest = self.manager.latest_checkpoint
+        if latest is None:
+            raise UserError(f"no checkpoint in {self.manager.directory}; nothing to resume")
+        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        return latest
+
+    def remember_rng(self, rng):
+        self.rng_state.assign(json.dumps(rng.bit_generator.state))
+
+    def recall_rng(self, rng):
+        rng.bit_generator.state = json.loads(self.rng_state.numpy().decode())
