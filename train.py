@@ -66,6 +66,9 @@ flags.DEFINE_string("resume", None, "Continue the run in this directory from its
                     "other flags may only change epochs, log_every, steps_per_call and checkpointing.")
 flags.DEFINE_bool("deterministic", _D.deterministic,
                   "TensorFlow op determinism: reruns and resumed runs give bit-identical weights.")
+flags.DEFINE_enum("on_nonfinite", _D.on_nonfinite, ["stop", "skip"],
+                  "A non-finite loss or gradient: stop (keep the last good checkpoint, exit 2) or "
+                  "skip that update and count it in nonfinite/skipped.")
 flags.DEFINE_enum("mode", _D.mode, cfg.MODES,
                   "train, or compare: contrast every gradient method and update rule on one batch.")
 

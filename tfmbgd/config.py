@@ -49,6 +49,7 @@ class TrainConfig:
     keep_checkpoints: int = 3          # how many checkpoints to keep
     resume: str | None = None          # a run directory to continue from its last checkpoint
     deterministic: bool = False        # TensorFlow op determinism: bit-identical reruns and resumes
+    on_nonfinite: str = "stop"         # a non-finite gradient: stop the run, or skip that update
     seed: int = 0                      # initial weights, shuffling and synthetic data
     mode: str = "train"                # train | compare (one batch, every method side by side)
 
@@ -64,6 +65,7 @@ class TrainConfig:
         _check_choice("grad_method", self.grad_method, GRAD_METHODS)
         _check_choice("mode", self.mode, MODES)
         _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
+        _check_choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         if any(b is not None and (not _is_int(b) or b < 1) for b in self.batch_sizes):
             raise UserError(f"batch_sizes must be positive integers or None (full); got {self.batch_sizes!r}")
         if len(set(self.batch_sizes)) != len(self.batch_sizes):
@@ -120,7 +122,7 @@ CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 # Settings that may differ when a run is resumed; every other one must match the run's.
 CHANGEABLE_ON_RESUME = ("epochs", "log_every", "steps_per_call", "checkpoint_every", "keep_checkpoints",
-                        "resume", "logdir", "deterministic")
+                        "resume", "logdir", "deterministic", "on_nonfinite")
 
 
 def save(run_dir, config):

@@ -96,6 +96,52 @@ def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=Fa
     return m, out
 
 
+class NonFiniteGuard:
+    """Applies an update only when every gradient is finite, and remembers when one was not.
+
+    `mode="stop"`: after the first non-finite gradient no update is applied any more (the
+    weights stay those of the last good step) and `tripped` says so; the loop then stops.
+    `mode="skip"`: that update is left out, the others go on; `skipped` counts them.
+    `first_bad_step` (from `current_step`, which the loop sets) and `first_bad_variable`
+    (index into the variables, or -1 when the gradients were finite but the loss was not)
+    name the first offence.
+    """
+
+    def __init__(self, apply, mode="stop"):
+        if mode not in ("stop", "skip"):
+            raise UserError(f"on_nonfinite must be stop or skip; got {mode!r}")
+        self.inner, self.mode = apply, mode
+        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.tripped = tf.Variable(False, trainable=False)
+        self.first_bad_variable = tf.Variable(-2, dtype=tf.int64, trainable=False)   # -2: none yet
+        self.current_step = tf.Variable(0, dtype=tf.int64, trainable=False)    # set by the loop
+        self.first_bad_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
+
+    def __call__(self, grads, loss=None):
+        finite = tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        ok = tf.reduce_all(finite)
+        if loss is not None:
+            ok = ok & tf.reduce_all(tf.math.is_finite(loss))
+        if self.mode == "stop":
+            ok = ok & tf.logical_not(self.tripped)
+
+        def good():
+            self.inner(grads)
+            return tf.constant(True)
+
+        def bad():
+            first = tf.where(tf.reduce_all(finite), tf.constant(-1, tf.int64),
+                             tf.argmin(tf.cast(finite, tf.int64), output_type=tf.int64))
+            new = self.first_bad_variable == -2
+            self.first_bad_variable.assign(tf.where(new, first, self.first_bad_variable))
+            self.first_bad_step.assign(tf.where(new, self.current_step, self.first_bad_step))
+            if self.mode == "stop":
+                self.tripped.assign(True)
+            self.skipped.assign_add(1)
+            return tf.constant(False)
+        return tf.cond(ok, good, bad)
+
+
 class Steps:
     """The two compiled train steps of a run: `plain(x, y)` and `with_stats(x, y)`.
 
@@ -111,11 +157,15 @@ class Steps:
       micro_batch: gradient accumulation: the batch of one update is processed in
         micro-batches of this size, one after another, and their summed gradients applied
         once — the same update as the whole batch at once. None: no accumulation.
+      guard: a `NonFiniteGuard` around `apply`, or None to apply every update.
     """
 
     def __init__(self, model, loss_fn, apply, reduction="mean", method="auto",
-                 classification=True, elementwise=False, noise_scale=None, micro_batch=None):
-        self.model, self.loss_fn, self.apply = model, loss_fn, apply
+                 classification=True, elementwise=False, noise_scale=None, micro_batch=None,
+                 guard=None):
+        self.model, self.loss_fn, self.guard = model, loss_fn, guard
+        self._loss = None          # the batch loss of the step being traced, for the guard
+        self.apply = apply if guard is None else lambda grads: guard(grads, self._loss)
         self.reduction, self.method, self.classification = reduction, method, classification
         self.elementwise, self.micro_batch = elementwise, micro_batch
         self.noise_scale = noise_scale if noise_scale is not None else stats.NoiseScaleEMA()
@@ -129,6 +179,7 @@ class Steps:
             outputs = self.model(x, training=True)
             per_example = self.loss_fn(y, outputs)
             loss = losses.reduce(per_example, self.reduction)
+        self._loss = loss
         self.apply(tape.gradient(loss, self.model.trainable_variables))
         return self._metrics(per_example, outputs, y)
 
@@ -148,10 +199,12 @@ class Steps:
             outputs.append(out)
         if self.reduction == "mean":
             total = [g / x.shape[0] for g in total]
+        self._loss = tf.reduce_sum(tf.concat(per_example, 0))
         self.apply(total)
         return self._metrics(tf.concat(per_example, 0), tf.concat(outputs, 0), y)
 
     def _with_stats(self, x, y):
+        self._loss = None     # the guard checks the gradients (a non-finite loss makes them so)
         m, statistics = statistics_update(self.model, self.loss_fn, x, y, self.apply, self.method,
                                           self.elementwise, self.noise_scale, self.reduction,
                                           micro_batch=self.micro_batch)

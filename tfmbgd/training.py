@@ -19,7 +19,7 @@ import tensorflow as tf
 from tfmbgd import checkpoints, data, losses, models, stats, summaries
 from tfmbgd import config as config_lib
 from tfmbgd.errors import UserError
-from tfmbgd.steps import Steps, make_optimizer, make_update
+from tfmbgd.steps import NonFiniteGuard, Steps, make_optimizer, make_update
 
 FINAL_WEIGHTS = "final.weights.h5"
 
@@ -124,10 +124,13 @@ class StepRunner:
             i64 = tf.cast(i, tf.int64)
             where = (first_step + i64, first_example + i64 * batch, start_time)
             loss = self._step(tf.gather(x_all, index[i]), tf.gather(y_all, index[i]), where)
-            total += tf.cast(loss, tf.float32)
+            finite = tf.math.is_finite(loss)
+            total += tf.cast(tf.where(finite, loss, tf.zeros_like(loss)), tf.float32)
         return total
 
     def _step(self, x, y, where):
+        if self.steps.guard is not None:
+            self.steps.guard.current_step.assign(where[0])
         if not self.stats_every:
             return self._plain(x, y, where)
         return tf.cond(where[0] % self.stats_every == 0, lambda: self._with_stats(x, y, where),
@@ -153,6 +156,8 @@ class StepRunner:
 
     def _write(self, values, where):
         step, examples, start_time = where
+        if self.steps.guard is not None and self.steps.guard.mode == "skip":
+            values = {**values, "nonfinite/skipped": self.steps.guard.skipped}
         summaries.write_in_graph(self.writer, values, step)
         # tf.timestamp is refused under op determinism; the host clock through py_function is not.
         now = tf.py_function(time.time, [], tf.float64)
@@ -221,8 +226,9 @@ def train(config, verbose=1, run_dir=None, should_stop=None):
         optimizer.build(model.trainable_variables)
         apply = lambda grads: optimizer.apply_gradients(zip(grads, model.trainable_variables))
     noise_scale = stats.NoiseScaleEMA(config.noise_scale_decay)
+    guard = NonFiniteGuard(apply, config.on_nonfinite)
     steps = Steps(model, loss_fn, apply, config.reduction, config.grad_method, classification,
-                  config.elementwise_stats, noise_scale, micro)
+                  config.elementwise_stats, noise_scale, micro, guard)
     if config.resume:
         run_dir = config.resume
     else:
@@ -257,10 +263,8 @@ def train(config, verbose=1, run_dir=None, should_stop=None):
                                        first_step=int(state.step.numpy())):
                 total = float(runner.run(x_all, y_all, tf.constant(index), tf.constant(state.step),
                                          tf.constant(state.examples), start_time))
-                if not math.isfinite(total):
-                    raise UserError(f"the loss became {total} between steps {int(state.step.numpy())} and "
-                                    f"{int(state.step.numpy()) + len(index) - 1}; lower --learning_rate or "
-                                    "check the data for extreme values")
+                if bool(guard.tripped.numpy()):
+                    raise UserError(_nonfinite_message(guard, model))
                 state.step.assign_add(len(index))
                 state.in_epoch.assign_add(len(index))
                 state.examples.assign_add(index.size)
@@ -288,6 +292,14 @@ def train(config, verbose=1, run_dir=None, should_stop=None):
     if verbose:
         print(f"Run written to {run_dir}\nSee it with:  tensorboard --logdir {config.logdir}")
     return result
+
+
+def _nonfinite_message(guard, model):
+    which = int(guard.first_bad_variable.numpy())
+    what = "the loss" if which < 0 else f"the gradient of {model.trainable_variables[which].path}"
+    return (f"{what} was not finite at step {int(guard.first_bad_step.numpy())}; the update was "
+            "not applied and the last good checkpoint is kept. Lower "
+            "--learning_rate, check the data, or pass --on_nonfinite=skip")
 
 
 class Interrupted(Exception):
