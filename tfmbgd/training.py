@@ -63,9 +63,10 @@ def setup(config, ds):
     else:
         update, micro = config.batch_size * k, config.batch_size
     if update > n:
-        raise UserError(f"an update of {update} examples (batch_size x accumulate) is more than the {n} "
-                        f"training examples of {ds.name}; use --batch_size=full for full-batch "
-                        "gradient descent")
+        what = (f"batch_size {update}" if k == 1
+                else f"an update of {update} examples (batch_size x accumulate)")
+        raise UserError(f"{what} is more than the {n} training examples of {ds.name}; use "
+                        "--batch_size=full for full-batch gradient descent")
     model = models.build(config.model, ds.input_shape, ds.num_classes, config.hidden, config.seed)
     return model, losses.per_example(losses.for_task(ds.num_classes)), update, (micro if k > 1 else None)
 
