@@ -6,7 +6,7 @@
 Same model (MLP 784-256-256-10, ReLU), same synthetic data (8192 examples), batch 128,
 plain mini-batch SGD. Each row runs several epochs in one process and reports the median
 epoch's samples per second; ratios compare rows of the same run. The custom loop is
-`tfmbgd.training.StepRunner` (many steps per compiled call, summaries written inside);
+`tfmbgd.runner.StepRunner` (many steps per compiled call, summaries written inside);
 `fit` is Keras' own, best at a large `steps_per_execution`.
 """
 
@@ -60,19 +60,20 @@ def loop_rate(epochs, steps_per_call, stats_every=0):
     import numpy as np
     import tensorflow as tf
 
-    from tfmbgd import losses, steps, summaries, training
+    from tfmbgd import losses, steps, summaries
+    from tfmbgd import runner as runner_lib
 
     model, x, y = make()
     apply = steps.make_update("custom", model.trainable_variables, 0.01)
     writers = summaries.RunWriters(tempfile.mkdtemp())
-    runner = training.StepRunner(steps.Steps(model, losses.crossentropy, apply),
+    runner = runner_lib.StepRunner(steps.Steps(model, losses.crossentropy, apply),
                                  writers.writer("train"), log_every=10, stats_every=stats_every)
     x_all, y_all = tf.constant(x), tf.constant(y)
     rng = np.random.default_rng(0)
     times, step, t0 = [], 0, tf.constant(time.time(), tf.float64)
     for _ in range(epochs + 1):
         start = time.perf_counter()
-        for index in training.epoch_batches(rng, N, BATCH, steps_per_call):
+        for index in runner_lib.epoch_batches(rng, N, BATCH, steps_per_call):
             float(runner.run(x_all, y_all, tf.constant(index), tf.constant(step, tf.int64),
                              tf.constant(step * BATCH, tf.int64), t0))
             step += len(index)

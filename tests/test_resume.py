@@ -97,10 +97,12 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(dataset, referenc
         np.testing.assert_array_equal(resumed[name], reference[name])
 
 
-def test_sigterm_saves_prints_the_resume_command_and_exits_143(dataset, reference, tmp_path):
-    random.seed(7)
-    code, err, run_dir = _interrupt_and_resume(dataset, tmp_path, signal.SIGTERM)
-    assert code == 143
+@pytest.mark.parametrize("sent,exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_interrupt_saves_prints_the_resume_command_and_exits(dataset, reference, tmp_path, sent, exit_code):
+    random.seed(exit_code)
+    code, err, run_dir = _interrupt_and_resume(dataset, tmp_path, sent)
+    assert code == exit_code
     assert f"python train.py --resume={run_dir}" in err and "Traceback" not in err
     for name, value in _weights(run_dir).items():
         np.testing.assert_array_equal(value, reference[name])

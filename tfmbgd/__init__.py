@@ -12,8 +12,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "compare", "config", "data", "errors", "fit", "gradients", "layerwise", "losses", "models",
-    "moments", "optimizers", "rules", "stats", "steps", "study", "summaries", "training",
+    "checkpoints", "compare", "config", "data", "errors", "fit", "gradients", "layerwise", "losses", "models",
+    "moments", "optimizers", "rules", "runner", "stats", "steps", "study", "summaries", "training",
 )
 
 __all__ = list(_SUBMODULES)

@@ -22,6 +22,7 @@ class RunState:
     """The counters of a run and the checkpoint that holds them with model and optimizer."""
 
     def __init__(self, run_dir, model, optimizer, extra_variables, keep):
+        self.run_dir = run_dir
         counter = lambda: tf.Variable(0, dtype=tf.int64, trainable=False)
         self.step, self.epoch, self.in_epoch, self.examples = counter(), counter(), counter(), counter()
         self.rng_state = tf.Variable("", dtype=tf.string, trainable=False)

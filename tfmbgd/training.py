@@ -10,7 +10,7 @@ same and the statistics are of the very batch that was applied.
 import dataclasses
 import math
 import os
-import time
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -19,6 +19,7 @@ import tensorflow as tf
 from tfmbgd import checkpoints, data, losses, models, stats, summaries
 from tfmbgd import config as config_lib
 from tfmbgd.errors import UserError
+from tfmbgd.runner import StepRunner, epoch_batches
 from tfmbgd.steps import NonFiniteGuard, Steps, make_optimizer, make_update
 
 FINAL_WEIGHTS = "final.weights.h5"
@@ -71,131 +72,6 @@ def setup(config, ds):
     return model, losses.per_example(losses.for_task(ds.num_classes)), update, (micro if k > 1 else None)
 
 
-class StepRunner:
-    """Runs many train steps per `tf.function` call and writes their summaries from inside.
-
-    Coming back to Python after every step costs more than a small step itself (and a
-    sync per step); `model.fit` avoids it with `steps_per_execution`, and so does this.
-    Batches are gathered from the training set held as tensors, by indices drawn in
-    Python, so every batch of a call has the same static size: a batch of one is known to
-    have no variance, and an epoch's remainder batch runs in a call of its own.
-
-    Besides the step's own values it writes, on log steps, `loss_by/examples_seen` (the
-    x-axis is the number of examples used so far) and `loss_by/milliseconds` (time since
-    training began), so runs with different batch sizes compare on one chart; and on
-    statistics steps `batch_size`. It keeps the running sums of the finite values of
-    `AVERAGED` tags, for `means()`.
-    """
-
-    AVERAGED = ("noise_scale/simple", "grad_var/trace", "grad_var/of_mean")
-
-    def __init__(self, steps, writer, log_every, stats_every):
-        self.steps, self.writer = steps, writer
-        self.log_every, self.stats_every = log_every, stats_every
-        self._sums = {tag: (tf.Variable(0.0, trainable=False, dtype=tf.float64),
-                            tf.Variable(0, trainable=False, dtype=tf.int64)) for tag in self.AVERAGED}
-        self._compiled = {}
-
-    def run(self, x_all, y_all, index, first_step, first_example, start_time):
-        """Runs `len(index)` steps in one call: one compiled function per batch size, for
-        any number of steps (checkpoints and epoch ends cut calls short)."""
-        batch = int(index.shape[1])
-        if batch not in self._compiled:
-            spec = lambda t: tf.TensorSpec(t.shape, t.dtype)
-            self._compiled[batch] = tf.function(self._run, input_signature=[
-                spec(x_all), spec(y_all), tf.TensorSpec([None, batch], tf.int32),
-                tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.float64)])
-        return self._compiled[batch](x_all, y_all, index, first_step, first_example, start_time)
-
-    def variables(self):
-        """The running sums behind `means()` (checkpointed with the run)."""
-        return [v for pair in self._sums.values() for v in pair]
-
-    def means(self):
-        """Mean of each `AVERAGED` tag over the steps that wrote it (NaN if none)."""
-        return {tag: float(total.numpy()) / int(count.numpy()) if int(count.numpy()) else float("nan")
-                for tag, (total, count) in self._sums.items()}
-
-    def _run(self, x_all, y_all, index, first_step, first_example, start_time):
-        """Steps `first_step, first_step + 1, ...` on batches `x_all[index[i]]`; returns the
-        sum of their mean losses (float32). `start_time`: `time.time()` when training began."""
-        total = tf.constant(0.0)
-        batch = tf.cast(tf.shape(index)[1], tf.int64)
-        for i in tf.range(tf.shape(index)[0]):
-            i64 = tf.cast(i, tf.int64)
-            where = (first_step + i64, first_example + i64 * batch, start_time)
-            loss = self._step(tf.gather(x_all, index[i]), tf.gather(y_all, index[i]), where)
-            finite = tf.math.is_finite(loss)
-            total += tf.cast(tf.where(finite, loss, tf.zeros_like(loss)), tf.float32)
-        return total
-
-    def _step(self, x, y, where):
-        if self.steps.guard is not None:
-            self.steps.guard.current_step.assign(where[0])
-        if not self.stats_every:
-            return self._plain(x, y, where)
-        return tf.cond(where[0] % self.stats_every == 0, lambda: self._with_stats(x, y, where),
-                       lambda: self._plain(x, y, where))
-
-    def _plain(self, x, y, where):
-        out = self.steps._plain(x, y)
-        tf.cond(where[0] % self.log_every == 0, lambda: self._write(out, where),
-                lambda: tf.constant(False))
-        return out["loss"]
-
-    def _with_stats(self, x, y, where):
-        out = self.steps._with_stats(x, y)
-        out["batch_size"] = tf.cast(tf.shape(x)[0], tf.float32)
-        for tag, (total, count) in self._sums.items():
-            if tag in out:
-                value = tf.cast(out[tag], tf.float64)
-                finite = tf.math.is_finite(value)
-                total.assign_add(tf.where(finite, value, tf.zeros_like(value)))
-                count.assign_add(tf.cast(finite, tf.int64))
-        self._write(out, where)
-        return out["loss"]
-
-    def _write(self, values, where):
-        step, examples, start_time = where
-        if self.steps.guard is not None and self.steps.guard.mode == "skip":
-            values = {**values, "nonfinite/skipped": self.steps.guard.skipped}
-        summaries.write_in_graph(self.writer, values, step)
-        # tf.timestamp is refused under op determinism; the host clock through py_function is not.
-        now = tf.py_function(time.time, [], tf.float64)
-        elapsed_ms = tf.cast((now - start_time) * 1000.0, tf.int64)
-        summaries.write_in_graph(self.writer, {"loss_by/examples_seen": values["loss"]}, examples)
-        summaries.write_in_graph(self.writer, {"loss_by/milliseconds": values["loss"]}, elapsed_ms)
-        return tf.constant(True)
-
-
-def epoch_batches(rng, n, batch, steps_per_call, skip=0, checkpoint_every=0, first_step=0):
-    """Index arrays for one epoch, one array `[steps, batch]` per compiled call.
-
-    The epoch's order is drawn from `rng` (every example once); full batches first, then
-    the remainder batch alone. The first `skip` steps are left out (a resumed epoch), and
-    calls end at multiples of `checkpoint_every` (counted from `first_step`, the step of the
-    first batch returned) so that checkpoints fall between calls.
-    """
-    order = rng.permutation(n).astype(np.int32)
-    full = n // batch * batch
-    batches = list(order[:full].reshape(-1, batch))
-    if full < n:
-        batches.append(order[full:])
-    batches = batches[skip:]
-    calls, step = [], first_step
-    while batches:
-        size = len(batches[0])
-        limit = steps_per_call
-        if checkpoint_every:
-            limit = min(limit, checkpoint_every - step % checkpoint_every)
-        take = 1
-        while take < min(limit, len(batches)) and len(batches[take]) == size:
-            take += 1
-        calls.append(np.stack(batches[:take]))
-        batches, step = batches[take:], step + take
-    return calls
-
-
 def train(config, verbose=1, run_dir=None, should_stop=None):
     """Runs the training of `config` and logs it to TensorBoard; returns a `RunResult`.
 
@@ -216,9 +92,62 @@ def train(config, verbose=1, run_dir=None, should_stop=None):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
+    parts = _build(config)
+    if config.resume:
+        run_dir = config.resume
+    else:
+        run_dir = run_dir or summaries.new_run_dir(config.logdir, summaries.run_name(config))
+        config_lib.save(run_dir, config)
+    rng = np.random.default_rng(config.seed)
+    result = RunResult(run_dir, 0, 0, {})
+    with summaries.RunWriters(run_dir) as writers:
+        runner = StepRunner(parts.steps, writers.writer("train"), config.log_every, config.stats_every)
+        smoothing = [parts.noise_scale.trace, parts.noise_scale.grad_sq, *runner.variables()]
+        state = checkpoints.RunState(run_dir, parts.model, parts.optimizer, smoothing,
+                                     config.keep_checkpoints)
+        if config.resume:
+            latest = state.restore()
+            if verbose:
+                print(f"Resuming {run_dir} from {os.path.basename(latest)} (step {int(state.step.numpy())})")
+        else:
+            state.remember_rng(rng)
+            summaries.write_layout(writers.writer("train"), [v.path for v in parts.model.trainable_variables])
+        for epoch in range(int(state.epoch.numpy()), config.epochs):
+            if verbose:
+                print(f"Epoch {epoch + 1}/{config.epochs}")
+            result.train_history.append(_train_epoch(config, parts, runner, state, rng, verbose, should_stop))
+            state.epoch.assign_add(1)
+            state.in_epoch.assign(0)
+            state.remember_rng(rng)
+            result.epochs = epoch + 1
+            result.test = evaluate(parts.model, parts.loss_fn, *parts.ds.test, parts.ds.num_classes > 0)
+            writers.write("test", result.test, int(state.step.numpy()))
+            state.save()
+            if verbose:
+                print("  test " + "  ".join(f"{k} {v:.4f}" for k, v in result.test.items()))
+        result.steps = int(state.step.numpy())
+        result.means = runner.means()
+    parts.model.save_weights(os.path.join(run_dir, FINAL_WEIGHTS))
+    if verbose:
+        print(f"Run written to {run_dir}\nSee it with:  tensorboard --logdir {config.logdir}")
+    return result
+
+
+class _Parts(NamedTuple):
+    ds: data.Dataset
+    model: keras.Model
+    loss_fn: object
+    batch: int                  # examples per update
+    optimizer: object           # None for the manual rule
+    noise_scale: stats.NoiseScaleEMA
+    guard: NonFiniteGuard
+    steps: Steps
+
+
+def _build(config):
+    """Data, model, update rule and steps of a run."""
     ds = data.load(config.dataset, config.seed)
     model, loss_fn, batch, micro = setup(config, ds)
-    classification = ds.num_classes > 0
     optimizer = None
     if config.update == "manual":
         apply = make_update("manual", model.trainable_variables, config.learning_rate, config.optimizer)
@@ -228,71 +157,37 @@ def train(config, verbose=1, run_dir=None, should_stop=None):
         apply = lambda grads: optimizer.apply_gradients(zip(grads, model.trainable_variables))
     noise_scale = stats.NoiseScaleEMA(config.noise_scale_decay)
     guard = NonFiniteGuard(apply, config.on_nonfinite)
-    steps = Steps(model, loss_fn, apply, config.reduction, config.grad_method, classification,
+    steps = Steps(model, loss_fn, apply, config.reduction, config.grad_method, ds.num_classes > 0,
                   config.elementwise_stats, noise_scale, micro, guard)
-    if config.resume:
-        run_dir = config.resume
-    else:
-        run_dir = run_dir or summaries.new_run_dir(config.logdir, summaries.run_name(config))
-        config_lib.save(run_dir, config)
-    x_all, y_all = tf.constant(ds.train[0]), tf.constant(ds.train[1])
-    rng = np.random.default_rng(config.seed)
-    per_epoch = math.ceil(len(ds.train[0]) / batch)
-    result = RunResult(run_dir, 0, 0, {})
-    start_time = tf.constant(time.time(), tf.float64)
-    with summaries.RunWriters(run_dir) as writers:
-        runner = StepRunner(steps, writers.writer("train"), config.log_every, config.stats_every)
-        state = checkpoints.RunState(run_dir, model, optimizer,
-                                     [noise_scale.trace, noise_scale.grad_sq, *runner.variables()],
-                                     config.keep_checkpoints)
-        if config.resume:
-            latest = state.restore()
-            if verbose:
-                print(f"Resuming {run_dir} from {os.path.basename(latest)} (step {int(state.step.numpy())})")
-        else:
-            state.remember_rng(rng)
-            summaries.write_layout(writers.writer("train"), [v.path for v in model.trainable_variables])
-        for epoch in range(int(state.epoch.numpy()), config.epochs):
-            state.recall_rng(rng)
-            done = int(state.in_epoch.numpy())
-            bar = keras.utils.Progbar(per_epoch, verbose=verbose, unit_name="batch")
-            if verbose:
-                print(f"Epoch {epoch + 1}/{config.epochs}")
-            loss_sum = 0.0
-            for index in epoch_batches(rng, len(ds.train[0]), batch, config.steps_per_call, skip=done,
-                                       checkpoint_every=config.checkpoint_every,
-                                       first_step=int(state.step.numpy())):
-                total = float(runner.run(x_all, y_all, tf.constant(index), tf.constant(state.step),
-                                         tf.constant(state.examples), start_time))
-                if bool(guard.tripped.numpy()):
-                    raise UserError(_nonfinite_message(guard, model))
-                state.step.assign_add(len(index))
-                state.in_epoch.assign_add(len(index))
-                state.examples.assign_add(index.size)
-                loss_sum, done = loss_sum + total, done + len(index)
-                bar.update(done, [("loss", total / len(index))])
-                if config.checkpoint_every and int(state.step.numpy()) % config.checkpoint_every == 0:
-                    state.save()
-                if should_stop is not None and should_stop():
-                    state.save()
-                    writers.close()
-                    raise Interrupted(run_dir, int(state.step.numpy()))
-            state.epoch.assign_add(1)
-            state.in_epoch.assign(0)
-            state.remember_rng(rng)
-            result.epochs = epoch + 1
-            result.train_history.append(loss_sum / max(done, 1))
-            result.test = evaluate(model, loss_fn, *ds.test, classification)
-            writers.write("test", result.test, int(state.step.numpy()))
+    return _Parts(ds, model, loss_fn, batch, optimizer, noise_scale, guard, steps)
+
+
+def _train_epoch(config, parts, runner, state, rng, verbose, should_stop):
+    """Trains the rest of the current epoch (all of it, unless resumed mid-epoch); returns
+    its mean train loss. Saves checkpoints on the way."""
+    x_all, y_all = tf.constant(parts.ds.train[0]), tf.constant(parts.ds.train[1])
+    n = len(parts.ds.train[0])
+    state.recall_rng(rng)
+    done = int(state.in_epoch.numpy())
+    bar = keras.utils.Progbar(math.ceil(n / parts.batch), verbose=verbose, unit_name="batch")
+    loss_sum, counted = 0.0, 0
+    for index in epoch_batches(rng, n, parts.batch, config.steps_per_call, skip=done,
+                               checkpoint_every=config.checkpoint_every, first_step=int(state.step.numpy())):
+        total = float(runner.run(x_all, y_all, tf.constant(index), tf.constant(state.step),
+                                 tf.constant(state.examples), runner.start_time))
+        if bool(parts.guard.tripped.numpy()):
+            raise UserError(_nonfinite_message(parts.guard, parts.model))
+        state.step.assign_add(len(index))
+        state.in_epoch.assign_add(len(index))
+        state.examples.assign_add(index.size)
+        loss_sum, counted, done = loss_sum + total, counted + len(index), done + len(index)
+        bar.update(done, [("loss", total / len(index))])
+        if config.checkpoint_every and int(state.step.numpy()) % config.checkpoint_every == 0:
             state.save()
-            if verbose:
-                print("  test " + "  ".join(f"{k} {v:.4f}" for k, v in result.test.items()))
-        result.steps = int(state.step.numpy())
-        result.means = runner.means()
-    model.save_weights(os.path.join(run_dir, FINAL_WEIGHTS))
-    if verbose:
-        print(f"Run written to {run_dir}\nSee it with:  tensorboard --logdir {config.logdir}")
-    return result
+        if should_stop is not None and should_stop():
+            state.save()
+            raise Interrupted(state.run_dir, int(state.step.numpy()))
+    return loss_sum / max(counted, 1)
 
 
 def _nonfinite_message(guard, model):

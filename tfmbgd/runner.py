@@ -1,0 +1,134 @@
+"""Running many train steps per compiled call, and drawing the batches of an epoch."""
+
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from tfmbgd import summaries
+
+
+class StepRunner:
+    """Runs many train steps per `tf.function` call and writes their summaries from inside.
+
+    Coming back to Python after every step costs more than a small step itself (and a
+    sync per step); `model.fit` avoids it with `steps_per_execution`, and so does this.
+    Batches are gathered from the training set held as tensors, by indices drawn in
+    Python, so every batch of a call has the same static size: a batch of one is known to
+    have no variance, and an epoch's remainder batch runs in a call of its own.
+
+    Besides the step's own values it writes, on log steps, `loss_by/examples_seen` (the
+    x-axis is the number of examples used so far) and `loss_by/milliseconds` (time since
+    training began), so runs with different batch sizes compare on one chart; and on
+    statistics steps `batch_size`. It keeps the running sums of the finite values of
+    `AVERAGED` tags, for `means()`.
+    """
+
+    AVERAGED = ("noise_scale/simple", "grad_var/trace", "grad_var/of_mean")
+
+    def __init__(self, steps, writer, log_every, stats_every):
+        self.steps, self.writer = steps, writer
+        self.log_every, self.stats_every = log_every, stats_every
+        self._sums = {tag: (tf.Variable(0.0, trainable=False, dtype=tf.float64),
+                            tf.Variable(0, trainable=False, dtype=tf.int64)) for tag in self.AVERAGED}
+        self._compiled = {}
+        self.start_time = tf.constant(time.time(), tf.float64)   # for loss_by/milliseconds
+
+    def run(self, x_all, y_all, index, first_step, first_example, start_time):
+        """Runs `len(index)` steps in one call: one compiled function per batch size, for
+        any number of steps (checkpoints and epoch ends cut calls short)."""
+        batch = int(index.shape[1])
+        if batch not in self._compiled:
+            spec = lambda t: tf.TensorSpec(t.shape, t.dtype)
+            self._compiled[batch] = tf.function(self._run, input_signature=[
+                spec(x_all), spec(y_all), tf.TensorSpec([None, batch], tf.int32),
+                tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.float64)])
+        return self._compiled[batch](x_all, y_all, index, first_step, first_example, start_time)
+
+    def variables(self):
+        """The running sums behind `means()` (checkpointed with the run)."""
+        return [v for pair in self._sums.values() for v in pair]
+
+    def means(self):
+        """Mean of each `AVERAGED` tag over the steps that wrote it (NaN if none)."""
+        return {tag: float(total.numpy()) / int(count.numpy()) if int(count.numpy()) else float("nan")
+                for tag, (total, count) in self._sums.items()}
+
+    def _run(self, x_all, y_all, index, first_step, first_example, start_time):
+        """Steps `first_step, first_step + 1, ...` on batches `x_all[index[i]]`; returns the
+        sum of their mean losses (float32). `start_time`: `time.time()` when training began."""
+        total = tf.constant(0.0)
+        batch = tf.cast(tf.shape(index)[1], tf.int64)
+        for i in tf.range(tf.shape(index)[0]):
+            i64 = tf.cast(i, tf.int64)
+            where = (first_step + i64, first_example + i64 * batch, start_time)
+            loss = self._step(tf.gather(x_all, index[i]), tf.gather(y_all, index[i]), where)
+            finite = tf.math.is_finite(loss)
+            total += tf.cast(tf.where(finite, loss, tf.zeros_like(loss)), tf.float32)
+        return total
+
+    def _step(self, x, y, where):
+        if self.steps.guard is not None:
+            self.steps.guard.current_step.assign(where[0])
+        if not self.stats_every:
+            return self._plain(x, y, where)
+        return tf.cond(where[0] % self.stats_every == 0, lambda: self._with_stats(x, y, where),
+                       lambda: self._plain(x, y, where))
+
+    def _plain(self, x, y, where):
+        out = self.steps._plain(x, y)
+        tf.cond(where[0] % self.log_every == 0, lambda: self._write(out, where),
+                lambda: tf.constant(False))
+        return out["loss"]
+
+    def _with_stats(self, x, y, where):
+        out = self.steps._with_stats(x, y)
+        out["batch_size"] = tf.cast(tf.shape(x)[0], tf.float32)
+        for tag, (total, count) in self._sums.items():
+            if tag in out:
+                value = tf.cast(out[tag], tf.float64)
+                finite = tf.math.is_finite(value)
+                total.assign_add(tf.where(finite, value, tf.zeros_like(value)))
+                count.assign_add(tf.cast(finite, tf.int64))
+        self._write(out, where)
+        return out["loss"]
+
+    def _write(self, values, where):
+        step, examples, start_time = where
+        if self.steps.guard is not None and self.steps.guard.mode == "skip":
+            values = {**values, "nonfinite/skipped": self.steps.guard.skipped}
+        summaries.write_in_graph(self.writer, values, step)
+        # tf.timestamp is refused under op determinism; the host clock through py_function is not.
+        now = tf.py_function(time.time, [], tf.float64)
+        elapsed_ms = tf.cast((now - start_time) * 1000.0, tf.int64)
+        summaries.write_in_graph(self.writer, {"loss_by/examples_seen": values["loss"]}, examples)
+        summaries.write_in_graph(self.writer, {"loss_by/milliseconds": values["loss"]}, elapsed_ms)
+        return tf.constant(True)
+
+
+def epoch_batches(rng, n, batch, steps_per_call, skip=0, checkpoint_every=0, first_step=0):
+    """Index arrays for one epoch, one array `[steps, batch]` per compiled call.
+
+    The epoch's order is drawn from `rng` (every example once); full batches first, then
+    the remainder batch alone. The first `skip` steps are left out (a resumed epoch), and
+    calls end at multiples of `checkpoint_every` (counted from `first_step`, the step of the
+    first batch returned) so that checkpoints fall between calls.
+    """
+    order = rng.permutation(n).astype(np.int32)
+    full = n // batch * batch
+    batches = list(order[:full].reshape(-1, batch))
+    if full < n:
+        batches.append(order[full:])
+    batches = batches[skip:]
+    calls, step = [], first_step
+    while batches:
+        size = len(batches[0])
+        limit = steps_per_call
+        if checkpoint_every:
+            limit = min(limit, checkpoint_every - step % checkpoint_every)
+        take = 1
+        while take < min(limit, len(batches)) and len(batches[take]) == size:
+            take += 1
+        calls.append(np.stack(batches[:take]))
+        batches, step = batches[take:], step + take
+    return calls
