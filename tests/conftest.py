@@ -81,3 +81,16 @@ class _Hist:
     def __init__(self, buckets):      # rows (left edge, right edge, count)
         self.num = int(round(buckets[:, 2].sum()))
         self.min = float(buckets[0, 0])
+
+
+def tree_hash(path):
+    """SHA-256 over the names and contents of every file below `path`."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).rglob("*")):
+        digest.update(str(file.relative_to(path)).encode())
+        if file.is_file():
+            digest.update(file.read_bytes())
+    return digest.hexdigest()

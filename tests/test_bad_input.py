@@ -1,6 +1,5 @@
 """Bad input, table-driven: one line naming the problem, exit 2, no traceback, no run touched."""
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -9,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tree_hash
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -16,15 +17,6 @@ def _train(*args):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}    # as a user runs it
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True,
                           text=True, timeout=120, env=env)
-
-
-def _hash(path):
-    digest = hashlib.sha256()
-    for file in sorted(Path(path).rglob("*")):
-        digest.update(str(file.relative_to(path)).encode())
-        if file.is_file():
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +88,7 @@ CASES = [  # (id, args built from the world, words the one line must contain)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(world, case):
     _, make_args, words = case
-    before = _hash(world["logdir"])
+    before = tree_hash(world["logdir"])
     args = make_args(world)
     if not any(a.startswith(("--logdir", "--resume")) for a in args):
         args.append(f"--logdir={world['logdir']}")
@@ -105,5 +97,5 @@ def test_bad_input(world, case):
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("train.py: error:") and words in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
-    assert _hash(world["logdir"]) == before, "an existing run was changed"
+    assert tree_hash(world["logdir"]) == before, "an existing run was changed"
     assert len(list(world["logdir"].iterdir())) == 1, "a run directory was created"

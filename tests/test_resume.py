@@ -1,6 +1,5 @@
 """Checkpoints and exact resume: a run killed at a random step ends bit-identical."""
 
-import hashlib
 import os
 import random
 import signal
@@ -12,6 +11,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
+from conftest import tree_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--hidden=8", "--batch_size=4", "--epochs=3", "--learning_rate=0.05", "--stats_every=4",
@@ -108,20 +109,11 @@ def test_interrupt_saves_prints_the_resume_command_and_exits(dataset, reference,
         np.testing.assert_array_equal(value, reference[name])
 
 
-def _tree_hash(path):
-    digest = hashlib.sha256()
-    for file in sorted(Path(path).rglob("*")):
-        digest.update(str(file.relative_to(path)).encode())
-        if file.is_file():
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
 def test_resume_refuses_a_contradicting_config_and_changes_nothing(dataset, tmp_path):
     done = _train(dataset, *FLAGS[:2], "--epochs=1", f"--logdir={tmp_path}")
     assert done.returncode == 0, done.stderr[-2000:]
     run_dir = _only_run(tmp_path)
-    before = _tree_hash(run_dir)
+    before = tree_hash(run_dir)
     for flag, name in (("--model=linear", "model"), ("--optimizer=adam", "optimizer"),
                        ("--dataset=digits", "dataset"), ("--batch_size=8", "batch_size")):
         proc = _train(f"--resume={run_dir}", flag, timeout=60)
@@ -130,4 +122,4 @@ def test_resume_refuses_a_contradicting_config_and_changes_nothing(dataset, tmp_
         assert f"{name}=" in lines[0] and "contradicts" in lines[0]
     nothing = _train(f"--resume={tmp_path / 'no-run'}", timeout=60)
     assert nothing.returncode == 2 and "holds no run" in nothing.stderr
-    assert _tree_hash(run_dir) == before
+    assert tree_hash(run_dir) == before
