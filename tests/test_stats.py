@@ -94,8 +94,11 @@ def test_per_example_grad_norm_is_the_histogram_of_oracle_norms(problem):
     model, loss_fn, x, y = make_problem(problem)
     oracle = oracle_per_example(model, loss_fn, x, y)
     want = np.sqrt(sum((o.reshape(len(x), -1) ** 2).sum(axis=1) for o in oracle))
-    got = stats.summarize(gradient_moments(model, loss_fn, x, y), model.trainable_variables)
-    np.testing.assert_allclose(got["per_example_grad_norm"], want, rtol=1e-5)
+    m = gradient_moments(model, loss_fn, x, y)
+    got = stats.statistics(m, [v.path for v in model.trainable_variables])["per_example_grad_norm"]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    assert "per_example_grad_norm" not in stats.summarize(m, model.trainable_variables)
+    assert all(isinstance(v, float) for v in stats.summarize(m, model.trainable_variables).values())
 
 
 def test_noise_scale_terms_match_numpy(problem):

@@ -160,9 +160,10 @@ def statistics(m, names):
 
 
 def summarize(m, variables):
-    """`statistics` as plain Python values named by `variable.path` (eager use): floats
-    for scalars, a numpy array for `per_example_grad_norm`."""
-    out = {}
-    for tag, value in statistics(m, [v.path for v in variables]).items():
-        out[tag] = float(value) if value.shape.rank == 0 else value.numpy()
-    return out
+    """The scalar `statistics` as `{tag: float}`, named by `variable.path` (eager use).
+
+    The per-example norms behind the `per_example_grad_norm` histogram are a vector, not a
+    scalar: they are in `statistics(m, names)` and `tf.sqrt(m.norms_sq)`.
+    """
+    return {tag: float(value) for tag, value in statistics(m, [v.path for v in variables]).items()
+            if value.shape.rank == 0}
