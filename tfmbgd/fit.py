@@ -126,7 +126,7 @@ class GradientStatisticsMixin:
                 total = tf.add_n(self.losses) if self.losses else tf.zeros([])
             return gradients.dense_gradients(variables, tape.gradient(total, variables))
 
-        apply = lambda grads: self.optimizer.apply_gradients(zip(grads, variables))
+        apply = lambda grads, loss: self.optimizer.apply_gradients(zip(grads, variables))
         m, values = steps.statistics_update(
             self, loss_fn, x, y, apply, rec.method, rec.elementwise, rec.noise_scale,
             extra_gradients=penalties if self.losses else None)

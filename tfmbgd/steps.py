@@ -66,7 +66,8 @@ def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=Fa
     """Applies one update from the gradient moments of `(x, y)`; returns `(moments, stats)`.
 
     Args:
-      apply: `apply(grads)` that updates `model.trainable_variables`.
+      apply: `apply(grads, loss)` that updates `model.trainable_variables` (`loss`: the
+        batch's mean loss, for a `NonFiniteGuard`; other rules ignore it).
       method, elementwise: as for `tfmbgd.stats.gradient_moments`.
       noise_scale: a `stats.NoiseScaleEMA` to fold this batch into, or None.
       reduction: "mean" applies the mean gradient, "sum" B times it.
@@ -86,7 +87,7 @@ def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=Fa
         grads = [tf.cast(m.batch_size, g.dtype) * g for g in grads]
     if extra_gradients is not None:
         grads = [g + e for g, e in zip(grads, extra_gradients())]
-    apply(grads)
+    apply(grads, tf.reduce_mean(m.losses))
     out = stats.statistics(m, [v.path for v in model.trainable_variables])
     if noise_scale is not None and "grad_var/trace" in out:    # B_simple needs B >= 2
         # The terms of stats.noise_scale_terms, from scalars already computed:
@@ -164,8 +165,7 @@ class Steps:
                  classification=True, elementwise=False, noise_scale=None, micro_batch=None,
                  guard=None):
         self.model, self.loss_fn, self.guard = model, loss_fn, guard
-        self._loss = None          # the batch loss of the step being traced, for the guard
-        self.apply = apply if guard is None else lambda grads: guard(grads, self._loss)
+        self.apply = apply
         self.reduction, self.method, self.classification = reduction, method, classification
         self.elementwise, self.micro_batch = elementwise, micro_batch
         self.noise_scale = noise_scale if noise_scale is not None else stats.NoiseScaleEMA()
@@ -179,8 +179,7 @@ class Steps:
             outputs = self.model(x, training=True)
             per_example = self.loss_fn(y, outputs)
             loss = losses.reduce(per_example, self.reduction)
-        self._loss = loss
-        self.apply(tape.gradient(loss, self.model.trainable_variables))
+        self._apply(tape.gradient(loss, self.model.trainable_variables), loss)
         return self._metrics(per_example, outputs, y)
 
     def _accumulated(self, x, y):
@@ -199,13 +198,18 @@ class Steps:
             outputs.append(out)
         if self.reduction == "mean":
             total = [g / x.shape[0] for g in total]
-        self._loss = tf.reduce_sum(tf.concat(per_example, 0))
-        self.apply(total)
+        self._apply(total, tf.reduce_sum(tf.concat(per_example, 0)))
         return self._metrics(tf.concat(per_example, 0), tf.concat(outputs, 0), y)
 
+    def _apply(self, grads, loss):
+        """One update; with a guard, only when `grads` and `loss` are finite."""
+        if self.guard is None:
+            self.apply(grads)
+        else:
+            self.guard(grads, loss)
+
     def _with_stats(self, x, y):
-        self._loss = None     # the guard checks the gradients (a non-finite loss makes them so)
-        m, statistics = statistics_update(self.model, self.loss_fn, x, y, self.apply, self.method,
+        m, statistics = statistics_update(self.model, self.loss_fn, x, y, self._apply, self.method,
                                           self.elementwise, self.noise_scale, self.reduction,
                                           micro_batch=self.micro_batch)
         out = self._metrics(m.losses, m.outputs, y)
