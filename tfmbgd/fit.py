@@ -121,19 +121,18 @@ class GradientStatisticsMixin:
         loss_fn = rec.loss or per_example_loss(self.loss)
         variables = self.trainable_variables
 
-        def penalties():
+        def penalties():      # called only when there are penalties
             with tf.GradientTape() as tape:
-                total = tf.add_n(self.losses) if self.losses else tf.zeros([])
+                total = tf.add_n(self.losses)
             return gradients.dense_gradients(variables, tape.gradient(total, variables))
 
         apply = lambda grads, loss: self.optimizer.apply_gradients(zip(grads, variables))
         m, values = steps.statistics_update(
             self, loss_fn, x, y, apply, rec.method, rec.elementwise, rec.noise_scale,
             extra_gradients=penalties if self.losses else None)
-        values["loss"] = tf.reduce_mean(m.losses)
+        values["loss"] = data_loss = tf.reduce_mean(m.losses)
         summaries.write_in_graph(rec.writer, values, step)
-        penalty = tf.add_n(self.losses) if self.losses else 0.0
-        return tf.reduce_mean(m.losses) + penalty, m.outputs
+        return data_loss + (tf.add_n(self.losses) if self.losses else 0.0), m.outputs
 
 
 class GradientStatisticsModel(GradientStatisticsMixin, keras.Model):

@@ -34,7 +34,7 @@ class StepRunner:
         self._compiled = {}
         self.start_time = tf.constant(time.time(), tf.float64)   # for loss_by/milliseconds
 
-    def run(self, x_all, y_all, index, first_step, first_example, start_time):
+    def run(self, x_all, y_all, index, first_step, first_example):
         """Runs `len(index)` steps in one call: one compiled function per batch size, for
         any number of steps (checkpoints and epoch ends cut calls short)."""
         batch = int(index.shape[1])
@@ -43,7 +43,7 @@ class StepRunner:
             self._compiled[batch] = tf.function(self._run, input_signature=[
                 spec(x_all), spec(y_all), tf.TensorSpec([None, batch], tf.int32),
                 tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.float64)])
-        return self._compiled[batch](x_all, y_all, index, first_step, first_example, start_time)
+        return self._compiled[batch](x_all, y_all, index, first_step, first_example, self.start_time)
 
     def variables(self):
         """The running sums behind `means()` (checkpointed with the run)."""
@@ -56,7 +56,7 @@ class StepRunner:
 
     def _run(self, x_all, y_all, index, first_step, first_example, start_time):
         """Steps `first_step, first_step + 1, ...` on batches `x_all[index[i]]`; returns the
-        sum of their mean losses (float32). `start_time`: `time.time()` when training began."""
+        sum of their mean losses (float32). `start_time`: `time.time()` when the runner was made."""
         total = tf.constant(0.0)
         batch = tf.cast(tf.shape(index)[1], tf.int64)
         for i in tf.range(tf.shape(index)[0]):

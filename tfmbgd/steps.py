@@ -56,9 +56,14 @@ def make_update(rule, variables, learning_rate, optimizer="sgd"):
         return apply
     if rule not in ("custom", "keras"):
         raise UserError(f"update must be manual, custom or keras; got {rule!r}")
-    opt = make_optimizer(optimizer, learning_rate, rule)
-    opt.build(variables)   # slots exist before the step is traced
-    return lambda grads: opt.apply_gradients(zip(grads, variables))
+    return optimizer_update(make_optimizer(optimizer, learning_rate, rule), variables)
+
+
+def optimizer_update(optimizer, variables):
+    """Builds `optimizer` for `variables` (its slots exist before a step is traced) and
+    returns `apply(grads)` that applies one update with it."""
+    optimizer.build(variables)
+    return lambda grads: optimizer.apply_gradients(zip(grads, variables))
 
 
 def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=False,

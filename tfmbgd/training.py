@@ -20,7 +20,7 @@ from tfmbgd import checkpoints, data, losses, models, stats, summaries
 from tfmbgd import config as config_lib
 from tfmbgd.errors import UserError
 from tfmbgd.runner import StepRunner, epoch_batches
-from tfmbgd.steps import NonFiniteGuard, Steps, make_optimizer, make_update
+from tfmbgd.steps import NonFiniteGuard, Steps, make_optimizer, make_update, optimizer_update
 
 FINAL_WEIGHTS = "final.weights.h5"
 
@@ -135,6 +135,8 @@ def train(config, verbose=1, run_dir=None, should_stop=None):
 
 class _Parts(NamedTuple):
     ds: data.Dataset
+    x_all: tf.Tensor            # the training set as tensors, gathered from by index
+    y_all: tf.Tensor
     model: keras.Model
     loss_fn: object
     batch: int                  # examples per update
@@ -153,19 +155,18 @@ def _build(config):
         apply = make_update("manual", model.trainable_variables, config.learning_rate, config.optimizer)
     else:
         optimizer = make_optimizer(config.optimizer, config.learning_rate, config.update)
-        optimizer.build(model.trainable_variables)
-        apply = lambda grads: optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        apply = optimizer_update(optimizer, model.trainable_variables)
     noise_scale = stats.NoiseScaleEMA(config.noise_scale_decay)
     guard = NonFiniteGuard(apply, config.on_nonfinite)
     steps = Steps(model, loss_fn, apply, config.reduction, config.grad_method, ds.num_classes > 0,
                   config.elementwise_stats, noise_scale, micro, guard)
-    return _Parts(ds, model, loss_fn, batch, optimizer, noise_scale, guard, steps)
+    x_all, y_all = tf.constant(ds.train[0]), tf.constant(ds.train[1])
+    return _Parts(ds, x_all, y_all, model, loss_fn, batch, optimizer, noise_scale, guard, steps)
 
 
 def _train_epoch(config, parts, runner, state, rng, verbose, should_stop):
     """Trains the rest of the current epoch (all of it, unless resumed mid-epoch); returns
     its mean train loss. Saves checkpoints on the way."""
-    x_all, y_all = tf.constant(parts.ds.train[0]), tf.constant(parts.ds.train[1])
     n = len(parts.ds.train[0])
     state.recall_rng(rng)
     done = int(state.in_epoch.numpy())
@@ -173,8 +174,8 @@ def _train_epoch(config, parts, runner, state, rng, verbose, should_stop):
     loss_sum, counted = 0.0, 0
     for index in epoch_batches(rng, n, parts.batch, config.steps_per_call, skip=done,
                                checkpoint_every=config.checkpoint_every, first_step=int(state.step.numpy())):
-        total = float(runner.run(x_all, y_all, tf.constant(index), tf.constant(state.step),
-                                 tf.constant(state.examples), runner.start_time))
+        total = float(runner.run(parts.x_all, parts.y_all, tf.constant(index), tf.constant(state.step),
+                                 tf.constant(state.examples)))
         if bool(parts.guard.tripped.numpy()):
             raise UserError(_nonfinite_message(parts.guard, parts.model))
         state.step.assign_add(len(index))
