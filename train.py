@@ -69,6 +69,13 @@ flags.DEFINE_bool("deterministic", _D.deterministic,
 flags.DEFINE_enum("on_nonfinite", _D.on_nonfinite, ["stop", "skip"],
                   "A non-finite loss or gradient: stop (keep the last good checkpoint, exit 2) or "
                   "skip that update and count it in nonfinite/skipped.")
+flags.DEFINE_enum("strategy", _D.strategy, cfg.STRATEGIES,
+                  "default: one device. mirrored: one replica per local GPU (or per --cpu_devices). "
+                  "multi_worker: one replica per process of the TF_CONFIG cluster. --batch_size "
+                  "is the global batch, split across replicas.")
+flags.DEFINE_integer("cpu_devices", _D.cpu_devices,
+                     "Split the CPU into N logical devices, the replicas of --strategy=mirrored on a "
+                     "machine without GPUs (a local simulation of several devices).", lower_bound=1)
 flags.DEFINE_enum("mode", _D.mode, cfg.MODES,
                   "train, or compare: contrast every gradient method and update rule on one batch.")
 
@@ -99,15 +106,17 @@ def config_from_flags():
     return cfg.resume(FLAGS.resume, given)
 
 
-def _start_tensorflow_quietly():
+def _start_tensorflow_quietly(config):
     """Imports TensorFlow and initialises its devices with stderr sent to /dev/null.
 
     TensorFlow's C++ start-up lines (oneDNN, CUDA probing) ignore TF_CPP_MIN_LOG_LEVEL in
     recent releases and print before absl logging is set up. Python errors still surface:
     stderr is restored before anything is raised. Set TF_CPP_MIN_LOG_LEVEL to see them.
+    The CPU split and a multi-worker strategy must exist before TensorFlow runs any op,
+    so they are made here.
     """
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
-        import tensorflow  # noqa: F401
+        _start_tensorflow(config)
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     sys.stderr.flush()
@@ -115,11 +124,21 @@ def _start_tensorflow_quietly():
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-            import tensorflow as tf
-            tf.config.list_logical_devices()
+            _start_tensorflow(config)
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def _start_tensorflow(config):
+    import tensorflow as tf
+
+    from tfmbgd import distribute
+    if config.cpu_devices > 1:
+        distribute.split_cpu(config.cpu_devices)
+    if config.strategy != "default":
+        distribute.make_strategy(config.strategy, config.cpu_devices)
+    tf.config.list_logical_devices()
 
 
 def main(argv):
@@ -134,7 +153,11 @@ def main(argv):
     except (flags.Error, UserError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
-    _start_tensorflow_quietly()
+    try:
+        _start_tensorflow_quietly(config)
+    except UserError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
     from tfmbgd import training
     try:
         if config.mode == "compare":

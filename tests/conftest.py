@@ -1,4 +1,5 @@
-"""Shared set-up: quiet TensorFlow, deterministic ops, and small test problems as data."""
+"""Shared set-up: quiet TensorFlow, deterministic ops, two logical CPU devices, and small
+test problems as data."""
 
 import os
 
@@ -9,6 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+# Two logical CPU devices for the tf.distribute tests; this has to happen before TensorFlow
+# runs any op, hence here. Everything else runs on the first, as it would without the split.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 tf.config.experimental.enable_op_determinism()
 
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402

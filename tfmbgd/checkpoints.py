@@ -37,10 +37,13 @@ class RunState:
     def save(self):
         return self.manager.save(checkpoint_number=int(self.step.numpy()))
 
-    def restore(self):
-        latest = self.manager.latest_checkpoint
+    def restore(self, run_dir=None):
+        """Restores the latest checkpoint of `run_dir` (default: this run's own directory;
+        a worker that is not the chief reads the chief's and writes its own elsewhere)."""
+        directory = self.manager.directory if run_dir is None else os.path.join(run_dir, CHECKPOINTS)
+        latest = tf.train.latest_checkpoint(directory)
         if latest is None:
-            raise UserError(f"no checkpoint in {self.manager.directory}; nothing to resume")
+            raise UserError(f"no checkpoint in {directory}; nothing to resume")
         self.checkpoint.restore(latest).assert_existing_objects_matched()
         return latest
 

@@ -20,6 +20,7 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam")
 GRAD_METHODS = ("auto", "layerwise", "vectorized", "jacobian", "loop")
 MODES = ("train", "compare")
 LR_SCALINGS = ("none", "linear", "sqrt")
+STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,8 @@ class TrainConfig:
     deterministic: bool = False        # TensorFlow op determinism: bit-identical reruns and resumes
     on_nonfinite: str = "stop"         # a non-finite gradient: stop the run, or skip that update
     seed: int = 0                      # initial weights, shuffling and synthetic data
+    strategy: str = "default"          # default (one device) | mirrored (local devices) | multi_worker
+    cpu_devices: int = 1               # split the CPU into N logical devices (mirrored, no GPU)
     mode: str = "train"                # train | compare (one batch, every method side by side)
 
     def __post_init__(self):
@@ -66,6 +69,16 @@ class TrainConfig:
         _check_choice("mode", self.mode, MODES)
         _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         _check_choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_int("cpu_devices", self.cpu_devices, minimum=1)
+        if self.cpu_devices > 1 and self.strategy != "mirrored":
+            raise UserError(f"cpu_devices={self.cpu_devices} splits the CPU into replicas of "
+                            "--strategy=mirrored; add that flag, or leave cpu_devices at 1")
+        if self.strategy != "default" and self.accumulate > 1:
+            raise UserError(f"accumulate={self.accumulate} is not supported with --strategy={self.strategy}: "
+                            "raise --batch_size instead (it is the global batch, split across replicas)")
+        if self.strategy != "default" and self.mode == "compare":
+            raise UserError("--mode=compare contrasts gradients on one device; drop --strategy")
         if any(b is not None and (not _is_int(b) or b < 1) for b in self.batch_sizes):
             raise UserError(f"batch_sizes must be positive integers or None (full); got {self.batch_sizes!r}")
         if len(set(self.batch_sizes)) != len(self.batch_sizes):
@@ -122,7 +135,7 @@ CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 # Settings that may differ when a run is resumed; every other one must match the run's.
 CHANGEABLE_ON_RESUME = ("epochs", "log_every", "steps_per_call", "checkpoint_every", "keep_checkpoints",
-                        "resume", "logdir", "deterministic", "on_nonfinite")
+                        "resume", "logdir", "deterministic", "on_nonfinite", "strategy", "cpu_devices")
 
 
 def save(run_dir, config):

@@ -10,7 +10,7 @@ statistics are of the very batch that was applied.
 import keras
 import tensorflow as tf
 
-from tfmbgd import gradients, losses, optimizers, stats
+from tfmbgd import distribute, gradients, losses, optimizers, stats
 from tfmbgd.errors import UserError
 from tfmbgd.moments import accumulated_moments, gradient_moments, micro_batches
 
@@ -61,13 +61,30 @@ def make_update(rule, variables, learning_rate, optimizer="sgd"):
 
 def optimizer_update(optimizer, variables):
     """Builds `optimizer` for `variables` (its slots exist before a step is traced) and
-    returns `apply(grads)` that applies one update with it."""
+    returns `apply(grads)` that applies one update with it.
+
+    Under a tf.distribute strategy the steps reduce the gradient across replicas
+    themselves (the statistics and the non-finite check need it), so `apply` is called in
+    cross-replica context with the global gradient. Keras optimizers apply only in replica
+    context and sum the replicas' gradients there; so replica 0 passes the whole gradient
+    and the others zeros, whose sum is exactly the gradient (x + 0 = x), as one device has it.
+    """
     optimizer.build(variables)
-    return lambda grads: optimizer.apply_gradients(zip(grads, variables))
+
+    def apply(grads):
+        if not (tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context()):
+            return optimizer.apply_gradients(zip(grads, variables))
+
+        def in_replica(grads):
+            first = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group, 0)
+            optimizer.apply_gradients(zip([tf.where(first, g, tf.zeros_like(g)) for g in grads], variables))
+        tf.distribute.get_strategy().extended.call_for_each_replica(in_replica, args=(grads,))
+    return apply
 
 
 def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=False,
-                      noise_scale=None, reduction="mean", extra_gradients=None, micro_batch=None):
+                      noise_scale=None, reduction="mean", extra_gradients=None, micro_batch=None,
+                      replicas=None, two_batch=None):
     """Applies one update from the gradient moments of `(x, y)`; returns `(moments, stats)`.
 
     Args:
@@ -78,12 +95,20 @@ def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=Fa
       reduction: "mean" applies the mean gradient, "sum" B times it.
       extra_gradients: `() -> grads` added to the update, e.g. of regularization penalties.
       micro_batch: accumulate the moments over micro-batches of this size (None: at once).
+      replicas: a `distribute.Replicas`: `(x, y)` is the global batch, split across them,
+        and the moments are merged into those of the global batch.
+      two_batch: a `stats.NoiseScaleEMA` for the two-batch noise scale from the replicas'
+        and the global batch's gradients (needs `replicas`, evenly split).
 
     Returns:
       The `GradientMoments` and the dict of `stats.statistics`, plus
-      `noise_scale/simple` when `noise_scale` is given and B >= 2.
+      `noise_scale/simple` when `noise_scale` is given and B >= 2, and
+      `noise_scale/two_batch` when `two_batch` is given and can be computed.
     """
-    if micro_batch is None:
+    small_sq = None
+    if replicas is not None:
+        m, small_sq = replicas.moments(model, loss_fn, x, y, method, elementwise)
+    elif micro_batch is None:
         m = gradient_moments(model, loss_fn, x, y, method, elementwise)
     else:
         m = accumulated_moments(model, loss_fn, x, y, micro_batch, method, elementwise)
@@ -99,6 +124,10 @@ def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=Fa
         # |G|^2 = |mean|^2 - tr(Sigma) / B.
         grad_sq = tf.square(out["grad/norm"]) - out["grad_var/of_mean"]
         out["noise_scale/simple"] = noise_scale.update(out["grad_var/trace"], grad_sq)
+    if two_batch is not None and small_sq is not None:
+        terms = distribute.two_batch_terms(small_sq, tf.square(out["grad/norm"]),
+                                           replicas.share(m.batch_size), m.batch_size)
+        out["noise_scale/two_batch"] = two_batch.update(*terms)
     return m, out
 
 
@@ -164,12 +193,18 @@ class Steps:
         micro-batches of this size, one after another, and their summed gradients applied
         once — the same update as the whole batch at once. None: no accumulation.
       guard: a `NonFiniteGuard` around `apply`, or None to apply every update.
+      replicas: a `distribute.Replicas` to split every (global) batch across; the update
+        and the statistics are those of the global batch. `with_stats` then also gives
+        `noise_scale/two_batch`, smoothed by `two_batch` (a `stats.NoiseScaleEMA`).
     """
 
     def __init__(self, model, loss_fn, apply, reduction="mean", method="auto",
                  classification=True, elementwise=False, noise_scale=None, micro_batch=None,
-                 guard=None):
+                 guard=None, replicas=None, two_batch=None):
+        if replicas is not None and micro_batch is not None:
+            raise UserError("gradient accumulation is not supported across replicas; raise the batch size")
         self.model, self.loss_fn, self.guard = model, loss_fn, guard
+        self.replicas, self.two_batch = replicas, two_batch
         self.apply = apply
         self.reduction, self.method, self.classification = reduction, method, classification
         self.elementwise, self.micro_batch = elementwise, micro_batch
@@ -180,6 +215,8 @@ class Steps:
     def _plain(self, x, y):
         if self.micro_batch is not None:
             return self._accumulated(x, y)
+        if self.replicas is not None:
+            return self._replicated(x, y)
         with tf.GradientTape() as tape:
             outputs = self.model(x, training=True)
             per_example = self.loss_fn(y, outputs)
@@ -206,6 +243,15 @@ class Steps:
         self._apply(total, tf.reduce_sum(tf.concat(per_example, 0)))
         return self._metrics(tf.concat(per_example, 0), tf.concat(outputs, 0), y)
 
+    def _replicated(self, x, y):
+        """The plain step with the global batch `x` split across replicas."""
+        grads, per_example, outputs = self.replicas.gradients(self.model, self.loss_fn, x, y)
+        loss = losses.reduce(per_example, self.reduction)
+        if self.reduction == "sum":
+            grads = [g * x.shape[0] for g in grads]
+        self._apply(grads, loss)
+        return self._metrics(per_example, outputs, y)
+
     def _apply(self, grads, loss):
         """One update; with a guard, only when `grads` and `loss` are finite."""
         if self.guard is None:
@@ -216,7 +262,8 @@ class Steps:
     def _with_stats(self, x, y):
         m, statistics = statistics_update(self.model, self.loss_fn, x, y, self._apply, self.method,
                                           self.elementwise, self.noise_scale, self.reduction,
-                                          micro_batch=self.micro_batch)
+                                          micro_batch=self.micro_batch, replicas=self.replicas,
+                                          two_batch=self.two_batch)
         out = self._metrics(m.losses, m.outputs, y)
         out.update(statistics)
         return out

@@ -88,7 +88,7 @@ def write_in_graph(writer, values, step):
     """Writes a dict of tensors at `step` from inside a `tf.function`.
 
     Scalars become scalar summaries and vectors (the per-example gradient norms)
-    histograms; a non-finite `noise_scale/simple` (undefined while the noise hides the
+    histograms; a non-finite `noise_scale/*` (undefined while the noise hides the
     signal) is not written. The writes usually sit in a `tf.cond` branch: `name_scope(None)`
     keeps its "cond/" scope out of the tags, so they read as when written eagerly.
     """
@@ -96,7 +96,7 @@ def write_in_graph(writer, values, step):
         for tag, value in values.items():
             if value.shape.rank:
                 tf.summary.histogram(tag, value)
-            elif tag == "noise_scale/simple":
+            elif tag.startswith("noise_scale/"):
                 tf.cond(tf.math.is_finite(value), lambda t=tag, v=value: _scalar(t, v),
                         lambda: tf.constant(False))
             else:
@@ -125,7 +125,8 @@ def layout(variable_paths):
             chart("all variables: norm of the mean gradient, variance of the mean",
                   "^grad/norm$", "^grad_var/of_mean$"), *per_variable]),
         layout_pb2.Category(title="Noise scale and batch size", chart=[
-            chart("B_simple (smoothed)", "^noise_scale/simple$"),
+            chart("B_simple (smoothed); two_batch: from replicas vs global batch",
+                  "^noise_scale/simple$", "^noise_scale/two_batch$"),
             chart("batch size", "^batch_size$")]),
     ])
 

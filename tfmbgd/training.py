@@ -7,16 +7,18 @@ moments instead: their `mean` *is* the gradient of the mean loss, so the update 
 same and the statistics are of the very batch that was applied.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
+import tempfile
 from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmbgd import checkpoints, data, losses, models, stats, summaries
+from tfmbgd import checkpoints, data, distribute, losses, models, stats, summaries
 from tfmbgd import config as config_lib
 from tfmbgd.errors import UserError
 from tfmbgd.runner import StepRunner, epoch_batches
@@ -85,37 +87,61 @@ def train(config, verbose=1, run_dir=None, should_stop=None):
     Steps count from 0: the statistics logged at step s are those of the weights after s
     updates, computed on the batch of update s + 1.
 
+    Under `config.strategy` "mirrored" or "multi_worker" the batch size is the global
+    batch, split across the replicas (see `tfmbgd.distribute`). Only the chief writes the
+    run; every other worker writes its summaries and checkpoints (which tf.distribute
+    needs every worker to make) to a temporary directory that it removes at the end.
+
     Raises:
       UserError: a data set, model or logdir that cannot be used, or a loss that stops
         being finite. Interrupted: `should_stop` asked for it.
     """
+    strategy = distribute.make_strategy(config.strategy, config.cpu_devices)
+    with contextlib.ExitStack() as stack:
+        if not distribute.is_chief(strategy):
+            run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfmbgd-worker-"))
+            verbose = 0
+        return _train(config, verbose, run_dir, should_stop, strategy)
+
+
+def _train(config, verbose, run_dir, should_stop, strategy):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
-    parts = _build(config)
-    if config.resume:
+    with strategy.scope():      # model, optimizer and the steps' variables: one copy per replica
+        parts = _build(config, strategy)
+    if run_dir is None and config.resume:
         run_dir = config.resume
-    else:
-        run_dir = run_dir or summaries.new_run_dir(config.logdir, summaries.run_name(config))
+    elif run_dir is None:
+        run_dir = summaries.new_run_dir(config.logdir, summaries.run_name(config))
+    if run_dir != config.resume:
         config_lib.save(run_dir, config)
     rng = np.random.default_rng(config.seed)
     result = RunResult(run_dir, 0, 0, {})
     with summaries.RunWriters(run_dir) as writers:
-        runner = StepRunner(parts.steps, writers.writer("train"), config.log_every, config.stats_every)
-        smoothing = [parts.noise_scale.trace, parts.noise_scale.grad_sq, *runner.variables()]
+        with strategy.scope():
+            runner = StepRunner(parts.steps, writers.writer("train"), config.log_every, config.stats_every)
+        smoothing = [parts.noise_scale.trace, parts.noise_scale.grad_sq, *runner.variables(),
+                     parts.two_batch.trace, parts.two_batch.grad_sq]
+        # The run's counters are this process's own (outside the strategy's scope: a
+        # multi-worker strategy cannot broadcast the string that holds the rng state).
         state = checkpoints.RunState(run_dir, parts.model, parts.optimizer, smoothing,
                                      config.keep_checkpoints)
         if config.resume:
-            latest = state.restore()
+            latest = state.restore(config.resume)
             if verbose:
                 print(f"Resuming {run_dir} from {os.path.basename(latest)} (step {int(state.step.numpy())})")
         else:
             state.remember_rng(rng)
             summaries.write_layout(writers.writer("train"), [v.path for v in parts.model.trainable_variables])
+        if verbose and parts.steps.replicas is not None:
+            print(_replicas_line(parts.steps.replicas, parts.batch))
         for epoch in range(int(state.epoch.numpy()), config.epochs):
             if verbose:
                 print(f"Epoch {epoch + 1}/{config.epochs}")
-            result.train_history.append(_train_epoch(config, parts, runner, state, rng, verbose, should_stop))
+            with strategy.scope():
+                loss = _train_epoch(config, parts, runner, state, rng, verbose, should_stop)
+            result.train_history.append(loss)
             state.epoch.assign_add(1)
             state.in_epoch.assign(0)
             state.remember_rng(rng)
@@ -133,6 +159,13 @@ def train(config, verbose=1, run_dir=None, should_stop=None):
     return result
 
 
+def _replicas_line(replicas, batch):
+    share = replicas.share(batch)
+    split = (f"{share} examples each" if batch % replicas.count == 0 else
+             f"up to {share} examples each (the last share is padded with weight-0 examples)")
+    return f"{replicas.count} replicas share each global batch of {batch}: {split}"
+
+
 class _Parts(NamedTuple):
     ds: data.Dataset
     x_all: tf.Tensor            # the training set as tensors, gathered from by index
@@ -142,12 +175,13 @@ class _Parts(NamedTuple):
     batch: int                  # examples per update
     optimizer: object           # None for the manual rule
     noise_scale: stats.NoiseScaleEMA
+    two_batch: stats.NoiseScaleEMA   # the two-batch noise scale (several replicas only)
     guard: NonFiniteGuard
     steps: Steps
 
 
-def _build(config):
-    """Data, model, update rule and steps of a run."""
+def _build(config, strategy):
+    """Data, model, update rule and steps of a run (under `strategy.scope()`)."""
     ds = data.load(config.dataset, config.seed)
     model, loss_fn, batch, micro = setup(config, ds)
     optimizer = None
@@ -157,11 +191,14 @@ def _build(config):
         optimizer = make_optimizer(config.optimizer, config.learning_rate, config.update)
         apply = optimizer_update(optimizer, model.trainable_variables)
     noise_scale = stats.NoiseScaleEMA(config.noise_scale_decay)
+    two_batch = stats.NoiseScaleEMA(config.noise_scale_decay)
     guard = NonFiniteGuard(apply, config.on_nonfinite)
+    replicas = None if config.strategy == "default" else distribute.Replicas(strategy)
     steps = Steps(model, loss_fn, apply, config.reduction, config.grad_method, ds.num_classes > 0,
-                  config.elementwise_stats, noise_scale, micro, guard)
+                  config.elementwise_stats, noise_scale, micro, guard, replicas,
+                  two_batch if replicas is not None and replicas.count > 1 else None)
     x_all, y_all = tf.constant(ds.train[0]), tf.constant(ds.train[1])
-    return _Parts(ds, x_all, y_all, model, loss_fn, batch, optimizer, noise_scale, guard, steps)
+    return _Parts(ds, x_all, y_all, model, loss_fn, batch, optimizer, noise_scale, two_batch, guard, steps)
 
 
 def _train_epoch(config, parts, runner, state, rng, verbose, should_stop):
@@ -174,8 +211,9 @@ def _train_epoch(config, parts, runner, state, rng, verbose, should_stop):
     loss_sum, counted = 0.0, 0
     for index in epoch_batches(rng, n, parts.batch, config.steps_per_call, skip=done,
                                checkpoint_every=config.checkpoint_every, first_step=int(state.step.numpy())):
-        total = float(runner.run(parts.x_all, parts.y_all, tf.constant(index), tf.constant(state.step),
-                                 tf.constant(state.examples)))
+        total = float(runner.run(parts.x_all, parts.y_all, tf.constant(index),
+                                 tf.constant(int(state.step.numpy()), tf.int64),
+                                 tf.constant(int(state.examples.numpy()), tf.int64)))
         if bool(parts.guard.tripped.numpy()):
             raise UserError(_nonfinite_message(parts.guard, parts.model))
         state.step.assign_add(len(index))

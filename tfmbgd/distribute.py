@@ -1,0 +1,223 @@
+"""Several devices or machines (tf.distribute) with the mini-batch semantics of one device.
+
+The pitfall this module exists for: under a strategy every replica sees only its share of
+the batch. If each replica takes the `reduce_mean` of its own per-example losses and the
+replicas' gradients are then summed (as tf.distribute and Keras optimizers do), the step
+is R times too large with R replicas; and a short batch, split unevenly, weighs its
+examples unequally. Here the batch size is always the *global* batch B, and
+
+- each replica scales the sum of its per-example losses by 1/B
+  (`tf.nn.compute_average_loss(..., global_batch_size=B)`), so the summed gradients are
+  exactly the gradient of the mean loss over the global batch. The per-example losses are
+  plain functions (`tfmbgd.losses`), not `keras.losses.Loss` objects: those already divide
+  their batch mean by R under a strategy, and scaling them again would divide twice.
+- the gradient moments of each replica's share are merged into those of the global batch
+  by the rule of `tfmbgd.moments.combine`: `B * mean = sum_r b_r mean_r` and `sum_sq`
+  summed over replicas (all-reduce), per-example norms, losses and outputs gathered in
+  order. Every statistic is then that of the global batch, as on one device.
+- B need not be a multiple of R. Every replica gets `ceil(B / R)` rows; the last ones are
+  filled with copies of real examples whose weight is 0. A weight of 0 makes their loss,
+  gradient and moments exactly zero, and they are cut from the gathered per-example
+  values, so the average stays the one over the B real examples.
+
+Every worker draws the same global batches (same seed), and replica r of R takes rows
+`r * ceil(B/R)` onwards: the same examples in the same order as one device, so one device
+and R replicas train the same model up to float rounding.
+"""
+
+import json
+import os
+
+import tensorflow as tf
+
+from tfmbgd.errors import UserError
+from tfmbgd.moments import GradientMoments, gradient_moments
+
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+def split_cpu(count):
+    """Splits the host CPU into `count` logical devices (to simulate replicas on one machine).
+
+    TensorFlow fixes its devices when it first runs an op, so this must come first; called
+    later it only checks that the devices are already split that way.
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+    except RuntimeError:    # already initialised
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != count:
+            raise UserError(f"cpu_devices={count}, but TensorFlow already started with {have} CPU "
+                            "device(s); the CPU can only be split before anything else runs") from None
+
+
+_STRATEGIES = {}
+
+
+def make_strategy(name="default", cpu_devices=1):
+    """The `tf.distribute.Strategy` called `name`, created once per process and kept.
+
+    "default": no distribution (one device). "mirrored": one replica per local GPU, or,
+    with no GPU, per logical CPU device (the first `cpu_devices`). "multi_worker": one
+    replica per worker process of the cluster that `TF_CONFIG` describes; it has to be made
+    before TensorFlow runs any op.
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    key = (name, cpu_devices)
+    if key not in _STRATEGIES:
+        if name == "mirrored":
+            gpus = tf.config.list_logical_devices("GPU")
+            cpus = tf.config.list_logical_devices("CPU")
+            if not gpus and len(cpus) < cpu_devices:
+                raise UserError(f"cpu_devices={cpu_devices} but TensorFlow has {len(cpus)} CPU device(s)")
+            devices = [d.name for d in gpus] or [d.name for d in cpus[:cpu_devices]]
+            _STRATEGIES[key] = tf.distribute.MirroredStrategy(devices)
+        elif name == "multi_worker":
+            _check_tf_config(os.environ.get("TF_CONFIG"))
+            _STRATEGIES[key] = tf.distribute.MultiWorkerMirroredStrategy()
+        else:
+            raise UserError(f"strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")
+    return _STRATEGIES[key]
+
+
+def _check_tf_config(text):
+    """A `TF_CONFIG` that names this process's task in a cluster, or a `UserError`."""
+    if not text:
+        raise UserError("strategy multi_worker needs TF_CONFIG, e.g. "
+                        '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
+                        '"index": 0}}; see the README')
+    try:
+        spec = json.loads(text)
+        task = spec["task"]
+        hosts = spec["cluster"][task["type"]]
+        if not 0 <= int(task["index"]) < len(hosts):
+            raise IndexError(f"task index {task['index']} but {len(hosts)} {task['type']}(s)")
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise UserError(f"TF_CONFIG cannot be used ({err!r}); it needs a cluster and this process's "
+                        "task in it, see the README") from None
+
+
+def is_chief(strategy):
+    """Whether this process writes the run: the chief, or worker 0 of a cluster without one."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and \
+        "chief" not in resolver.cluster_spec().as_dict()
+
+
+class Replicas:
+    """How the replicas of `strategy` share one global batch, and how their results merge."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self.count = strategy.num_replicas_in_sync
+
+    def share(self, batch):
+        """Rows per replica for a global batch of `batch` examples (the last may be padding)."""
+        return -(-batch // self.count)
+
+    def run(self, fn, x, y):
+        """Calls `fn(x_r, y_r, w_r)` in every replica on its share of the global batch.
+
+        `w_r` is 1 for real examples and 0 for padding. Returns what `fn` returns, per replica.
+        """
+        batch, share = x.shape[0], self.share(x.shape[0])
+        rows = tf.range(self.count * share)
+        index = rows % batch            # padding: copies of real examples, weight 0
+        split = lambda t: tf.reshape(tf.gather(t, index), [self.count, share, *t.shape[1:]])
+        weights = tf.reshape(tf.cast(rows < batch, tf.float32), [self.count, share])
+
+        def replica(xs, ys, ws):
+            r = tf.distribute.get_replica_context().replica_id_in_sync_group
+            return fn(xs[r], ys[r], ws[r])
+        return self.strategy.run(replica, (split(x), split(y), weights))
+
+    def sum(self, values):
+        """All-reduce: the sum over replicas of each (per-replica) tensor in `values`."""
+        return tf.nest.map_structure(lambda v: self.strategy.reduce("SUM", v, axis=None), values)
+
+    def mean(self, values):
+        return tf.nest.map_structure(lambda v: self.strategy.reduce("MEAN", v, axis=None), values)
+
+    def gather(self, values, batch):
+        """The replicas' per-example tensors in global-batch order, padding cut off."""
+        return tf.nest.map_structure(lambda v: self.strategy.gather(v, axis=0)[:batch], values)
+
+    def gradients(self, model, loss_fn, x, y):
+        """`(grads, per_example_losses, outputs)` of the global batch: the gradient of the mean
+        loss over all B examples, the losses `[B]` and outputs `[B, ...]`."""
+        batch, variables = x.shape[0], model.trainable_variables
+
+        def replica(x, y, w):
+            with tf.GradientTape() as tape:
+                outputs = model(x, training=True)
+                per_example = loss_fn(y, outputs)
+                # The sum of this share's losses over the *global* B: summed across
+                # replicas, the gradients are those of the mean over the global batch.
+                loss = tf.nn.compute_average_loss(per_example, sample_weight=w, global_batch_size=batch)
+            grads = [tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
+                     for v, g in zip(variables, tape.gradient(loss, variables))]
+            return grads, per_example, outputs
+        grads, per_example, outputs = self.run(replica, x, y)
+        return self.sum(grads), *self.gather((per_example, outputs), batch)
+
+    def moments(self, model, loss_fn, x, y, method="auto", elementwise=True):
+        """The `GradientMoments` of the global batch, and the mean over replicas of the squared
+        norm of each replica's mean gradient (`|G_b|^2`, for `two_batch_terms`; None when
+        the replicas' shares are uneven or there is one replica)."""
+        batch = x.shape[0]
+        share = self.share(batch)
+
+        def replica(x, y, w):
+            weighted_loss, packed = _weighted(loss_fn, y, w)
+            m = gradient_moments(model, weighted_loss, x, packed, method, elementwise)
+            mean_sq = tf.add_n([tf.reduce_sum(tf.square(g)) for g in m.mean])
+            return dict(scaled_mean=[g * (share / batch) for g in m.mean], sum_sq=m.sum_sq,
+                        norms=m.var_norms_sq, losses=m.losses, outputs=m.outputs, mean_sq=mean_sq)
+        parts = self.run(replica, x, y)
+        norms, losses, outputs = self.gather((parts["norms"], parts["losses"], parts["outputs"]), batch)
+        m = GradientMoments(mean=self.sum(parts["scaled_mean"]),
+                            sum_sq=None if parts["sum_sq"] is None else self.sum(parts["sum_sq"]),
+                            var_norms_sq=norms, losses=losses, outputs=outputs, batch_size=batch)
+        even = batch % self.count == 0 and self.count > 1
+        return m, (self.mean(parts["mean_sq"]) if even else None)
+
+
+def two_batch_terms(small_sq, big_sq, small, big):
+    """`(tr(Sigma), |G|^2)` from mean-gradient norms at two batch sizes (McCandlish et al.
+    2018, "An Empirical Model of Large-Batch Training", Appendix A.1).
+
+    With `E|G_b|^2 = |G|^2 + tr(Sigma) / b` for a batch of b, the squared norms at `small`
+    (each replica's share, averaged over replicas) and `big` (the global batch) give
+    `|G|^2 = (big |G_big|^2 - small |G_small|^2) / (big - small)` and
+    `tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1/small - 1/big)`: unbiased, and for an
+    estimate of `B_simple` smoothed like `stats.NoiseScaleEMA` does.
+    """
+    grad_sq = (big * big_sq - small * small_sq) / (big - small)
+    trace = (small_sq - big_sq) / (1.0 / small - 1.0 / big)
+    return trace, grad_sq
+
+
+def _weighted(loss_fn, y, w):
+    """`(loss_fn', y')`: `y` with the example weights `w` as one more column, and the loss
+    that unpacks them and weighs each example's loss. Packed into `y`, the weights travel
+    with their examples through every per-example method (vectorized, loop, ...).
+    float64 holds labels and float32 or float64 targets exactly."""
+    dtype, tail = y.dtype, list(y.shape[1:])
+    width = 1
+    for d in tail:
+        width *= d
+    packed = tf.concat([tf.reshape(tf.cast(y, tf.float64), [-1, width]),
+                        tf.cast(w, tf.float64)[:, None]], axis=1)
+
+    def weighted(packed, outputs):
+        y = tf.reshape(tf.cast(packed[:, :-1], dtype), [-1, *tail])
+        per_example = loss_fn(y, outputs)
+        return per_example * tf.cast(packed[:, -1], per_example.dtype)
+    return weighted, packed
