@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _train(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}    # as a user runs it
+    # As a user runs it; a TF_CONFIG=... argument goes to the environment, not the flags.
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_CONFIG")}
+    env.update(a.split("=", 1) for a in args if a.startswith("TF_CONFIG="))
+    args = [a for a in args if not a.startswith("TF_CONFIG=")]
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True,
                           text=True, timeout=120, env=env)
 
@@ -82,6 +85,15 @@ CASES = [  # (id, args built from the world, words the one line must contain)
     ("resume a directory with no run", lambda w: [f"--resume={w['root']}"], "holds no run"),
     ("resume with another model", lambda w: [f"--resume={w['run']}", "--model=linear"], "contradicts"),
     ("resume with another data set", lambda w: [f"--resume={w['run']}", "--dataset=digits"], "contradicts"),
+    ("cpu devices without mirrored", lambda w: ["--cpu_devices=2"], "--strategy=mirrored"),
+    ("accumulation across replicas", lambda w: ["--strategy=mirrored", "--accumulate=2"],
+     "not supported with --strategy=mirrored"),
+    ("multi_worker without TF_CONFIG", lambda w: ["--strategy=multi_worker"], "needs TF_CONFIG"),
+    ("malformed TF_CONFIG", lambda w: ["--strategy=multi_worker", 'TF_CONFIG={"cluster": {}'],
+     "TF_CONFIG cannot be used"),
+    ("TF_CONFIG without this task", lambda w: ["--strategy=multi_worker",
+                                               'TF_CONFIG={"cluster": {"worker": ["127.0.0.1:1"]}}'],
+     "TF_CONFIG cannot be used"),
 ]
 
 

@@ -144,6 +144,15 @@ def test_unbuilt_model_is_a_clear_error(tmp_path):
         model.configure_statistics(str(tmp_path))
 
 
+def test_statistics_across_replicas_are_refused(tmp_path):
+    from tfmbgd import distribute
+    with distribute.make_strategy("mirrored", 2).scope():
+        model = fit.with_statistics(models.build("mlp", (6,), 3, seed=0))
+        model.compile(optimizer="sgd", loss=CE)
+    with pytest.raises(UserError, match="2 replicas use train.py --strategy"):
+        model.configure_statistics(str(tmp_path))
+
+
 def test_subclassed_model_cannot_be_wrapped():
     keras.utils.set_random_seed(0)
     class Plain(keras.Model):

@@ -77,6 +77,12 @@ class GradientStatisticsMixin:
         if not self.trainable_variables:
             raise UserError("the model has no weights yet: build it first, e.g. by calling it "
                             "on one batch, then configure_statistics")
+        strategy = getattr(self, "distribute_strategy", None)
+        if strategy is not None and strategy.num_replicas_in_sync > 1:
+            # fit's train_step runs in each replica on its share: its moments would be the
+            # share's, not the global batch's. The custom loop merges them (tfmbgd.distribute).
+            raise UserError("gradient statistics in model.fit describe one device's batch; with "
+                            f"{strategy.num_replicas_in_sync} replicas use train.py --strategy=... instead")
         self._statistics = _Recorder(log_dir, stats_every, method, elementwise, noise_scale_decay, loss)
         if getattr(self, "train_function", None) is not None:
             self.make_train_function(force=True)     # the old trace has no statistics
