@@ -63,7 +63,8 @@ flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
                      lower_bound=0)
 flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "Checkpoints to keep.", lower_bound=1)
 flags.DEFINE_string("resume", None, "Continue the run in this directory from its last checkpoint; "
-                    "other flags may only change epochs, log_every, steps_per_call and checkpointing.")
+                    "other flags may only change epochs, log_every, steps_per_call, checkpointing, "
+                    "deterministic, on_nonfinite, strategy and cpu_devices.")
 flags.DEFINE_bool("deterministic", _D.deterministic,
                   "TensorFlow op determinism: reruns and resumed runs give bit-identical weights.")
 flags.DEFINE_enum("on_nonfinite", _D.on_nonfinite, ["stop", "skip"],

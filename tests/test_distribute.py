@@ -182,3 +182,14 @@ def test_multi_worker_with_two_processes_matches_one_device(tmp_path):
     assert len(runs) == 1                           # only the chief writes the run
     assert_same_run(one.run_dir, str(tmp_path / "many" / runs[0]))
     assert list(scratch.iterdir()) == []            # the other worker's files are gone
+
+
+def test_a_run_resumes_on_two_replicas(tmp_path):
+    common = dict(batch_size=64, stats_every=3, steps_per_call=8, checkpoint_every=0)
+    whole = training.train(cfg.TrainConfig(**common, epochs=2, logdir=str(tmp_path / "whole")), verbose=0)
+    half = training.train(cfg.TrainConfig(**common, epochs=1, logdir=str(tmp_path / "half")), verbose=0)
+    more = {"epochs": 2, "strategy": "mirrored", "cpu_devices": 2}
+    resumed = training.train(cfg.resume(half.run_dir, more), verbose=0)
+    assert resumed.steps == whole.steps
+    for a, b in zip(final_weights(whole.run_dir), final_weights(half.run_dir)):
+        np.testing.assert_allclose(b, a, atol=1e-6)

@@ -31,6 +31,7 @@ import os
 import tensorflow as tf
 
 from tfmbgd.errors import UserError
+from tfmbgd.gradients import dense_gradients
 from tfmbgd.moments import GradientMoments, gradient_moments
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -161,9 +162,7 @@ class Replicas:
                 # The sum of this share's losses over the *global* B: summed across
                 # replicas, the gradients are those of the mean over the global batch.
                 loss = tf.nn.compute_average_loss(per_example, sample_weight=w, global_batch_size=batch)
-            grads = [tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
-                     for v, g in zip(variables, tape.gradient(loss, variables))]
-            return grads, per_example, outputs
+            return dense_gradients(variables, tape.gradient(loss, variables)), per_example, outputs
         grads, per_example, outputs = self.run(replica, x, y)
         return self.sum(grads), *self.gather((per_example, outputs), batch)
 
@@ -173,20 +172,22 @@ class Replicas:
         the replicas' shares are uneven or there is one replica)."""
         batch = x.shape[0]
         share = self.share(batch)
+        two_sizes = batch % self.count == 0 and self.count > 1
 
         def replica(x, y, w):
             weighted_loss, packed = _weighted(loss_fn, y, w)
             m = gradient_moments(model, weighted_loss, x, packed, method, elementwise)
-            mean_sq = tf.add_n([tf.reduce_sum(tf.square(g)) for g in m.mean])
-            return dict(scaled_mean=[g * (share / batch) for g in m.mean], sum_sq=m.sum_sq,
-                        norms=m.var_norms_sq, losses=m.losses, outputs=m.outputs, mean_sq=mean_sq)
+            out = dict(scaled_mean=[g * (share / batch) for g in m.mean], sum_sq=m.sum_sq,
+                       norms=m.var_norms_sq, losses=m.losses, outputs=m.outputs)
+            if two_sizes:
+                out["mean_sq"] = tf.add_n([tf.reduce_sum(tf.square(g)) for g in m.mean])
+            return out
         parts = self.run(replica, x, y)
         norms, losses, outputs = self.gather((parts["norms"], parts["losses"], parts["outputs"]), batch)
         m = GradientMoments(mean=self.sum(parts["scaled_mean"]),
                             sum_sq=None if parts["sum_sq"] is None else self.sum(parts["sum_sq"]),
                             var_norms_sq=norms, losses=losses, outputs=outputs, batch_size=batch)
-        even = batch % self.count == 0 and self.count > 1
-        return m, (self.mean(parts["mean_sq"]) if even else None)
+        return m, (self.mean(parts["mean_sq"]) if two_sizes else None)
 
 
 def two_batch_terms(small_sq, big_sq, small, big):
