@@ -26,6 +26,7 @@ and R replicas train the same model up to float rounding.
 """
 
 import json
+import math
 import os
 
 import tensorflow as tf
@@ -139,12 +140,12 @@ class Replicas:
             return fn(xs[r], ys[r], ws[r])
         return self.strategy.run(replica, (split(x), split(y), weights))
 
-    def sum(self, values):
-        """All-reduce: the sum over replicas of each (per-replica) tensor in `values`."""
-        return tf.nest.map_structure(lambda v: self.strategy.reduce("SUM", v, axis=None), values)
+    def sum(self, value):
+        """All-reduce: the sum over replicas of a per-replica tensor."""
+        return self.strategy.reduce("SUM", value, axis=None)
 
-    def mean(self, values):
-        return tf.nest.map_structure(lambda v: self.strategy.reduce("MEAN", v, axis=None), values)
+    def mean(self, value):
+        return self.strategy.reduce("MEAN", value, axis=None)
 
     def gather(self, values, batch):
         """The replicas' per-example tensors in global-batch order, padding cut off."""
@@ -162,9 +163,9 @@ class Replicas:
                 # The sum of this share's losses over the *global* B: summed across
                 # replicas, the gradients are those of the mean over the global batch.
                 loss = tf.nn.compute_average_loss(per_example, sample_weight=w, global_batch_size=batch)
-            return dense_gradients(variables, tape.gradient(loss, variables)), per_example, outputs
+            return _flat(dense_gradients(variables, tape.gradient(loss, variables))), per_example, outputs
         grads, per_example, outputs = self.run(replica, x, y)
-        return self.sum(grads), *self.gather((per_example, outputs), batch)
+        return _unflat(self.sum(grads), variables), *self.gather((per_example, outputs), batch)
 
     def moments(self, model, loss_fn, x, y, method="auto", elementwise=True):
         """The `GradientMoments` of the global batch, and the mean over replicas of the squared
@@ -177,17 +178,32 @@ class Replicas:
         def replica(x, y, w):
             weighted_loss, packed = _weighted(loss_fn, y, w)
             m = gradient_moments(model, weighted_loss, x, packed, method, elementwise)
-            out = dict(scaled_mean=[g * (share / batch) for g in m.mean], sum_sq=m.sum_sq,
-                       norms=m.var_norms_sq, losses=m.losses, outputs=m.outputs)
+            # One all-reduce for all sums and one gather for all norms: fewer, larger transfers.
+            sums = [g * (share / batch) for g in m.mean] + (m.sum_sq or [])
+            out = dict(sums=_flat(sums), norms=tf.stack(m.var_norms_sq, axis=1), losses=m.losses,
+                       outputs=m.outputs)
             if two_sizes:
                 out["mean_sq"] = tf.add_n([tf.reduce_sum(tf.square(g)) for g in m.mean])
             return out
         parts = self.run(replica, x, y)
         norms, losses, outputs = self.gather((parts["norms"], parts["losses"], parts["outputs"]), batch)
-        m = GradientMoments(mean=self.sum(parts["scaled_mean"]),
-                            sum_sq=None if parts["sum_sq"] is None else self.sum(parts["sum_sq"]),
-                            var_norms_sq=norms, losses=losses, outputs=outputs, batch_size=batch)
+        variables = model.trainable_variables
+        sums = _unflat(self.sum(parts["sums"]), variables * (2 if elementwise else 1))
+        m = GradientMoments(mean=sums[:len(variables)], sum_sq=sums[len(variables):] if elementwise else None,
+                            var_norms_sq=tf.unstack(tf.reshape(norms, [batch, len(variables)]), axis=1),
+                            losses=losses, outputs=outputs,
+                            batch_size=batch)
         return m, (self.mean(parts["mean_sq"]) if two_sizes else None)
+
+
+def _flat(tensors):
+    return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
+
+
+def _unflat(flat, variables):
+    """Splits `flat` into tensors shaped like `variables`."""
+    sizes = [math.prod(tuple(v.shape)) for v in variables]
+    return [tf.reshape(t, v.shape) for t, v in zip(tf.split(flat, sizes), variables)]
 
 
 def two_batch_terms(small_sq, big_sq, small, big):
@@ -211,9 +227,7 @@ def _weighted(loss_fn, y, w):
     with their examples through every per-example method (vectorized, loop, ...).
     float64 holds labels and float32 or float64 targets exactly."""
     dtype, tail = y.dtype, list(y.shape[1:])
-    width = 1
-    for d in tail:
-        width *= d
+    width = math.prod(tail)
     packed = tf.concat([tf.reshape(tf.cast(y, tf.float64), [-1, width]),
                         tf.cast(w, tf.float64)[:, None]], axis=1)
 
