@@ -174,8 +174,8 @@ def main(argv):
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     except training.Interrupted as stopped:
-        print(f"\ntrain.py: {stopped}. Continue with:\n  python train.py --resume={stopped.run_dir}",
-              file=sys.stderr)
+        where = stopped.run_dir or "<the chief's run directory> (on every worker)"
+        print(f"\ntrain.py: {stopped}. Continue with:\n  python train.py --resume={where}", file=sys.stderr)
         return 128 + stop.signal_number
     return 0
 

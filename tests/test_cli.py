@@ -50,6 +50,21 @@ def test_train_writes_the_documented_tags(tmp_path):
     assert 0.5 < test["accuracy"][-1][1] <= 1.0
 
 
+def test_mirrored_on_two_cpu_devices_from_the_command_line(tmp_path):
+    """The README's local simulation: the CPU is split before TensorFlow starts."""
+    logdir = tmp_path / "logs"
+    proc = run_train("--strategy=mirrored", "--cpu_devices=2", "--epochs=1", "--batch_size=47",
+                     "--stats_every=5", f"--logdir={logdir}")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 replicas share each global batch of 47: up to 24 examples each" in proc.stdout
+    (run_dir,) = logdir.iterdir()
+    train = read_scalars(run_dir / "train")
+    # 1437 = 30 x 47 + 27: 31 steps, statistics at 0, 5, ..., 30; shares of 24 and 23 (+1
+    # padding) give no two-batch estimate.
+    assert [s for s, _ in train["grad_var/trace"]] == list(range(0, 31, 5))
+    assert "noise_scale/two_batch" not in train
+
+
 def test_compare_mode_passes_every_row():
     proc = run_train("--mode=compare", "--batch_size=8", "--model=cnn")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -93,15 +93,29 @@ def train(config, verbose=1, run_dir=None, should_stop=None):
     needs every worker to make) to a temporary directory that it removes at the end.
 
     Raises:
-      UserError: a data set, model or logdir that cannot be used, or a loss that stops
-        being finite. Interrupted: `should_stop` asked for it.
+      UserError: a data set, model or logdir that cannot be used, a loss that stops
+        being finite, or another worker of a multi-worker run that stopped.
+      Interrupted: `should_stop` asked for it.
     """
     strategy = distribute.make_strategy(config.strategy, config.cpu_devices)
+    chief = distribute.is_chief(strategy)
     with contextlib.ExitStack() as stack:
-        if not distribute.is_chief(strategy):
+        if not chief:
             run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfmbgd-worker-"))
             verbose = 0
-        return _train(config, verbose, run_dir, should_stop, strategy)
+        try:
+            return _train(config, verbose, run_dir, should_stop, strategy)
+        except Interrupted as stopped:
+            if chief:
+                raise
+            raise Interrupted(None, stopped.step) from None     # its directory is gone
+        except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError) as err:
+            if config.strategy != "multi_worker":
+                raise
+            # Collectives fail on every worker when one of them stops or is unreachable.
+            raise UserError(f"another worker of the cluster stopped or cannot be reached "
+                            f"({type(err).__name__}); restart every worker with "
+                            "--resume=<the chief's run directory>") from None
 
 
 def _train(config, verbose, run_dir, should_stop, strategy):
@@ -238,8 +252,13 @@ def _nonfinite_message(guard, model):
 
 
 class Interrupted(Exception):
-    """A run stopped on request after saving a checkpoint; `resume` continues it."""
+    """A run stopped on request after saving a checkpoint; `resume` continues it.
+
+    `run_dir` is None on a worker that is not the chief: the chief's directory holds the run.
+    """
 
     def __init__(self, run_dir, step):
-        super().__init__(f"stopped at step {step}; checkpoint saved in {run_dir}")
+        where = (f"checkpoint saved in {run_dir}" if run_dir
+                 else "the chief's run directory holds the checkpoints")
+        super().__init__(f"stopped at step {step}; {where}")
         self.run_dir, self.step = run_dir, step
