@@ -7,9 +7,11 @@ closed form of the linear data set, and, for multi-worker, two real worker proce
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -150,31 +152,43 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _start_workers(tmp_path, flags, scratch):
+    """Two train.py worker processes on free local ports; output in files (no pipe to fill)."""
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
+    procs = []
+    for index in range(2):
+        env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+        env.update(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+                   TMPDIR=str(scratch))
+        out = open(tmp_path / f"worker{index}.txt", "w")
+        command = [sys.executable, os.path.join(ROOT, "train.py"), "--strategy=multi_worker", *flags]
+        procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True))
+        out.close()
+    return procs
+
+
+def _stop_all(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def test_multi_worker_with_two_processes_matches_one_device(tmp_path):
     flags = ["--epochs=1", "--batch_size=64", "--stats_every=3", "--log_every=1", "--steps_per_call=8",
              "--checkpoint_every=0", "--deterministic"]
     one = training.train(cfg.TrainConfig(epochs=1, batch_size=64, stats_every=3, log_every=1,
                                          steps_per_call=8, checkpoint_every=0, logdir=str(tmp_path / "one")),
                          verbose=0)
-    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    procs = []
+    procs = _start_workers(tmp_path, [f"--logdir={tmp_path / 'many'}", *flags], scratch)
     try:
-        for index in range(2):
-            env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-            env.update(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-                       TMPDIR=str(scratch))
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.join(ROOT, "train.py"), "--strategy=multi_worker",
-                 f"--logdir={tmp_path / 'many'}", *flags],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            p.wait(timeout=240)
+    finally:
+        _stop_all(procs)
+    outputs = [(tmp_path / f"worker{i}.txt").read_text() for i in range(2)]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert "2 replicas share each global batch of 64" in outputs[0]
     assert outputs[1].strip() == ""                 # only the chief reports
@@ -193,3 +207,27 @@ def test_a_run_resumes_on_two_replicas(tmp_path):
     assert resumed.steps == whole.steps
     for a, b in zip(final_weights(whole.run_dir), final_weights(half.run_dir)):
         np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def test_a_worker_that_stops_ends_the_other_with_one_line(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    logdir = tmp_path / "logs"
+    procs = _start_workers(tmp_path, ["--epochs=100", "--batch_size=8", "--checkpoint_every=40",
+                                      "--steps_per_call=8", f"--logdir={logdir}"], scratch)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(logdir.glob("*/checkpoints/checkpoint")):     # training is under way
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=90)
+    finally:
+        _stop_all(procs)
+    chief, other = [(tmp_path / f"worker{i}.txt").read_text() for i in range(2)]
+    assert procs[1].returncode == 143 and "the chief's run directory holds the checkpoints" in other
+    assert procs[0].returncode == 2
+    assert "train.py: error: another worker of the cluster stopped or cannot be reached" in chief
+    assert "Traceback" not in chief + other
+    assert list(scratch.iterdir()) == []            # the stopped worker cleaned up too
