@@ -174,6 +174,8 @@ def _train(config, verbose, run_dir, should_stop, strategy):
 
 
 def _replicas_line(replicas, batch):
+    if replicas.count == 1:
+        return "1 replica (a strategy over one device) takes each whole batch"
     share = replicas.share(batch)
     split = (f"{share} examples each" if batch % replicas.count == 0 else
              f"up to {share} examples each (the last share is padded with weight-0 examples)")
