@@ -81,7 +81,9 @@ def test_merged_moments_are_those_of_the_global_batch(problem, batch):
     model, loss_fn, x, y = make_problem({**problem, "batch": batch})
     replicas = distribute.Replicas(mirrored())
     m, small_sq = tf.function(lambda x, y: replicas.moments(model, loss_fn, x, y, "auto", True))(x, y)
-    grads, per_example, _ = tf.function(lambda x, y: replicas.gradients(model, loss_fn, x, y))(x, y)
+    grads, finite, per_example, _ = tf.function(
+        lambda x, y: (lambda g, *rest: (g.summed(), *rest))(*replicas.gradients(model, loss_fn, x, y)))(x, y)
+    assert bool(tf.reduce_all(finite))
     oracle = oracle_per_example(model, loss_fn, x, y)
     for i, g in enumerate(oracle):
         np.testing.assert_allclose(m.mean[i], g.mean(0), rtol=1e-5, atol=1e-6)

@@ -83,3 +83,29 @@ def test_skip_mode_logs_the_count(tmp_path):
     (run_dir,) = tmp_path.iterdir()
     skipped = read_scalars(run_dir / "train")["nonfinite/skipped"]
     assert skipped[-1][1] >= 1 and [v for _, v in skipped] == sorted(v for _, v in skipped)
+
+
+def test_a_nan_in_one_replicas_share_skips_the_update_on_every_replica():
+    from tfmbgd import distribute
+    strategy = distribute.make_strategy("mirrored", 2)
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = models.build("mlp", (4,), 3, hidden=(5,), seed=0)
+        apply = steps.make_update("custom", model.trainable_variables, 0.1)
+        guard = steps.NonFiniteGuard(apply, "skip")
+        replicas = distribute.Replicas(strategy)
+        s = steps.Steps(model, losses.crossentropy, apply, guard=guard, replicas=replicas)
+        s.plain(*_batch(0))
+        before = _weights(model)
+        guard.current_step.assign(1)
+        s.plain(*_batch(1, nan=True))             # example 3: in the first replica's share only
+        after_nan = _weights(model)
+        s.with_stats(*_batch(2))
+    for a, b in zip(after_nan, before):
+        np.testing.assert_array_equal(a, b)
+    for v in model.trainable_variables:       # the replicas' copies agree
+        first, second = strategy.experimental_local_results(v.value)
+        np.testing.assert_array_equal(first, second)
+    assert int(guard.skipped.numpy()) == 1 and int(guard.first_bad_step.numpy()) == 1
+    assert model.trainable_variables[int(guard.first_bad_variable.numpy())].path == "hidden_1/kernel"
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(_weights(model), before))

@@ -28,6 +28,7 @@ and R replicas train the same model up to float rounding.
 import json
 import math
 import os
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -113,6 +114,19 @@ def is_chief(strategy):
         "chief" not in resolver.cluster_spec().as_dict()
 
 
+class Unsummed(NamedTuple):
+    """Gradients still to be summed over replicas: `per_replica[i]` holds each replica's
+    gradient of variable i. Keras optimizers sum them as they apply them, so a plain step
+    needs no all-reduce of its own (see `tfmbgd.steps.optimizer_update`)."""
+
+    per_replica: list
+    strategy: tf.distribute.Strategy
+
+    def summed(self):
+        """The all-reduced gradients (cross-replica context)."""
+        return [self.strategy.reduce("SUM", g, axis=None) for g in self.per_replica]
+
+
 class Replicas:
     """How the replicas of `strategy` share one global batch, and how their results merge."""
 
@@ -151,21 +165,33 @@ class Replicas:
         """The replicas' per-example tensors in global-batch order, padding cut off."""
         return tf.nest.map_structure(lambda v: self.strategy.gather(v, axis=0)[:batch], values)
 
-    def gradients(self, model, loss_fn, x, y):
-        """`(grads, per_example_losses, outputs)` of the global batch: the gradient of the mean
-        loss over all B examples, the losses `[B]` and outputs `[B, ...]`."""
+    def gradients(self, model, loss_fn, x, y, reduction="mean"):
+        """One backward pass per replica on its share of the global batch `(x, y)`.
+
+        Returns `(grads, finite, per_example_losses, outputs)`: `grads` an `Unsummed` of the
+        replicas' gradients, whose sum is the gradient of the mean (or, with `reduction`
+        "sum", the summed) loss over all B examples; `finite` `[V]` whether each summed
+        gradient is finite (one small all-reduce, so every replica decides alike); the
+        losses `[B]` and outputs `[B, ...]` in batch order.
+        """
         batch, variables = x.shape[0], model.trainable_variables
 
         def replica(x, y, w):
             with tf.GradientTape() as tape:
                 outputs = model(x, training=True)
                 per_example = loss_fn(y, outputs)
-                # The sum of this share's losses over the *global* B: summed across
-                # replicas, the gradients are those of the mean over the global batch.
-                loss = tf.nn.compute_average_loss(per_example, sample_weight=w, global_batch_size=batch)
-            return _flat(dense_gradients(variables, tape.gradient(loss, variables))), per_example, outputs
-        grads, per_example, outputs = self.run(replica, x, y)
-        return _unflat(self.sum(grads), variables), *self.gather((per_example, outputs), batch)
+                if reduction == "sum":
+                    loss = tf.reduce_sum(per_example * tf.cast(w, per_example.dtype))
+                else:
+                    # The sum of this share's losses over the *global* B: summed across
+                    # replicas, the gradients are those of the mean over the global batch.
+                    loss = tf.nn.compute_average_loss(per_example, sample_weight=w, global_batch_size=batch)
+            grads = dense_gradients(variables, tape.gradient(loss, variables))
+            bad = tf.stack([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in grads])
+            return grads, bad, per_example, outputs
+        grads, bad, per_example, outputs = self.run(replica, x, y)
+        per_example, outputs = self.gather((per_example, outputs), batch)
+        return Unsummed(grads, self.strategy), tf.equal(self.sum(bad), 0), per_example, outputs
 
     def moments(self, model, loss_fn, x, y, method="auto", elementwise=True):
         """The `GradientMoments` of the global batch, and the mean over replicas of the squared

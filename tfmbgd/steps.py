@@ -51,6 +51,8 @@ def make_update(rule, variables, learning_rate, optimizer="sgd"):
             raise UserError(f"update manual writes out plain SGD only, not {optimizer}")
 
         def apply(grads):
+            if isinstance(grads, distribute.Unsummed):
+                grads = grads.summed()
             for v, g in zip(variables, grads):
                 v.assign_sub(tf.cast(learning_rate, g.dtype) * g)
         return apply
@@ -63,17 +65,22 @@ def optimizer_update(optimizer, variables):
     """Builds `optimizer` for `variables` (its slots exist before a step is traced) and
     returns `apply(grads)` that applies one update with it.
 
-    Under a tf.distribute strategy the steps reduce the gradient across replicas
-    themselves (the statistics and the non-finite check need it), so `apply` is called in
-    cross-replica context with the global gradient. Keras optimizers apply only in replica
-    context and sum the replicas' gradients there; so replica 0 passes the whole gradient
-    and the others zeros, whose sum is exactly the gradient (x + 0 = x), as one device has it.
+    Under a tf.distribute strategy `apply` is called in cross-replica context. Keras
+    optimizers apply only in replica context, and sum the replicas' gradients there. A
+    plain step passes its gradients unsummed (`distribute.Unsummed`): each replica hands
+    its own to the optimizer, which makes the one all-reduce. A statistics step has already
+    summed them (its statistics need the sum): then replica 0 passes the whole gradient and
+    the others zeros, whose sum is exactly the gradient (x + 0 = x).
     """
     optimizer.build(variables)
 
     def apply(grads):
         if not (tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context()):
             return optimizer.apply_gradients(zip(grads, variables))
+        if isinstance(grads, distribute.Unsummed):
+            grads.strategy.extended.call_for_each_replica(
+                lambda grads: optimizer.apply_gradients(zip(grads, variables)), args=(grads.per_replica,))
+            return
 
         def in_replica(grads):
             first = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group, 0)
@@ -152,8 +159,11 @@ class NonFiniteGuard:
         self.current_step = tf.Variable(0, dtype=tf.int64, trainable=False)    # set by the loop
         self.first_bad_step = tf.Variable(-1, dtype=tf.int64, trainable=False)
 
-    def __call__(self, grads, loss=None):
-        finite = tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+    def __call__(self, grads, loss=None, finite=None):
+        """Applies `grads` if they (and `loss`) are finite. `finite`: `[V]` bools, when the
+        caller knows already (unsummed gradients of replicas)."""
+        if finite is None:
+            finite = tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
         ok = tf.reduce_all(finite)
         if loss is not None:
             ok = ok & tf.reduce_all(tf.math.is_finite(loss))
@@ -245,19 +255,17 @@ class Steps:
 
     def _replicated(self, x, y):
         """The plain step with the global batch `x` split across replicas."""
-        grads, per_example, outputs = self.replicas.gradients(self.model, self.loss_fn, x, y)
-        loss = losses.reduce(per_example, self.reduction)
-        if self.reduction == "sum":
-            grads = [g * x.shape[0] for g in grads]
-        self._apply(grads, loss)
+        grads, finite, per_example, outputs = self.replicas.gradients(self.model, self.loss_fn, x, y,
+                                                                      self.reduction)
+        self._apply(grads, losses.reduce(per_example, self.reduction), finite)
         return self._metrics(per_example, outputs, y)
 
-    def _apply(self, grads, loss):
+    def _apply(self, grads, loss, finite=None):
         """One update; with a guard, only when `grads` and `loss` are finite."""
         if self.guard is None:
             self.apply(grads)
         else:
-            self.guard(grads, loss)
+            self.guard(grads, loss, finite)
 
     def _with_stats(self, x, y):
         m, statistics = statistics_update(self.model, self.loss_fn, x, y, self._apply, self.method,
