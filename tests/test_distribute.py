@@ -148,6 +148,22 @@ def test_split_cpu_after_start_only_checks():
         distribute.split_cpu(3)
 
 
+def test_the_chief_is_a_chief_task_or_worker_0_of_a_cluster_without_one():
+    from types import SimpleNamespace
+
+    def strategy(task_type, task_id, cluster):
+        spec = SimpleNamespace(as_dict=lambda: cluster)
+        return SimpleNamespace(cluster_resolver=SimpleNamespace(
+            task_type=task_type, task_id=task_id, cluster_spec=lambda: spec))
+    workers = {"worker": ["a:1", "b:1"]}
+    with_chief = {"chief": ["c:1"], **workers}
+    assert distribute.is_chief(mirrored())                       # no cluster: this process
+    assert distribute.is_chief(strategy("worker", 0, workers))
+    assert not distribute.is_chief(strategy("worker", 1, workers))
+    assert distribute.is_chief(strategy("chief", 0, with_chief))
+    assert not distribute.is_chief(strategy("worker", 0, with_chief))
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

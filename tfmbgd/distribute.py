@@ -145,9 +145,11 @@ class Replicas:
         """
         batch, share = x.shape[0], self.share(x.shape[0])
         rows = tf.range(self.count * share)
-        index = rows % batch            # padding: copies of real examples, weight 0
-        split = lambda t: tf.reshape(tf.gather(t, index), [self.count, share, *t.shape[1:]])
         weights = tf.reshape(tf.cast(rows < batch, tf.float32), [self.count, share])
+        if self.count * share == batch:
+            split = lambda t: tf.reshape(t, [self.count, share, *t.shape[1:]])
+        else:                           # padding: copies of real examples, weight 0
+            split = lambda t: tf.reshape(tf.gather(t, rows % batch), [self.count, share, *t.shape[1:]])
 
         def replica(xs, ys, ws):
             r = tf.distribute.get_replica_context().replica_id_in_sync_group
