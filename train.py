@@ -107,6 +107,23 @@ def config_from_flags():
     return cfg.resume(FLAGS.resume, given)
 
 
+def _check_before_tensorflow(config):
+    """Checks what numpy alone can check, before TensorFlow's seconds of start-up: the
+    cluster in TF_CONFIG, the data set, the batch size against it, the logdir. Returns the
+    loaded data set of a single run (None for studies, compare mode, and the
+    keras.datasets sets, whose loader starts TensorFlow)."""
+    if config.strategy == "multi_worker":
+        cfg.check_tf_config(os.environ.get("TF_CONFIG"))
+    if config.mode != "train" or config.batch_sizes or config.dataset in ("mnist", "fashion_mnist"):
+        return None
+    from tfmbgd import data
+    ds = data.load(config.dataset, config.seed)
+    cfg.check_update_size(config.batch_size, config.accumulate, len(ds.train[0]), ds.name)
+    if not config.resume:
+        cfg.check_logdir(config.logdir)
+    return ds
+
+
 def _start_tensorflow_quietly(config):
     """Imports TensorFlow and initialises its devices with stderr sent to /dev/null.
 
@@ -155,6 +172,7 @@ def main(argv):
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     try:
+        dataset = _check_before_tensorflow(config)
         _start_tensorflow_quietly(config)
     except UserError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
@@ -169,7 +187,7 @@ def main(argv):
             study.run(config)
             return 0
         with _stop_on_signals() as stop:
-            training.train(config, should_stop=stop)
+            training.train(config, should_stop=stop, dataset=dataset)
     except UserError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2

@@ -129,6 +129,49 @@ def _check_dataset(name):
         f"dataset must be one of {', '.join(DATASETS)} or npz:PATH; got {name!r}")
 
 
+# Checks of the world a run needs, made before TensorFlow starts (train.py) and again by
+# the library where it uses them.
+
+def check_logdir(logdir):
+    """Creates `logdir` if needed; a `UserError` if it is a file or cannot be created."""
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        raise UserError(f"logdir {logdir!r} is a file, not a directory; pass another --logdir")
+    try:
+        os.makedirs(logdir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create logdir {logdir!r} ({err.strerror}); pass another --logdir") from err
+
+
+def check_update_size(batch_size, accumulate, n, dataset):
+    """Examples per update (`batch_size` x `accumulate`; None = full batch) against the `n`
+    training examples of `dataset`: a `UserError` if there are too few."""
+    if batch_size is None:
+        return
+    update = batch_size * accumulate
+    if update > n:
+        what = (f"batch_size {update}" if accumulate == 1
+                else f"an update of {update} examples (batch_size x accumulate)")
+        raise UserError(f"{what} is more than the {n} training examples of {dataset}; use "
+                        "--batch_size=full for full-batch gradient descent")
+
+
+def check_tf_config(text):
+    """A `TF_CONFIG` that names this process's task in a cluster, or a `UserError`."""
+    if not text:
+        raise UserError("strategy multi_worker needs TF_CONFIG, e.g. "
+                        '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
+                        '"index": 0}}; see the README')
+    try:
+        spec = json.loads(text)
+        task = spec["task"]
+        hosts = spec["cluster"][task["type"]]
+        if not 0 <= int(task["index"]) < len(hosts):
+            raise IndexError(f"task index {task['index']} but {len(hosts)} {task['type']}(s)")
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise UserError(f"TF_CONFIG cannot be used ({err!r}); it needs a cluster and this process's "
+                        "task in it, see the README") from None
+
+
 # Saving a run's settings and resuming it (no TensorFlow needed).
 
 CONFIG_FILE = "config.json"

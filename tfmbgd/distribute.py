@@ -25,13 +25,13 @@ Every worker draws the same global batches (same seed), and replica r of R takes
 and R replicas train the same model up to float rounding.
 """
 
-import json
 import math
 import os
 from typing import NamedTuple
 
 import tensorflow as tf
 
+from tfmbgd.config import check_tf_config
 from tfmbgd.errors import UserError
 from tfmbgd.gradients import dense_gradients
 from tfmbgd.moments import GradientMoments, gradient_moments
@@ -79,28 +79,11 @@ def make_strategy(name="default", cpu_devices=1):
             devices = [d.name for d in gpus] or [d.name for d in cpus[:cpu_devices]]
             _STRATEGIES[key] = tf.distribute.MirroredStrategy(devices)
         elif name == "multi_worker":
-            _check_tf_config(os.environ.get("TF_CONFIG"))
+            check_tf_config(os.environ.get("TF_CONFIG"))
             _STRATEGIES[key] = tf.distribute.MultiWorkerMirroredStrategy()
         else:
             raise UserError(f"strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")
     return _STRATEGIES[key]
-
-
-def _check_tf_config(text):
-    """A `TF_CONFIG` that names this process's task in a cluster, or a `UserError`."""
-    if not text:
-        raise UserError("strategy multi_worker needs TF_CONFIG, e.g. "
-                        '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
-                        '"index": 0}}; see the README')
-    try:
-        spec = json.loads(text)
-        task = spec["task"]
-        hosts = spec["cluster"][task["type"]]
-        if not 0 <= int(task["index"]) < len(hosts):
-            raise IndexError(f"task index {task['index']} but {len(hosts)} {task['type']}(s)")
-    except (ValueError, KeyError, TypeError, IndexError) as err:
-        raise UserError(f"TF_CONFIG cannot be used ({err!r}); it needs a cluster and this process's "
-                        "task in it, see the README") from None
 
 
 def is_chief(strategy):

@@ -13,6 +13,7 @@ import tensorflow as tf
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar
 
+from tfmbgd.config import check_logdir
 from tfmbgd.errors import UserError
 
 
@@ -30,12 +31,7 @@ def run_name(config, now=None, with_batch=True):
 
 def new_run_dir(logdir, name):
     """Creates and returns `<logdir>/<name>`, adding `-2`, `-3`, ... if it exists already."""
-    if os.path.exists(logdir) and not os.path.isdir(logdir):
-        raise UserError(f"logdir {logdir!r} is a file, not a directory; pass another --logdir")
-    try:
-        os.makedirs(logdir, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create logdir {logdir!r} ({err.strerror}); pass another --logdir") from err
+    check_logdir(logdir)
     for attempt in range(1, 1000):
         path = os.path.join(logdir, name if attempt == 1 else f"{name}-{attempt}")
         try:

@@ -61,20 +61,16 @@ def setup(config, ds):
     """
     n = len(ds.train[0])
     k = config.accumulate
+    config_lib.check_update_size(config.batch_size, k, n, ds.name)
     if config.batch_size is None:
         update, micro = n, -(-n // k)
     else:
         update, micro = config.batch_size * k, config.batch_size
-    if update > n:
-        what = (f"batch_size {update}" if k == 1
-                else f"an update of {update} examples (batch_size x accumulate)")
-        raise UserError(f"{what} is more than the {n} training examples of {ds.name}; use "
-                        "--batch_size=full for full-batch gradient descent")
     model = models.build(config.model, ds.input_shape, ds.num_classes, config.hidden, config.seed)
     return model, losses.per_example(losses.for_task(ds.num_classes)), update, (micro if k > 1 else None)
 
 
-def train(config, verbose=1, run_dir=None, should_stop=None):
+def train(config, verbose=1, run_dir=None, should_stop=None, dataset=None):
     """Runs the training of `config` and logs it to TensorBoard; returns a `RunResult`.
 
     Args:
@@ -83,6 +79,7 @@ def train(config, verbose=1, run_dir=None, should_stop=None):
         in that directory from its last checkpoint.
       should_stop: polled between compiled calls; when it returns True the run saves a
         checkpoint and raises `Interrupted` (train.py sets it on SIGINT / SIGTERM).
+      dataset: `data.load(config.dataset, config.seed)` if the caller has it already.
 
     Steps count from 0: the statistics logged at step s are those of the weights after s
     updates, computed on the batch of update s + 1.
@@ -104,7 +101,7 @@ def train(config, verbose=1, run_dir=None, should_stop=None):
             run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfmbgd-worker-"))
             verbose = 0
         try:
-            return _train(config, verbose, run_dir, should_stop, strategy)
+            return _train(config, verbose, run_dir, should_stop, strategy, dataset)
         except Interrupted as stopped:
             if chief:
                 raise
@@ -118,12 +115,12 @@ def train(config, verbose=1, run_dir=None, should_stop=None):
                             "--resume=<the chief's run directory>") from None
 
 
-def _train(config, verbose, run_dir, should_stop, strategy):
+def _train(config, verbose, run_dir, should_stop, strategy, dataset):
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():      # model, optimizer and the steps' variables: one copy per replica
-        parts = _build(config, strategy)
+        parts = _build(config, strategy, dataset)
     if run_dir is None and config.resume:
         run_dir = config.resume
     elif run_dir is None:
@@ -196,9 +193,9 @@ class _Parts(NamedTuple):
     steps: Steps
 
 
-def _build(config, strategy):
+def _build(config, strategy, dataset=None):
     """Data, model, update rule and steps of a run (under `strategy.scope()`)."""
-    ds = data.load(config.dataset, config.seed)
+    ds = dataset if dataset is not None else data.load(config.dataset, config.seed)
     model, loss_fn, batch, micro = setup(config, ds)
     optimizer = None
     if config.update == "manual":
