@@ -53,7 +53,8 @@ def scaled_learning_rate(learning_rate, batch, reference, rule):
 
 def run(config, verbose=1):
     """Trains one run per batch size of `config.batch_sizes`; returns `{name: RunResult}`."""
-    n = len(data.load(config.dataset, config.seed).train[0])
+    ds = data.load(config.dataset, config.seed)     # read once, shared by every run
+    n = len(ds.train[0])
     reference = n if config.batch_size is None else config.batch_size
     name = f"study-{config.lr_scaling}-" + summaries.run_name(config, with_batch=False)
     study_dir = summaries.new_run_dir(config.logdir, name)
@@ -69,7 +70,7 @@ def run(config, verbose=1):
         os.mkdir(run_dir)
         if verbose:
             print(f"== batch size {batch} (learning rate {lr:g}) -> {run_dir}")
-        results[name] = result = training.train(one, verbose=verbose, run_dir=run_dir)
+        results[name] = result = training.train(one, verbose=verbose, run_dir=run_dir, dataset=ds)
         _write_session(run_dir, one, batch, result)
     if verbose:
         print(table(results))
