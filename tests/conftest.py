@@ -88,6 +88,15 @@ class _Hist:
         self.min = float(buckets[0, 0])
 
 
+def user_env(**extra):
+    """The environment a user runs train.py in: without the test session's quieting of
+    TensorFlow (train.py hides its start-up lines itself) and without a stray TF_CONFIG;
+    plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_CONFIG")}
+    env.update(extra)
+    return env
+
+
 def tree_hash(path):
     """SHA-256 over the names and contents of every file below `path`."""
     import hashlib

@@ -1,6 +1,5 @@
 """Bad input, table-driven: one line naming the problem, exit 2, no traceback, no run touched."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,15 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tree_hash
+from conftest import tree_hash, user_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _train(*args):
-    # As a user runs it; a TF_CONFIG=... argument goes to the environment, not the flags.
-    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_CONFIG")}
-    env.update(a.split("=", 1) for a in args if a.startswith("TF_CONFIG="))
+    # A TF_CONFIG=... argument goes to the environment, not the flags.
+    env = user_env(**dict(a.split("=", 1) for a in args if a.startswith("TF_CONFIG=")))
     args = [a for a in args if not a.startswith("TF_CONFIG=")]
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True,
                           text=True, timeout=120, env=env)

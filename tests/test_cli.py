@@ -1,21 +1,19 @@
 """train.py end to end: event files read back with TensorBoard's reader, compare mode, bad flags."""
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import read_histograms, read_scalars
+from conftest import read_histograms, read_scalars, user_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_train(*args, timeout=180):
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}   # as a user runs it
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=user_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import make_problem, oracle_per_example, read_scalars
+from conftest import make_problem, oracle_per_example, read_scalars, user_env
 from tfmbgd import config as cfg
 from tfmbgd import data, distribute, losses, models, stats, training
 
@@ -175,9 +175,8 @@ def _start_workers(tmp_path, flags, scratch):
     cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
     procs = []
     for index in range(2):
-        env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-        env.update(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-                   TMPDIR=str(scratch))
+        env = user_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+                       TMPDIR=str(scratch))
         out = open(tmp_path / f"worker{index}.txt", "w")
         command = [sys.executable, os.path.join(ROOT, "train.py"), "--strategy=multi_worker", *flags]
         procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True))

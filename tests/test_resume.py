@@ -1,6 +1,5 @@
 """Checkpoints and exact resume: a run killed at a random step ends bit-identical."""
 
-import os
 import random
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import tree_hash
+from conftest import tree_hash, user_env
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--hidden=8", "--batch_size=4", "--epochs=3", "--learning_rate=0.05", "--stats_every=4",
@@ -30,18 +29,14 @@ def dataset(tmp_path_factory):
     return f"--dataset=npz:{path}"
 
 
-def _env():
-    return {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-
-
 def _train(*args, timeout=180):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env=_env())
+                          text=True, timeout=timeout, env=user_env())
 
 
 def _start(*args):
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+                            stderr=subprocess.PIPE, text=True, env=user_env())
 
 
 def _weights(run_dir):
