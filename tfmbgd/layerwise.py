@@ -101,14 +101,24 @@ _PLANS = weakref.WeakKeyDictionary()
 def _tap_moments(tap, a, h, dh, b, elementwise):
     """The rule's moments for one layer, from its input, output and output gradient.
 
-    `dh` is the gradient of the *mean* loss; times B it is that of the summed loss, whose
-    rows are the examples' own, unscaled. Through the activation (from h) it becomes the
-    gradient at the pre-activation that the rules expect.
+    `dh` is the gradient of the *mean* loss; through the activation (from h) it becomes
+    `delta / B`, where `delta` is the gradient of the summed loss at the pre-activation
+    that the rules expect. A rule's moments are squares of per-example gradients, which are
+    linear in `delta`, so `moments(B * d) = B^2 * moments(d)` exactly. The factor is applied
+    where it is cheaper: to the `[B]` norms (and `sum_sq`), or, when the elementwise sums
+    are larger than the layer's output, to `delta` itself. For a convolution the output is
+    far larger than the kernel, so this saves a pass over it.
     """
     backprop = _backprop_activation(getattr(tap.layer, "activation", keras.activations.linear))
     delta = backprop(dh, h)
-    return tap.rule.moments(tap.layer, a, delta * (float(b) if isinstance(b, int) else tf.cast(b, dh.dtype)),
-                           elementwise)
+    b = float(b) if isinstance(b, int) else tf.cast(b, dh.dtype)
+    params = sum(v.shape.num_elements() for v in tap.layer.trainable_variables)
+    per_example = delta.shape[1:].num_elements()       # None if unknown until run time
+    if elementwise and per_example is not None and per_example < params:
+        return tap.rule.moments(tap.layer, a, delta * b, elementwise)
+    b2 = b * b
+    return [(None if sq is None else sq * b2, norms * b2)
+            for sq, norms in tap.rule.moments(tap.layer, a, delta, elementwise)]
 
 
 def plan(model):

@@ -8,6 +8,12 @@ rule returns `(sum_sq, norms_sq)`: the elementwise sum over the batch of the squ
 per-example gradients (shaped like the variable; None unless `elementwise`) and the `[B]`
 squared norms of the per-example gradients.
 
+Per-example gradients are linear in `delta`, so a rule's moments are quadratic in it:
+`moments(c * delta) = c^2 * moments(delta)`. `tfmbgd.layerwise` relies on this (it may
+pass `delta / B`, the gradient of the mean loss, and scale the moments by `B^2`); a rule
+registered with `layerwise.register` must keep it, as every rule of squared per-example
+gradients does.
+
 The maths follows BackPACK's first-order extensions and the "ghost norm" of Goodfellow
 (2015) and Li et al. (2021); nothing here builds the per-example gradients of all
 parameters at once.
