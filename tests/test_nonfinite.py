@@ -109,3 +109,40 @@ def test_a_nan_in_one_replicas_share_skips_the_update_on_every_replica():
     assert int(guard.skipped.numpy()) == 1 and int(guard.first_bad_step.numpy()) == 1
     assert model.trainable_variables[int(guard.first_bad_variable.numpy())].path == "hidden_1/kernel"
     assert any(np.abs(a - b).max() > 0 for a, b in zip(_weights(model), before))
+
+
+class _SparseAndUnused(keras.Model):
+    """An Embedding (its gradient is IndexedSlices) and a Dense layer the loss never uses
+    (its gradient is None)."""
+
+    def __init__(self):
+        super().__init__(name="sparse_and_unused")
+        self.embed = keras.layers.Embedding(6, 3, embeddings_initializer="ones")
+        self.unused = keras.layers.Dense(2)
+        self.unused.build((None, 3))
+
+    def call(self, ids):
+        return tf.reduce_sum(self.embed(ids), axis=1)       # [B, 3]: logits of 3 classes
+
+
+def test_guard_takes_sparse_and_missing_gradients():
+    """Hand arithmetic: logits are the sums of two all-ones rows, so every softmax is
+    uniform and d l_n / d logits = 1/3 - onehot(y_n); each id's row moves by
+    -lr * (1/B) * sum over its occurrences of that vector. The unused layer stays put."""
+    ids = np.array([[0, 1], [1, 1], [2, 0], [5, 5]], np.int32)
+    y = np.array([0, 2, 1, 0], np.int32)
+    expected = np.ones((6, 3), np.float32)
+    for row, label in zip(ids, y):
+        for i in row:
+            expected[i] -= 0.5 * (1 / 3 - np.eye(3)[label]) / len(y)
+    for rule in ("manual", "custom", "keras"):
+        model = _SparseAndUnused()
+        model(ids)
+        unused = [v.numpy().copy() for v in model.unused.trainable_variables]
+        apply = steps.make_update(rule, model.trainable_variables, 0.5)
+        guard = steps.NonFiniteGuard(apply, "skip")
+        steps.Steps(model, losses.crossentropy, apply, guard=guard).plain(tf.constant(ids), tf.constant(y))
+        np.testing.assert_allclose(model.embed.embeddings.numpy(), expected, rtol=1e-6, err_msg=rule)
+        for a, b in zip(model.unused.trainable_variables, unused):
+            np.testing.assert_array_equal(a.numpy(), b)
+        assert int(guard.skipped.numpy()) == 0

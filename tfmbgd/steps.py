@@ -54,7 +54,8 @@ def make_update(rule, variables, learning_rate, optimizer="sgd"):
             if isinstance(grads, distribute.Unsummed):
                 grads = grads.summed()
             for v, g in zip(variables, grads):
-                v.assign_sub(tf.cast(learning_rate, g.dtype) * g)
+                if g is not None:                 # None: the loss does not depend on v
+                    v.assign_sub(tf.cast(learning_rate, g.dtype) * tf.convert_to_tensor(g))
         return apply
     if rule not in ("custom", "keras"):
         raise UserError(f"update must be manual, custom or keras; got {rule!r}")
@@ -138,6 +139,14 @@ def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=Fa
     return m, out
 
 
+def _finite(grad):
+    """Whether a gradient from `tape.gradient` is finite: None (the loss does not depend on
+    the variable) is; IndexedSlices (Embedding) are checked on their values, not densified."""
+    if grad is None:
+        return tf.constant(True)
+    return tf.reduce_all(tf.math.is_finite(grad.values if isinstance(grad, tf.IndexedSlices) else grad))
+
+
 class NonFiniteGuard:
     """Applies an update only when every gradient is finite, and remembers when one was not.
 
@@ -163,7 +172,7 @@ class NonFiniteGuard:
         """Applies `grads` if they (and `loss`) are finite. `finite`: `[V]` bools, when the
         caller knows already (unsummed gradients of replicas)."""
         if finite is None:
-            finite = tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            finite = tf.stack([_finite(g) for g in grads])
         ok = tf.reduce_all(finite)
         if loss is not None:
             ok = ok & tf.reduce_all(tf.math.is_finite(loss))
