@@ -56,24 +56,42 @@ class StepRunner:
 
     def _run(self, x_all, y_all, index, first_step, first_example, start_time):
         """Steps `first_step, first_step + 1, ...` on batches `x_all[index[i]]`; returns the
-        sum of their mean losses (float32). `start_time`: `time.time()` when the runner was made."""
-        total = tf.constant(0.0)
+        sum of their mean losses (float32). `start_time`: `time.time()` when the runner was made.
+
+        Plain steps run in a loop of their own, never inside a `tf.cond`: a step wrapped in
+        a cond costs about 8% more on a CPU (measured on the MLP), so choosing the step
+        kind per step would make every plain step pay for `--stats_every`. The call is cut
+        into segments that each begin at a statistics step (or at the call's start): the
+        segment's first step is chosen by a cond, the rest run plain.
+        """
+        n = tf.shape(index)[0]
         batch = tf.cast(tf.shape(index)[1], tf.int64)
-        for i in tf.range(tf.shape(index)[0]):
+
+        def one(i, with_stats):
             i64 = tf.cast(i, tf.int64)
             where = (first_step + i64, first_example + i64 * batch, start_time)
-            loss = self._step(tf.gather(x_all, index[i]), tf.gather(y_all, index[i]), where)
-            finite = tf.math.is_finite(loss)
-            total += tf.cast(tf.where(finite, loss, tf.zeros_like(loss)), tf.float32)
-        return total
+            x, y = tf.gather(x_all, index[i]), tf.gather(y_all, index[i])
+            if self.steps.guard is not None:
+                self.steps.guard.current_step.assign(where[0])
+            loss = self._with_stats(x, y, where) if with_stats else self._plain(x, y, where)
+            return tf.cast(tf.where(tf.math.is_finite(loss), loss, tf.zeros_like(loss)), tf.float32)
 
-    def _step(self, x, y, where):
-        if self.steps.guard is not None:
-            self.steps.guard.current_step.assign(where[0])
+        def plain_steps(start, stop, total):
+            for i in tf.range(start, stop):
+                total += one(i, False)
+            return total
+
         if not self.stats_every:
-            return self._plain(x, y, where)
-        return tf.cond(where[0] % self.stats_every == 0, lambda: self._with_stats(x, y, where),
-                       lambda: self._plain(x, y, where))
+            return plain_steps(0, n, tf.constant(0.0))
+        every = tf.constant(self.stats_every, tf.int64)
+        total, i = tf.constant(0.0), tf.constant(0)
+        while i < n:
+            offset = (first_step + tf.cast(i, tf.int64)) % every      # 0: a statistics step
+            stop = tf.minimum(n, i + tf.cast(every - offset, tf.int32))
+            total += tf.cond(offset == 0, lambda: one(i, True), lambda: tf.constant(0.0))
+            total = plain_steps(i + tf.cast(offset == 0, tf.int32), stop, total)
+            i = stop
+        return total
 
     def _plain(self, x, y, where):
         out = self.steps._plain(x, y)
