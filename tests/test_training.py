@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import read_scalars
 from tfmbgd import losses, models, steps, summaries, training
 from tfmbgd.config import TrainConfig
 from tfmbgd.errors import UserError
@@ -157,6 +158,17 @@ def test_stats_every_skips_the_moments_on_other_steps(tmp_path, tiny_npz, monkey
     never = training.train(_config(tmp_path, tiny_npz, batch_size=8, epochs=1, stats_every=0),
                            verbose=0)
     assert never.steps == 6 and int(calls.numpy()) == 3
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 4, 32])
+def test_statistics_fall_on_multiples_of_stats_every_across_calls(tmp_path, tiny_npz, steps_per_call):
+    """Calls of 4 steps cut the 3-step period at every place; the loss is logged every step."""
+    result = training.train(_config(tmp_path, tiny_npz, batch_size=8, epochs=2, stats_every=3,
+                                    steps_per_call=steps_per_call), verbose=0)
+    tags = read_scalars(os.path.join(result.run_dir, "train"))
+    assert result.steps == 12
+    assert [step for step, _ in tags["loss"]] == list(range(12))
+    assert [step for step, _ in tags["grad/norm"]] == [0, 3, 6, 9]
 
 
 @pytest.mark.parametrize("optimizer", ["momentum", "nesterov", "rmsprop", "adagrad", "adam"])
