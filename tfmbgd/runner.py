@@ -88,7 +88,7 @@ class StepRunner:
         while i < n:
             offset = (first_step + tf.cast(i, tf.int64)) % every      # 0: a statistics step
             stop = tf.minimum(n, i + tf.cast(every - offset, tf.int32))
-            total += tf.cond(offset == 0, lambda: one(i, True), lambda: tf.constant(0.0))
+            total += tf.cond(offset == 0, lambda i=i: one(i, True), lambda: tf.constant(0.0))
             total = plain_steps(i + tf.cast(offset == 0, tf.int32), stop, total)
             i = stop
         return total
