@@ -3,6 +3,7 @@
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,10 @@ def run_train(*args, timeout=180):
 
 def test_train_writes_the_documented_tags(tmp_path):
     logdir = tmp_path / "logs"
+    before = time.time()
     proc = run_train("--epochs=2", "--batch_size=64", "--log_every=4", "--stats_every=5",
                      "--elementwise_stats", f"--logdir={logdir}")
+    wall_ms = (time.time() - before) * 1000
     assert proc.returncode == 0, proc.stderr
     assert f"tensorboard --logdir {logdir}" in proc.stdout
     assert "Traceback" not in proc.stderr
@@ -37,6 +40,10 @@ def test_train_writes_the_documented_tags(tmp_path):
     # 1437 examples / 64 = 23 steps per epoch, 46 in all: statistics at 0, 5, ..., 45.
     assert [s for s, _ in train["grad_var/trace"]] == list(range(0, 46, 5))
     assert {s for s, _ in train["loss"]} == set(range(0, 46, 4)) | set(range(0, 46, 5))
+    # The milliseconds axis (tf.timestamp, as without --deterministic): one point per logged
+    # loss, in order, within the process's wall time.
+    ms = [s for s, _ in train["loss_by/milliseconds"]]
+    assert len(ms) == len(train["loss"]) and ms == sorted(ms) and 0 <= ms[0] < ms[-1] <= wall_ms
     trace = dict(train["grad_var/trace"])
     of_mean = dict(train["grad_var/of_mean"])
     batch = {s: 1437 - 22 * 64 if s % 23 == 22 else 64 for s in trace}   # last batch: 29

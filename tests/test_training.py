@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import time
 
 import keras
 import numpy as np
@@ -169,6 +170,21 @@ def test_statistics_fall_on_multiples_of_stats_every_across_calls(tmp_path, tiny
     assert result.steps == 12
     assert [step for step, _ in tags["loss"]] == list(range(12))
     assert [step for step, _ in tags["grad/norm"]] == [0, 3, 6, 9]
+
+
+def test_milliseconds_axis_is_the_host_clock_since_training_began(tmp_path, tiny_npz):
+    """`loss_by/milliseconds` is written at step = ms since the runner began, read from the
+    host clock in the graph; here under op determinism (numpy_function; test_cli covers
+    tf.timestamp, which train.py uses without --deterministic)."""
+    before = time.time()
+    result = training.train(_config(tmp_path, tiny_npz, batch_size=8, epochs=2, stats_every=3,
+                                    steps_per_call=4), verbose=0)
+    wall_ms = (time.time() - before) * 1000
+    tags = read_scalars(os.path.join(result.run_dir, "train"))
+    ms = [step for step, _ in tags["loss_by/milliseconds"]]
+    assert len(ms) == 12 and ms == sorted(ms)
+    assert 0 <= ms[0] < ms[-1] <= wall_ms       # the clock moves, in milliseconds
+    assert [v for _, v in tags["loss_by/milliseconds"]] == [v for _, v in tags["loss"]]
 
 
 @pytest.mark.parametrize("optimizer", ["momentum", "nesterov", "rmsprop", "adagrad", "adam"])

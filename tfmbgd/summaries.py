@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar
+from tensorboard.plugins.histogram import metadata as histogram_metadata
 
 from tfmbgd.config import check_logdir
 from tfmbgd.errors import UserError
@@ -91,12 +92,45 @@ def write_in_graph(writer, values, step):
     with writer.as_default(step=step), tf.compat.v1.name_scope(None):
         for tag, value in values.items():
             if value.shape.rank:
-                tf.summary.histogram(tag, value)
+                histogram(tag, value)
             elif tag.startswith("noise_scale/"):
                 tf.cond(tf.math.is_finite(value), lambda t=tag, v=value: _scalar(t, v),
                         lambda: tf.constant(False))
             else:
                 tf.summary.scalar(tag, value)
+
+
+_HISTOGRAM_METADATA = histogram_metadata.create_summary_metadata(display_name=None, description=None)
+
+
+def histogram(tag, values, buckets=30):
+    """Writes the histogram `tf.summary.histogram` writes for the finite `values`, in fewer
+    ops (to the default writer, at its default step).
+
+    The same `[buckets, 3]` float64 rows (left edge, right edge, count): equal-width
+    buckets from the minimum to the maximum, a value's bucket `floor((v - min) / width)`
+    with the maximum in the last; all values equal: zero-width buckets at that value, all
+    counted in the last. TensorBoard's version branches with two `tf.cond`s and counts by
+    a `[size, buckets]` one-hot matrix, about 0.1 ms per write on a CPU; a statistics step
+    writes the per-example norms every time. Here `tf.histogram_fixed_width` counts (its
+    bucket rule is the same) and a single value needs no branch. Values are counted in
+    float64: from float32 (or narrower) inputs the range `max - min` cannot overflow.
+    """
+    data = tf.cast(tf.reshape(values, [-1]), tf.float64)
+    # Only finite values are counted: a NaN crashes `histogram_fixed_width` (and gives
+    # meaningless buckets in TensorBoard's version). None finite: 30 empty buckets at 0.
+    data = tf.boolean_mask(data, tf.math.is_finite(data))
+    low, high = tf.reduce_min(data), tf.reduce_max(data)      # +inf, -inf when empty
+    empty = low > high
+    low, high = tf.where(empty, tf.zeros_like(low), low), tf.where(empty, tf.zeros_like(high), high)
+    single = tf.equal(low, high)
+    # One value v: the range [v - max(1, |v|), v] puts it in the last bucket, as TensorBoard
+    # does (v - 1 would round to v for large v).
+    below = tf.where(single, low - tf.maximum(tf.abs(low), 1.0), low)
+    counts = tf.histogram_fixed_width(data, tf.stack([below, high]), buckets)
+    edges = tf.concat([tf.linspace(low, high, buckets + 1)[:-1], [high]], 0)
+    rows = tf.stack([edges[:-1], edges[1:], tf.cast(counts, tf.float64)], axis=1)
+    return tf.summary.write(tag, rows, metadata=_HISTOGRAM_METADATA)
 
 
 def _scalar(tag, value):
