@@ -26,17 +26,23 @@ def _written(tmp_path, name, write):
     with writer.as_default(step=3):
         write()
     writer.close()
-    acc = event_accumulator.EventAccumulator(str(tmp_path / name), size_guidance={event_accumulator.TENSORS: 0})
+    acc = event_accumulator.EventAccumulator(str(tmp_path / name),
+                                             size_guidance={event_accumulator.TENSORS: 0})
     acc.Reload()
     (event,) = acc.Tensors("h")
     assert event.step == 3
     return tf.make_ndarray(event.tensor_proto), acc.SummaryMetadata("h").plugin_data.plugin_name
 
 
+def _ours(values):
+    return tf.function(lambda: summaries.histogram("h", tf.constant(values)))
+
+
 @pytest.mark.parametrize("values", CASES.values(), ids=CASES.keys())
 def test_histogram_writes_what_tf_summary_histogram_writes(tmp_path, values):
-    ours, plugin = _written(tmp_path, "ours", tf.function(lambda: summaries.histogram("h", tf.constant(values))))
-    theirs, their_plugin = _written(tmp_path, "theirs", lambda: tf.summary.histogram("h", tf.constant(values)))
+    ours, plugin = _written(tmp_path, "ours", _ours(values))
+    theirs, their_plugin = _written(tmp_path, "theirs",
+                                    lambda: tf.summary.histogram("h", tf.constant(values)))
     assert plugin == their_plugin == "histograms"
     assert ours.dtype == theirs.dtype and ours.shape == theirs.shape == (30, 3)
     np.testing.assert_array_equal(ours, theirs)
@@ -47,8 +53,8 @@ def test_histogram_counts_the_finite_values_and_survives_none(tmp_path):
     # A diverging run's per-example norms: NaN and inf are left out (a NaN used to crash the
     # bucketing op); with no finite value at all the buckets are empty.
     values = np.array([1.0, np.nan, 2.0, np.inf, -np.inf, 4.0])
-    ours, _ = _written(tmp_path, "ours", tf.function(lambda: summaries.histogram("h", tf.constant(values))))
+    ours, _ = _written(tmp_path, "ours", _ours(values))
     finite, _ = _written(tmp_path, "theirs", lambda: tf.summary.histogram("h", tf.constant([1.0, 2.0, 4.0])))
     np.testing.assert_array_equal(ours, finite)
-    none, _ = _written(tmp_path, "none", tf.function(lambda: summaries.histogram("h", tf.constant([np.nan, np.inf]))))
+    none, _ = _written(tmp_path, "none", _ours([np.nan, np.inf]))
     np.testing.assert_array_equal(none, np.zeros((30, 3)))

@@ -132,7 +132,7 @@ def _clock():
     only through TensorFlow's internal `is_op_determinism_enabled`; where it is missing
     the safe choice is taken.
     """
-    from tensorflow.python.framework import config as tf_config   # no public accessor
+    from tensorflow.python.framework import config as tf_config  # no public accessor
 
     if not getattr(tf_config, "is_op_determinism_enabled", lambda: True)():
         return tf.timestamp()
