@@ -1,11 +1,12 @@
 """Samples per second: tfmbgd's custom loop against model.fit, with and without statistics.
 
-    python benchmarks/fit_vs_loop.py            # about two minutes on 2 cores
+    python benchmarks/fit_vs_loop.py            # about four minutes on 2 cores
     python benchmarks/fit_vs_loop.py --quick
 
 Same model (MLP 784-256-256-10, ReLU), same synthetic data (8192 examples), batch 128,
-plain mini-batch SGD. Each row runs several epochs in one process and reports the median
-epoch's samples per second; ratios compare rows of the same run. The custom loop is
+plain mini-batch SGD. All rows are built in one process and take turns, one epoch each per
+round, so that a slow spell of the shared machine hits them alike; each reports its median
+epoch's samples per second, and ratios compare rows of the same run. The custom loop is
 `tfmbgd.runner.StepRunner` (many steps per compiled call, summaries written inside);
 `fit` is Keras' own, best at a large `steps_per_execution`.
 """
@@ -31,7 +32,8 @@ def make():
     return models.build("mlp", (784,), 10, hidden=(256, 256), seed=0), x, y
 
 
-def fit_rate(epochs, steps_per_execution, stats_every=None):
+def fit_epoch(steps_per_execution, stats_every=None):
+    """One epoch of `model.fit` per call, on a model compiled once (the first call traces)."""
     import keras
 
     from tfmbgd import fit, optimizers
@@ -44,19 +46,11 @@ def fit_rate(epochs, steps_per_execution, stats_every=None):
                   steps_per_execution=steps_per_execution, jit_compile=False)
     if stats_every:
         model.configure_statistics(tempfile.mkdtemp(), stats_every=stats_every)
-    times = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.start)
-    model.fit(x, y, batch_size=BATCH, epochs=epochs + 1, shuffle=True, verbose=0, callbacks=[Timer()])
-    return N / statistics.median(times[1:])          # the first epoch traces
+    return lambda: model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=True, verbose=0)
 
 
-def loop_rate(epochs, steps_per_call, stats_every=0):
+def loop_epoch(steps_per_call, stats_every=0):
+    """One epoch of `train.py`'s loop per call (`runner.StepRunner`, summaries written)."""
     import numpy as np
     import tensorflow as tf
 
@@ -67,19 +61,17 @@ def loop_rate(epochs, steps_per_call, stats_every=0):
     apply = steps.make_update("custom", model.trainable_variables, 0.01)
     writers = summaries.RunWriters(tempfile.mkdtemp())
     runner = runner_lib.StepRunner(steps.Steps(model, losses.crossentropy, apply),
-                                 writers.writer("train"), log_every=10, stats_every=stats_every)
+                                   writers.writer("train"), log_every=10, stats_every=stats_every)
     x_all, y_all = tf.constant(x), tf.constant(y)
     rng = np.random.default_rng(0)
-    times, step = [], 0
-    for _ in range(epochs + 1):
-        start = time.perf_counter()
+    step = [0]
+
+    def epoch():
         for index in runner_lib.epoch_batches(rng, N, BATCH, steps_per_call):
-            float(runner.run(x_all, y_all, tf.constant(index), tf.constant(step, tf.int64),
-                             tf.constant(step * BATCH, tf.int64)))
-            step += len(index)
-        times.append(time.perf_counter() - start)
-    writers.close()
-    return N / statistics.median(times[1:])
+            float(runner.run(x_all, y_all, tf.constant(index), tf.constant(step[0], tf.int64),
+                             tf.constant(step[0] * BATCH, tf.int64)))
+            step[0] += len(index)
+    return epoch
 
 
 def main():
@@ -88,21 +80,27 @@ def main():
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    epochs = 3 if args.quick else 7
-    rows = [
-        ("model.fit, steps_per_execution=1", lambda: fit_rate(epochs, 1)),
-        ("model.fit, steps_per_execution=32", lambda: fit_rate(epochs, 32)),
-        ("model.fit, spe=32, statistics every 16 steps", lambda: fit_rate(epochs, 32, 16)),
-        ("custom loop, 1 step per call", lambda: loop_rate(epochs, 1)),
-        ("custom loop, 32 steps per call", lambda: loop_rate(epochs, 32)),
-        ("custom loop, 32 per call, statistics every 16", lambda: loop_rate(epochs, 32, 16)),
-    ]
-    print(f"MLP 784-256-256-10, B={BATCH}, {N} examples; median of {epochs} epochs after one warm-up\n")
+    epochs = 3 if args.quick else 9
+    rows = {
+        "model.fit, steps_per_execution=1": fit_epoch(1),
+        "model.fit, steps_per_execution=32": fit_epoch(32),
+        "model.fit, spe=32, statistics every 16 steps": fit_epoch(32, 16),
+        "custom loop, 1 step per call": loop_epoch(1),
+        "custom loop, 32 steps per call": loop_epoch(32),
+        "custom loop, 32 per call, statistics every 16": loop_epoch(32, 16),
+    }
+    times = {name: [] for name in rows}
+    for round_ in range(epochs + 1):         # round 0 traces; rows take turns epoch by epoch
+        for name, epoch in rows.items():
+            start = time.perf_counter()
+            epoch()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    print(f"MLP 784-256-256-10, B={BATCH}, {N} examples; median of {epochs} epochs after one warm-up, "
+          "the rows taking turns epoch by epoch\n")
     print("| run | samples/s | ratio to fit (spe=32) |")
     print("|---|---|---|")
-    rates = {}
-    for name, fn in rows:
-        rates[name] = fn()
+    rates = {name: N / statistics.median(t) for name, t in times.items()}
     best_fit = rates["model.fit, steps_per_execution=32"]
     for name, rate in rates.items():
         print(f"| {name} | {rate:,.0f} | {rate / best_fit:.2f}x |")
