@@ -118,7 +118,7 @@ def histogram(tag, values, buckets=30):
     """
     data = tf.cast(tf.reshape(values, [-1]), tf.float64)
     # Only finite values are counted: a NaN crashes `histogram_fixed_width` (and gives
-    # meaningless buckets in TensorBoard's version). None finite: 30 empty buckets at 0.
+    # meaningless buckets in TensorBoard's version). None finite: empty buckets at 0.
     data = tf.boolean_mask(data, tf.math.is_finite(data))
     low, high = tf.reduce_min(data), tf.reduce_max(data)      # +inf, -inf when empty
     empty = low > high
