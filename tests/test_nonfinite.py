@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from conftest import read_scalars
+from conftest import read_scalars, user_env
 from tfmbgd import losses, models, steps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def test_stop_applies_nothing_after_the_first_bad_step():
 
 def _run(*args):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), "--dataset=linear", "--model=linear",
-                           "--epochs=2", *args], capture_output=True, text=True, timeout=180)
+                           "--epochs=2", *args], capture_output=True, text=True, timeout=180, env=user_env())
 
 
 def test_diverging_run_stops_with_one_line_and_keeps_good_checkpoints(tmp_path):
