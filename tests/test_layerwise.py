@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmbgd import layerwise, stats
+from tfmbgd import layerwise, rules, stats
 from tfmbgd.errors import UserError
 from tfmbgd.moments import gradient_moments
 
@@ -169,16 +169,53 @@ def test_conv2d_matches_numpy_definition(spec):
     np.testing.assert_allclose(stats.variance(m)[0].numpy(), np.var(g, axis=0, ddof=1), rtol=1e-8, atol=1e-12)
 
 
-def test_dense_on_sequences_matches_numpy():
-    model, loss_fn, x, y = make(PROBLEMS[6])          # dense_3d, linear activation
+@pytest.mark.parametrize("steps", [4, 2], ids=["per_example_built", "gram"])
+@pytest.mark.parametrize("elementwise", [True, False], ids=["elementwise", "norms"])
+def test_dense_on_sequences_matches_numpy(steps, elementwise):
+    # Input (steps, 5), Dense(3): with T = 2, T^2 <= 5 * 3 and the norm tier takes the Gram
+    # identity (the batch gradient then comes from the backward pass); otherwise the rule
+    # builds the per-example gradients and its sums are the batch gradient.
+    def build():
+        inputs = keras.Input((steps, 5))
+        return keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    model, loss_fn, x, y = make(dict(PROBLEMS[6], build=build))
+    dense = model.layers[-1]
+    assert rules.dense_sums(dense, x, elementwise) == (elementwise or steps * steps > 15)
     g = np.einsum("nti,nto->nio", x.numpy(), y.numpy())   # per-example kernel gradient
     gb = y.numpy().sum(axis=1)
-    m = gradient_moments(model, loss_fn, x, y, method="layerwise")
-    np.testing.assert_allclose(m.sum_sq[0].numpy(), (g ** 2).sum(axis=0), rtol=1e-10)
+    m = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=elementwise)
+    np.testing.assert_allclose(m.mean[0].numpy(), g.mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(m.mean[1].numpy(), gb.mean(axis=0), rtol=1e-10)
     np.testing.assert_allclose(m.var_norms_sq[0].numpy(), (g ** 2).sum(axis=(1, 2)), rtol=1e-10)
     np.testing.assert_allclose(m.var_norms_sq[1].numpy(), (gb ** 2).sum(axis=1), rtol=1e-10)
-    m_norms = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=False)  # Gram path
-    np.testing.assert_allclose(m_norms.var_norms_sq[0].numpy(), (g ** 2).sum(axis=(1, 2)), rtol=1e-10)
+    if elementwise:
+        np.testing.assert_allclose(m.sum_sq[0].numpy(), (g ** 2).sum(axis=0), rtol=1e-10)
+
+
+def _used_filter_gradients(fn, *args):
+    """How many Conv2DBackpropFilter ops of `fn`'s graph feed anything. Tracing a Conv2D's
+    gradient creates its filter gradient op either way; one whose output nothing reads is
+    pruned when the function runs, so it is never computed."""
+    graph = tf.function(fn).get_concrete_function(*args).graph
+    return sum(1 for op in graph.get_operations()
+               if op.type == "Conv2DBackpropFilter" and op.outputs[0].consumers())
+
+
+def test_convolution_filter_gradient_is_not_computed_twice():
+    # The conv rule builds the per-example kernel gradients; their sum is the batch
+    # gradient, so the backward pass must not compute the filter gradient as well.
+    model, loss_fn, x, y = make(PROBLEMS[12], dtype="float32")       # cnn: two Conv2D layers
+
+    def plain(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(loss_fn(y, model(x, training=True)))
+        return tape.gradient(loss, model.trainable_variables)
+
+    assert _used_filter_gradients(plain, x, y) == 2                  # the count can fail
+    for elementwise in (True, False):
+        def mean(x, y, elementwise=elementwise):
+            return gradient_moments(model, loss_fn, x, y, "auto", elementwise).mean
+        assert _used_filter_gradients(mean, x, y) == 0
 
 
 def test_embedding_matches_numpy_with_repeated_ids():

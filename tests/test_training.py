@@ -58,6 +58,24 @@ def test_statistics_step_applies_the_same_update_as_the_plain_step(method):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_auto_statistics_step_on_a_cnn_applies_the_same_update_as_the_plain_step():
+    # The conv rule's sums of per-example gradients replace the backward pass's filter
+    # gradient in the statistics step; the update must stay that of the plain step.
+    rng = np.random.default_rng(0)
+    batches = [(tf.constant(rng.uniform(size=(8, 8, 8, 1)).astype(np.float32)),
+                tf.constant(rng.integers(0, 3, size=8).astype(np.int32))) for _ in range(3)]
+    weights = []
+    for stats_on in ((), (0, 1, 2)):
+        model = models.build("cnn", (8, 8, 1), 3, seed=1)
+        apply = steps.make_update("manual", model.trainable_variables, 0.3)
+        _run(steps.Steps(model, losses.crossentropy, apply, method="auto"), batches, stats_on)
+        weights.append([v.numpy() for v in model.trainable_variables])
+    start = models.build("cnn", (8, 8, 1), 3, seed=1).trainable_variables[0].numpy()
+    assert np.abs(weights[0][0] - start).max() > 1e-3
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_sum_reduction_acts_as_a_learning_rate_b_times_larger():
     b = 8
     batches = _batches(4, b=b)

@@ -10,6 +10,11 @@ and every `dL/dh`. Dense and Conv2D fuse their activation, so the gradient at th
 pre-activation is `dL/dh * act'(z)`; for linear, relu, tanh and sigmoid it follows from
 `h` by the same ops TensorFlow's own gradients use, so no layer is changed or re-run.
 
+Rules that build per-example gradients anyway (Conv2D; Dense on sequences, see
+`rules.dense_sums`) return their sum, which is the batch gradient of those variables. The
+backward pass then leaves those variables out: a convolution's filter gradient, as costly
+as the per-example gradients, is never computed (TensorFlow prunes the unused op).
+
 Layers without a rule, layers called more than once, and every layer of a subclassed model
 (which has no graph to tap) take the exact fallback: per-example gradients by
 `tf.vectorized_map`, for their variables only. Extend the registry with `register`.
@@ -43,7 +48,8 @@ def _backprop_activation(activation):
 
 class Rule(NamedTuple):
     check: Callable      # layer -> None if the rule applies, else a short reason
-    moments: Callable    # (layer, a, delta, elementwise) -> [(sum_sq | None, norms_sq)]
+    moments: Callable    # (layer, a, delta, elementwise) -> [(sum_sq | None, norms_sq[, grad_sum])]
+    sums: Callable | None = None   # (layer, a, elementwise) -> whether moments gives grad_sum
 
 
 def _dense_check(layer):
@@ -69,15 +75,21 @@ def _embedding_check(layer):
 
 
 RULES = {
-    keras.layers.Dense: Rule(_dense_check, rules.dense),
-    keras.layers.Conv2D: Rule(_conv_check, rules.conv2d),
+    keras.layers.Dense: Rule(_dense_check, rules.dense, rules.dense_sums),
+    keras.layers.Conv2D: Rule(_conv_check, rules.conv2d, rules.conv2d_sums),
     keras.layers.Embedding: Rule(_embedding_check, rules.embedding),
 }
 
 
-def register(layer_class, check, moments):
-    """Adds a rule for `layer_class` (exact type; subclasses may compute something else)."""
-    RULES[layer_class] = Rule(check, moments)
+def register(layer_class, check, moments, sums=None):
+    """Adds a rule for `layer_class` (exact type; subclasses may compute something else).
+
+    `moments(layer, a, delta, elementwise)` returns per variable `(sum_sq, norms_sq)`, see
+    `tfmbgd.rules`; when `sums(layer, a, elementwise)` is true it returns
+    `(sum_sq, norms_sq, grad_sum)` for every variable of the layer instead, and the
+    backward pass skips them.
+    """
+    RULES[layer_class] = Rule(check, moments, sums)
 
 
 class Tap(NamedTuple):
@@ -99,7 +111,8 @@ _PLANS = weakref.WeakKeyDictionary()
 
 
 def _tap_moments(tap, a, h, dh, b, elementwise):
-    """The rule's moments for one layer, from its input, output and output gradient.
+    """The rule's moments for one layer, from its input, output and output gradient:
+    per variable `(sum_sq, norms_sq, mean)`, `mean` None unless the rule gives sums.
 
     `dh` is the gradient of the *mean* loss; through the activation (from h) it becomes
     `delta / B`, where `delta` is the gradient of the summed loss at the pre-activation
@@ -107,7 +120,8 @@ def _tap_moments(tap, a, h, dh, b, elementwise):
     linear in `delta`, so `moments(B * d) = B^2 * moments(d)` exactly. The factor is applied
     where it is cheaper: to the `[B]` norms (and `sum_sq`), or, when the elementwise sums
     are larger than the layer's output, to `delta` itself. For a convolution the output is
-    far larger than the kernel, so this saves a pass over it.
+    far larger than the kernel, so this saves a pass over it. Sums are linear in `delta`:
+    `sum(delta / B)` is the mean itself, `sum(delta)` is B times it.
     """
     backprop = _backprop_activation(getattr(tap.layer, "activation", keras.activations.linear))
     delta = backprop(dh, h)
@@ -115,10 +129,11 @@ def _tap_moments(tap, a, h, dh, b, elementwise):
     params = sum(v.shape.num_elements() for v in tap.layer.trainable_variables)
     per_example = delta.shape[1:].num_elements()       # None if unknown until run time
     if elementwise and per_example is not None and per_example < params:
-        return tap.rule.moments(tap.layer, a, delta * b, elementwise)
+        return [(r[0], r[1], r[2] / b if len(r) > 2 else None)
+                for r in tap.rule.moments(tap.layer, a, delta * b, elementwise)]
     b2 = b * b
-    return [(None if sq is None else sq * b2, norms * b2)
-            for sq, norms in tap.rule.moments(tap.layer, a, delta, elementwise)]
+    return [(None if r[0] is None else r[0] * b2, r[1] * b2, r[2] if len(r) > 2 else None)
+            for r in tap.rule.moments(tap.layer, a, delta, elementwise)]
 
 
 def plan(model):
@@ -190,14 +205,25 @@ def moments(model, loss_fn, x, y, elementwise=True, strict=False):
         outputs = results[2 * k] if len(results) == 2 * k + 1 else results[2 * k:]
         losses = loss_fn(y, outputs)
         loss = tf.reduce_mean(losses)
-    grads = tape.gradient(loss, list(variables) + list(results[k:2 * k]))
-    mean = gradients.dense_gradients(variables, grads[:len(variables)])
+    inputs, hidden = results[:k], results[k:2 * k]
+    # Variables whose rule sums the per-example gradients it builds: not differentiated.
+    summed = {i for tap, a in zip(p.taps, inputs)
+              if tap.rule.sums is not None and tap.rule.sums(tap.layer, a, elementwise) for i in tap.indices}
+    asked = [variables[i] for i in range(len(variables)) if i not in summed]
+    grads = tape.gradient(loss, asked + list(hidden))
+    from_tape = iter(gradients.dense_gradients(asked, grads[:len(asked)]))
+    mean = [None if i in summed else next(from_tape) for i in range(len(variables))]
     b = losses.shape[0] if losses.shape[0] is not None else tf.shape(losses)[0]
     sum_sq = [None] * len(variables)
     norms = [None] * len(variables)
-    for tap, a, h, dh in zip(p.taps, results[:k], results[k:2 * k], grads[len(variables):]):
-        for i, (sq, nsq) in zip(tap.indices, _tap_moments(tap, a, h, dh, b, elementwise)):
+    for tap, a, h, dh in zip(p.taps, inputs, hidden, grads[len(asked):]):
+        for i, (sq, nsq, tap_mean) in zip(tap.indices, _tap_moments(tap, a, h, dh, b, elementwise)):
             sum_sq[i], norms[i] = sq, nsq
+            if i in summed:
+                if tap_mean is None:
+                    raise ValueError(f"the rule for {type(tap.layer).__name__} said it sums the "
+                                     "per-example gradients but returned no sum")
+                mean[i] = tap_mean
     if p.fallback:
         rest = [variables[i] for i in p.fallback]
         per_ex = gradients.per_example(model, loss_fn, x, y, "vectorized", variables=rest)

@@ -8,6 +8,13 @@ rule returns `(sum_sq, norms_sq)`: the elementwise sum over the batch of the squ
 per-example gradients (shaped like the variable; None unless `elementwise`) and the `[B]`
 squared norms of the per-example gradients.
 
+A rule that builds the per-example gradients anyway (convolutions; Dense on sequences,
+where the Gram identity does not pay) also returns their sum over the batch, the gradient
+of the summed loss: `(sum_sq, norms_sq, grad_sum)`. Its `sums` function says so before the
+backward pass runs, and `tfmbgd.layerwise` then leaves those variables out of the backward
+pass: for a convolution that saves the filter gradient, as costly as the per-example
+gradients themselves.
+
 Per-example gradients are linear in `delta`, so a rule's moments are quadratic in it:
 `moments(c * delta) = c^2 * moments(delta)`. `tfmbgd.layerwise` relies on this (it may
 pass `delta / B`, the gradient of the mean loss, and scale the moments by `B^2`); a rule
@@ -22,12 +29,32 @@ parameters at once.
 import tensorflow as tf
 
 
+def dense_sums(layer, a, elementwise):
+    """Whether `dense` returns the sums of the per-example gradients for input `a`."""
+    if a.shape.rank == 2:
+        return False
+    return _builds(_inner_size(a), a.shape[-1], layer.units, elementwise)
+
+
+def _inner_size(a):
+    """The number of positions per example of `a [B, ..., k]`, or None if unknown."""
+    inner = a.shape[1:-1]
+    return inner.num_elements() if inner.is_fully_defined() else None
+
+
+def _builds(t, k, c, elementwise):
+    """Whether the per-example gradients `[B, k, c]` of `T = t` positions are built: for the
+    elementwise tier, or when the Gram matrices `[B, T, T]` would be larger."""
+    return elementwise or t is None or t * t > k * c
+
+
 def dense(layer, a, delta, elementwise):
     """`Dense`: `z = a W + b`, per-example kernel gradient `a_n^T delta_n`.
 
     2-D inputs: `||g_n,W||^2 = ||a_n||^2 ||delta_n||^2` and `sum_sq = (a*a)^T (delta*delta)`,
     so no per-example tensor larger than the activations is built. N-D inputs `[B, ..., in]`
-    (sequences): the per-example gradient sums over the inner axes; see `_unfolded`.
+    (sequences): the per-example gradient sums over the inner axes; see `_unfolded`. Where
+    it builds them, the rule also returns the sums (see `dense_sums`).
     """
     if a.shape.rank == 2:
         delta_sq = _row_sq(delta)           # ||delta_n||^2: the bias's per-example norm too
@@ -39,9 +66,11 @@ def dense(layer, a, delta, elementwise):
     b = tf.shape(a)[0]
     a3 = tf.reshape(a, [b, -1, a.shape[-1]])
     d3 = tf.reshape(delta, [b, -1, delta.shape[-1]])
-    out = [_unfolded(a3, d3, elementwise)]
+    out = [_unfolded(a3, d3, elementwise, dense_sums(layer, a, elementwise))]
     if layer.use_bias:
         out.append(_direct(tf.reduce_sum(d3, axis=1), elementwise))
+    if out[0][2] is None:          # the Gram identity: no per-example gradients, no sums
+        out = [item[:2] for item in out]
     return out
 
 
@@ -59,19 +88,26 @@ def conv2d(layer, a, delta, elementwise):
     layer's strides, dilation rate and padding ("same" pads as TensorFlow does, the odd
     pixel at the end). This builds the layer's per-example gradients `[B, *kernel.shape]`
     (small for convolutions) and is several times faster on CPU than
-    `tf.image.extract_patches` followed by one matmul.
+    `tf.image.extract_patches` followed by one matmul (and faster than one matmul over the
+    9 windows concatenated). Their sum is the kernel's batch gradient, returned too.
     """
     b = tf.shape(a)[0]
     c_in, c_out = a.shape[-1], delta.shape[-1]
     d3 = tf.reshape(delta, [b, -1, c_out])
-    per_offset = [tf.einsum("btc,bto->bco", tf.reshape(window, [b, -1, c_in]), d3)
+    per_offset = [tf.matmul(tf.reshape(window, [b, -1, c_in]), d3, transpose_a=True)   # [B, c_in, c_out]
                   for window in _windows(layer, a, delta.shape[1], delta.shape[2])]
     grads = tf.reshape(tf.stack(per_offset, axis=1), [b, *layer.kernel.shape])
     squares = tf.square(grads)
-    out = [(tf.reduce_sum(squares, 0) if elementwise else None, tf.reduce_sum(squares, axis=[1, 2, 3, 4]))]
+    out = [(tf.reduce_sum(squares, 0) if elementwise else None, tf.reduce_sum(squares, axis=[1, 2, 3, 4]),
+            tf.reduce_sum(grads, 0))]
     if layer.use_bias:
         out.append(_direct(tf.reduce_sum(d3, axis=1), elementwise))
     return out
+
+
+def conv2d_sums(layer, a, elementwise):
+    """`conv2d` always returns the sums of the per-example gradients."""
+    return True
 
 
 def _windows(layer, a, out_h, out_w):
@@ -105,23 +141,26 @@ def embedding(layer, ids, delta, elementwise):
 
 
 def _direct(grads, elementwise):
-    """Moments of per-example gradients given directly, `[B, k]` (biases)."""
+    """Moments and sum of per-example gradients given directly, `[B, k]` (biases)."""
     squares = tf.square(grads)
-    return (tf.reduce_sum(squares, 0) if elementwise else None), tf.reduce_sum(squares, 1)
+    sum_sq = tf.reduce_sum(squares, 0) if elementwise else None
+    return sum_sq, tf.reduce_sum(squares, 1), tf.reduce_sum(grads, 0)
 
 
-def _unfolded(a, delta, elementwise):
-    """Moments of `g_n = a_n^T delta_n` for `a [B, T, K]`, `delta [B, T, C]`.
+def _unfolded(a, delta, elementwise, build):
+    """`(sum_sq, norms_sq, grad_sum)` of `g_n = a_n^T delta_n` for `a [B, T, K]`, `delta [B, T, C]`.
 
     Norms alone, when `T^2 <= K C`: the Gram ("ghost norm") identity
     `||a_n^T delta_n||^2 = sum_{t,s} (a_n a_n^T)_{ts} (delta_n delta_n^T)_{ts}` costs
     `B T^2` memory. Otherwise, and for the elementwise tier, the layer's per-example
     gradients `[B, K, C]` are built (one layer at a time; for convolutions this is the
-    smaller choice, since K C << T^2).
+    smaller choice, since K C << T^2): `build` says which (`_builds`). `grad_sum` is None
+    for the Gram identity.
     """
-    t, k, c = a.shape[1], a.shape[2], delta.shape[2]
-    if not elementwise and t is not None and t * t <= k * c:
+    if not build:
         gram = tf.matmul(a, a, transpose_b=True) * tf.matmul(delta, delta, transpose_b=True)
-        return None, tf.reduce_sum(gram, axis=[1, 2])
-    squares = tf.square(tf.einsum("btk,btc->bkc", a, delta))
-    return (tf.reduce_sum(squares, 0) if elementwise else None), tf.reduce_sum(squares, axis=[1, 2])
+        return None, tf.reduce_sum(gram, axis=[1, 2]), None
+    grads = tf.einsum("btk,btc->bkc", a, delta)
+    squares = tf.square(grads)
+    return ((tf.reduce_sum(squares, 0) if elementwise else None), tf.reduce_sum(squares, axis=[1, 2]),
+            tf.reduce_sum(grads, 0))
