@@ -19,9 +19,9 @@ def crossentropy(y, z):
     return keras.losses.sparse_categorical_crossentropy(y, z, from_logits=True)
 
 
-def _conv(strides=1, padding="valid", dilation=1, activation=None, bias=True):
+def _conv(strides=1, padding="valid", dilation=1, activation=None, bias=True, channels=2):
     def build():
-        inputs = keras.Input((7, 6, 2))
+        inputs = keras.Input((7, 6, channels))
         z = keras.layers.Conv2D(3, (3, 2), strides=strides, padding=padding, dilation_rate=dilation,
                                 activation=activation, use_bias=bias)(inputs)
         return keras.Model(inputs, z)
@@ -77,6 +77,8 @@ PROBLEMS = [
     dict(id="conv_same_dilation2", build=_conv(padding="same", dilation=2), loss="linear"),
     dict(id="conv_valid_dilation_1x2_nobias", build=_conv(dilation=(1, 2), bias=False), loss="linear"),
     dict(id="conv_relu", build=_conv(padding="same", activation="relu"), loss="linear"),
+    dict(id="conv_one_channel_same_stride2", build=_conv(strides=2, padding="same", channels=1),
+         loss="linear"),
     dict(id="dense_3d", build=_dense3d(), loss="linear"),
     dict(id="dense_3d_tanh", build=_dense3d("tanh"), loss="linear"),
     dict(id="embedding", build=_embedding, loss="linear", x=_rand_ids(7, (5, 6))),
@@ -86,6 +88,9 @@ PROBLEMS = [
     dict(id="cnn", build=_cnn, loss="crossentropy"),
     dict(id="embedding_dense_seq", build=_text, loss="crossentropy", x=_rand_ids(9, (5, 5))),
 ]
+
+
+SPEC = {p["id"]: p for p in PROBLEMS}
 
 
 def in_dtype(build, dtype):
@@ -178,7 +183,7 @@ def test_dense_on_sequences_matches_numpy(steps, elementwise):
     def build():
         inputs = keras.Input((steps, 5))
         return keras.Model(inputs, keras.layers.Dense(3)(inputs))
-    model, loss_fn, x, y = make(dict(PROBLEMS[6], build=build))
+    model, loss_fn, x, y = make(dict(SPEC["dense_3d"], build=build))
     dense = model.layers[-1]
     assert rules.dense_sums(dense, x, elementwise) == (elementwise or steps * steps > 15)
     g = np.einsum("nti,nto->nio", x.numpy(), y.numpy())   # per-example kernel gradient
@@ -204,7 +209,7 @@ def _used_filter_gradients(fn, *args):
 def test_convolution_filter_gradient_is_not_computed_twice():
     # The conv rule builds the per-example kernel gradients; their sum is the batch
     # gradient, so the backward pass must not compute the filter gradient as well.
-    model, loss_fn, x, y = make(PROBLEMS[12], dtype="float32")       # cnn: two Conv2D layers
+    model, loss_fn, x, y = make(SPEC["cnn"], dtype="float32")       # cnn: two Conv2D layers
 
     def plain(x, y):
         with tf.GradientTape() as tape:
@@ -219,7 +224,7 @@ def test_convolution_filter_gradient_is_not_computed_twice():
 
 
 def test_embedding_matches_numpy_with_repeated_ids():
-    model, loss_fn, _, y = make(PROBLEMS[8])
+    model, loss_fn, _, y = make(SPEC["embedding"])
     ids = np.array([[1, 1, 1, 2, 0, 6], [3, 4, 3, 4, 3, 4], [5, 5, 5, 5, 5, 5],
                     [0, 1, 2, 3, 4, 5], [6, 6, 0, 0, 2, 2]], np.int32)
     g = np.zeros((5, 7, 3))
@@ -234,7 +239,7 @@ def test_embedding_matches_numpy_with_repeated_ids():
 
 def test_dense_mlp_matches_hand_derived_numpy():
     from test_gradients import numpy_per_example
-    model, loss_fn, x, y = make(PROBLEMS[10])        # mlp_tanh
+    model, loss_fn, x, y = make(SPEC["mlp_tanh"])
     g = numpy_per_example(model, x.numpy(), y.numpy(), "crossentropy")
     m = gradient_moments(model, loss_fn, x, y, method="layerwise")
     for got_mean, got_sq, got_norm, want in zip(m.mean, m.sum_sq, m.var_norms_sq, g):
@@ -298,7 +303,7 @@ def test_subclassed_model_is_exact_through_the_fallback():
 
 
 def test_layerwise_inside_tf_function_float32():
-    model, loss_fn, x, y = make(PROBLEMS[12], batch=8, dtype="float32")     # cnn
+    model, loss_fn, x, y = make(SPEC["cnn"], batch=8, dtype="float32")
     fn = tf.function(lambda a, b: gradient_moments(model, loss_fn, a, b, method="auto"))
     got = fn(x, y)
     oracle = gradient_moments(model, loss_fn, x, y, method="loop")

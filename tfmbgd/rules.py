@@ -89,14 +89,19 @@ def conv2d(layer, a, delta, elementwise):
     pixel at the end). This builds the layer's per-example gradients `[B, *kernel.shape]`
     (small for convolutions) and is several times faster on CPU than
     `tf.image.extract_patches` followed by one matmul (and faster than one matmul over the
-    9 windows concatenated). Their sum is the kernel's batch gradient, returned too.
+    windows concatenated, except with one input channel, where the windows stack without a
+    copy of the channels). Their sum is the kernel's batch gradient, returned too.
     """
     b = tf.shape(a)[0]
     c_in, c_out = a.shape[-1], delta.shape[-1]
     d3 = tf.reshape(delta, [b, -1, c_out])
-    per_offset = [tf.matmul(tf.reshape(window, [b, -1, c_in]), d3, transpose_a=True)   # [B, c_in, c_out]
-                  for window in _windows(layer, a, delta.shape[1], delta.shape[2])]
-    grads = tf.reshape(tf.stack(per_offset, axis=1), [b, *layer.kernel.shape])
+    windows = _windows(layer, a, delta.shape[1], delta.shape[2])
+    if c_in == 1:      # the windows stack into [B, offsets, positions]: one matmul in all
+        grads = tf.matmul(tf.stack([tf.reshape(w, [b, -1]) for w in windows], axis=1), d3)
+    else:              # per offset [B, c_in, c_out]
+        grads = tf.stack([tf.matmul(tf.reshape(w, [b, -1, c_in]), d3, transpose_a=True) for w in windows],
+                         axis=1)
+    grads = tf.reshape(grads, [b, *layer.kernel.shape])
     squares = tf.square(grads)
     out = [(tf.reduce_sum(squares, 0) if elementwise else None, tf.reduce_sum(squares, axis=[1, 2, 3, 4]),
             tf.reduce_sum(grads, 0))]
