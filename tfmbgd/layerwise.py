@@ -128,12 +128,16 @@ def _tap_moments(tap, a, h, dh, b, elementwise):
     b = float(b) if isinstance(b, int) else tf.cast(b, dh.dtype)
     params = sum(v.shape.num_elements() for v in tap.layer.trainable_variables)
     per_example = delta.shape[1:].num_elements()       # None if unknown until run time
-    if elementwise and per_example is not None and per_example < params:
-        return [(r[0], r[1], r[2] / b if len(r) > 2 else None)
-                for r in tap.rule.moments(tap.layer, a, delta * b, elementwise)]
-    b2 = b * b
-    return [(None if r[0] is None else r[0] * b2, r[1] * b2, r[2] if len(r) > 2 else None)
-            for r in tap.rule.moments(tap.layer, a, delta, elementwise)]
+    scale_delta = elementwise and per_example is not None and per_example < params
+    b2, out = b * b, []
+    for sum_sq, norms_sq, *grad_sum in tap.rule.moments(tap.layer, a, delta * b if scale_delta else delta,
+                                                         elementwise):
+        grad_sum = grad_sum[0] if grad_sum else None        # rules without sums give pairs
+        if scale_delta:
+            out.append((sum_sq, norms_sq, None if grad_sum is None else grad_sum / b))
+        else:
+            out.append((None if sum_sq is None else sum_sq * b2, norms_sq * b2, grad_sum))
+    return out
 
 
 def plan(model):

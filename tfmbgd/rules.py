@@ -54,7 +54,9 @@ def dense(layer, a, delta, elementwise):
     2-D inputs: `||g_n,W||^2 = ||a_n||^2 ||delta_n||^2` and `sum_sq = (a*a)^T (delta*delta)`,
     so no per-example tensor larger than the activations is built. N-D inputs `[B, ..., in]`
     (sequences): the per-example gradient sums over the inner axes; see `_unfolded`. Where
-    it builds them, the rule also returns the sums (see `dense_sums`).
+    it builds them (`dense_sums`), the rule also returns the sums; for the Gram identity the
+    kernel's sum is None and `tfmbgd.layerwise` takes the layer's gradient from the
+    backward pass.
     """
     if a.shape.rank == 2:
         delta_sq = _row_sq(delta)           # ||delta_n||^2: the bias's per-example norm too
@@ -69,8 +71,6 @@ def dense(layer, a, delta, elementwise):
     out = [_unfolded(a3, d3, elementwise, dense_sums(layer, a, elementwise))]
     if layer.use_bias:
         out.append(_direct(tf.reduce_sum(d3, axis=1), elementwise))
-    if out[0][2] is None:          # the Gram identity: no per-example gradients, no sums
-        out = [item[:2] for item in out]
     return out
 
 
