@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfmbgd import layerwise, rules, stats
+from tfmbgd import forms, layerwise, stats
 from tfmbgd.errors import UserError
 from tfmbgd.moments import gradient_moments
 
@@ -152,7 +152,7 @@ def test_layerwise_matches_loop_oracle(spec, elementwise):
     model, loss_fn, x, y = make(spec)
     oracle = gradient_moments(model, loss_fn, x, y, method="loop", elementwise=elementwise)
     got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=elementwise)
-    assert not layerwise.plan(model).fallback
+    assert not any(layerwise.coverage(model).values())
     assert (got.sum_sq is None) == (not elementwise)
     assert_moments_close(got, oracle, rtol=1e-10)
     np.testing.assert_allclose(got.losses.numpy(), oracle.losses.numpy(), rtol=1e-12)
@@ -184,8 +184,7 @@ def test_dense_on_sequences_matches_numpy(steps, elementwise):
         inputs = keras.Input((steps, 5))
         return keras.Model(inputs, keras.layers.Dense(3)(inputs))
     model, loss_fn, x, y = make(dict(SPEC["dense_3d"], build=build))
-    dense = model.layers[-1]
-    assert rules.dense_sums(dense, x, elementwise) == (elementwise or steps * steps > 15)
+    assert forms.builds(steps, 5, 3, elementwise) == (elementwise or steps * steps > 15)
     g = np.einsum("nti,nto->nio", x.numpy(), y.numpy())   # per-example kernel gradient
     gb = y.numpy().sum(axis=1)
     m = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=elementwise)
@@ -248,10 +247,20 @@ def test_dense_mlp_matches_hand_derived_numpy():
         np.testing.assert_allclose(got_norm.numpy(), (want.reshape(5, -1) ** 2).sum(axis=1), rtol=1e-10)
 
 
+class ExpScale(keras.layers.Layer):
+    """x * exp(s): its variable reaches the model through Exp, an op without a rule."""
+
+    def build(self, shape):
+        self.log_scale = self.add_weight(shape=(shape[-1],), initializer="zeros")
+
+    def call(self, x):
+        return x * keras.ops.exp(self.log_scale)
+
+
 def _with_unsupported_layer():
     inputs = keras.Input((5,))
-    h = keras.layers.Dense(4, activation="gelu")(inputs)          # no derivative from h
-    h = keras.layers.LayerNormalization()(h)                      # no rule
+    h = keras.layers.Dense(4, activation="gelu")(inputs)
+    h = ExpScale()(h)                                             # no rule
     return keras.Model(inputs, keras.layers.Dense(3, activation="relu")(h))
 
 
@@ -272,34 +281,38 @@ def _shared_layer():
 
 
 FALLBACK = [
-    dict(id="unsupported_layers", build=_with_unsupported_layer, loss="crossentropy", tapped=1),
-    dict(id="shared_layer", build=_shared_layer, loss="crossentropy", tapped=1),
-    dict(id="sequential", loss="crossentropy", tapped=2, build=lambda: keras.Sequential(
+    dict(id="unsupported_layers", build=_with_unsupported_layer, loss="crossentropy", slow=["exp_scale"]),
+    dict(id="shared_layer", build=_shared_layer, loss="crossentropy", slow=[]),
+    dict(id="sequential", loss="crossentropy", slow=[], build=lambda: keras.Sequential(
         [keras.Input((5,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(3)])),
 ]
 
 
 @pytest.mark.parametrize("spec", FALLBACK, ids=[p["id"] for p in FALLBACK])
-def test_auto_takes_the_exact_fallback(spec):
+def test_auto_takes_the_exact_fallback_only_where_no_rule_applies(spec):
     model, loss_fn, x, y = make(spec)
     oracle = gradient_moments(model, loss_fn, x, y, method="loop")
     got = gradient_moments(model, loss_fn, x, y, method="auto")
-    assert len(layerwise.plan(model).taps) == spec["tapped"]
+    slow = {path: why for path, why in layerwise.coverage(model).items() if why}
+    assert sorted(path.split("/")[0] for path in slow) == spec["slow"]
+    assert all("Exp" in why for why in slow.values())
     assert_moments_close(got, oracle, rtol=1e-10)
-    if layerwise.plan(model).fallback:
+    if slow:
         with pytest.raises(UserError, match="use method auto"):
             gradient_moments(model, loss_fn, x, y, method="layerwise")
 
 
-def test_subclassed_model_is_exact_through_the_fallback():
+def test_subclassed_model_takes_the_rules():
     model = in_dtype(Subclassed, "float64")
     x = tf.constant(np.random.default_rng(0).normal(size=(5, 5)))
     model(x)
     y = tf.constant([0, 1, 2, 1, 0])
     oracle = gradient_moments(model, crossentropy, x, y, method="loop")
-    got = gradient_moments(model, crossentropy, x, y, method="auto")
-    assert not layerwise.plan(model).taps
+    got = gradient_moments(model, crossentropy, x, y, method="layerwise")
+    assert layerwise.coverage(model, x) == {v.path: None for v in model.trainable_variables}
     assert_moments_close(got, oracle, rtol=1e-10)
+    with pytest.raises(UserError, match="pass a batch"):
+        layerwise.coverage(model)
 
 
 def test_layerwise_inside_tf_function_float32():

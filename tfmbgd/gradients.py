@@ -9,7 +9,8 @@ Conventions, shared by all of tfmbgd:
   `reduce_sum` batch loss, their sum, i.e. B times the mean.
 
 Every function takes a model whose variables exist, a `loss_fn(y_true, y_pred) -> [B]`,
-and a batch `x [B, ...]`, `y [B, ...]`; every one works eagerly and inside `tf.function`.
+and a batch `x [B, ...]` (or a list or dict of such tensors, for a model with several
+inputs), `y [B, ...]`; every one works eagerly and inside `tf.function`.
 Gradient lists are aligned with `model.trainable_variables`; a variable that does not
 affect the loss gets zeros, never None.
 """
@@ -58,7 +59,7 @@ def example_gradients(model, loss_fn, x_n, y_n, variables=None):
       a gradient per variable, shaped like the variable.
     """
     with tf.GradientTape() as tape:
-        output = model(x_n[None], training=True)
+        output = model(tf.nest.map_structure(lambda t: t[None], x_n), training=True)
         loss = loss_fn(y_n[None], output)[0]
     variables = model.trainable_variables if variables is None else variables
     return loss, output[0], _gradient(tape, loss, variables)
@@ -122,9 +123,11 @@ def _jacobian(model, loss_fn, x, y, variables):
 def _loop(model, loss_fn, x, y, variables):
     fn = _example_fn(model, loss_fn, variables)
     # The first example fixes the dtypes and shapes of the rest, for any model.
-    first = fn((x[0], y[0]))
+    x = tf.nest.map_structure(tf.convert_to_tensor, x)     # a tensor, or a list or dict of them
+    first = fn((tf.nest.map_structure(lambda t: t[0], x), y[0]))
     signature = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), first)
     # parallel_iterations=1: one backprop after another, as a Python for-loop would do.
-    rest = tf.map_fn(fn, (x[1:], y[1:]), fn_output_signature=signature, parallel_iterations=1)
+    rest = tf.map_fn(fn, (tf.nest.map_structure(lambda t: t[1:], x), y[1:]), fn_output_signature=signature,
+                     parallel_iterations=1)
     stacked = tf.nest.map_structure(lambda a, b: tf.concat([a[None], b], 0), first, rest)
     return PerExample(*stacked)

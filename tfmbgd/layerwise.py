@@ -1,239 +1,261 @@
 """`method="layerwise"` and `"auto"`: gradient moments from one ordinary backward pass.
 
-How the layer inputs and output gradients are obtained. For a functional or Sequential
-model, a second `keras.Model(model.inputs, [l.input ...] + [l.output ...] + model.outputs)`
-is built once per model (and cached). It shares the model's layers and variables, so
-calling it computes exactly what the model computes, and it also returns each supported
-layer's input `a` and output `h`. One tape over that call differentiates the mean loss with
-respect to the variables *and* the outputs `h`: one backward pass gives the batch gradient
-and every `dL/dh`. Dense and Conv2D fuse their activation, so the gradient at the
-pre-activation is `dL/dh * act'(z)`; for linear, relu, tanh and sigmoid it follows from
-`h` by the same ops TensorFlow's own gradients use, so no layer is changed or re-run.
+How the inputs of a variable's op and the gradient at its output are obtained. The step
+is traced (inside the caller's `tf.function`, or one of this module's when called
+eagerly), so after the forward pass the graph holds every op that reads a trainable
+variable. Each variable's resource handle is found among the graph's captures; from it the
+scan follows reads, casts and reshapes to the ops that *use* the value (`MatMul`,
+`Conv2D`, `Mul`, `GatherV2`, ...). Those ops' inputs are tensors of the graph; their
+outputs `z` are differentiated with the variables in the same `GradientTape` call, so one
+backward pass gives the batch gradient and every `dL/dz`. A per-op rule
+(`tfmbgd.rules`) turns an op's input and `dL/dz` into the variable's per-example
+gradients in a cheap form (`tfmbgd.forms`). This works the same for Sequential,
+functional and subclassed models, nested layers and models, custom layers and any
+activation (the gradient is taken *after* it), and changes nothing in the model. A
+variable used by several ops (a layer called twice, tied weights) sums its uses'
+per-example gradients before squaring, so its norms stay exact.
 
-Rules that build per-example gradients anyway (Conv2D; Dense on sequences, see
-`rules.dense_sums`) return their sum, which is the batch gradient of those variables. The
-backward pass then leaves those variables out: a convolution's filter gradient, as costly
-as the per-example gradients, is never computed (TensorFlow prunes the unused op).
+Rules that build per-example gradients anyway (convolutions, biases, normalization
+scales, Dense on long sequences) return their sum, the batch gradient of that variable,
+and the backward pass leaves those variables out: a convolution's filter gradient, as
+costly as the per-example gradients, is never computed (TensorFlow prunes the unused op).
 
-Layers without a rule, layers called more than once, and every layer of a subclassed model
-(which has no graph to tap) take the exact fallback: per-example gradients by
-`tf.vectorized_map`, for their variables only. Extend the registry with `register`.
+What it cannot see: a variable read by an op without a rule (`rules.RULES`), by an op that
+mixes the examples of a batch, or inside a nested function call (Keras compiles grouped
+1-D convolutions so) takes the exact fallback: per-example gradients by
+`tf.vectorized_map`, for those variables only. `coverage` says which variables do, and why.
 """
 
+import math
 import weakref
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
-import keras
 import tensorflow as tf
 
-from tfmbgd import gradients, rules
+from tfmbgd import forms, gradients, rules
 from tfmbgd.errors import UserError
 
-
-def _backprop_activation(activation):
-    """`(dL/dh, h) -> dL/dz` for `h = act(z)`, computed from the output h, or None.
-
-    These are the very ops TensorFlow's own gradients of relu, tanh and sigmoid use (they
-    too read the output), so the result equals what the backward pass computed inside
-    the layer; each is one fused kernel.
-    """
-    table = {
-        keras.activations.linear: lambda dh, h: dh,
-        keras.activations.relu: lambda dh, h: tf.raw_ops.ReluGrad(gradients=dh, features=h),
-        keras.activations.tanh: lambda dh, h: tf.raw_ops.TanhGrad(y=h, dy=dh),
-        keras.activations.sigmoid: lambda dh, h: tf.raw_ops.SigmoidGrad(y=h, dy=dh),
-    }
-    return table.get(activation)
+# Ops a variable's value passes through unchanged in content and order.
+PASS_THROUGH = {"ReadVariableOp", "Identity", "Cast", "Reshape", "ExpandDims", "Squeeze"}
+# Ops that read a variable without a gradient flowing back through them.
+NO_GRADIENT = {"Shape", "ShapeN", "Size", "Rank", "VariableShape", "VarIsInitializedOp", "StopGradient"}
 
 
-class Rule(NamedTuple):
-    check: Callable      # layer -> None if the rule applies, else a short reason
-    moments: Callable    # (layer, a, delta, elementwise) -> [(sum_sq | None, norms_sq[, grad_sum])]
-    sums: Callable | None = None   # (layer, a, elementwise) -> whether moments gives grad_sum
+def register(op_type, rule):
+    """Adds (or replaces) the rule for ops of `op_type`: `rule(op, operand, ctx)` returns a
+    `rules.Pending` or a reason string; see `tfmbgd.rules`."""
+    rules.RULES[op_type] = rule
 
 
-def _dense_check(layer):
-    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-        return "LoRA or quantized"
-    return None if _backprop_activation(layer.activation) else "activation"
+class Use(NamedTuple):
+    shape: tuple              # the shape of the variable's value as the op sees it
+    pending: rules.Pending
+    z: tf.Tensor              # the op's output
 
 
-def _conv_check(layer):
-    if layer.data_format != "channels_last" or layer.groups != 1:
-        return "channels_first or grouped"
-    if layer.padding not in ("valid", "same") or getattr(layer, "lora_enabled", False):
-        return "padding or LoRA"
-    if None in tuple(layer.input.shape[1:3]) + tuple(layer.output.shape[1:3]):
-        return "spatial size unknown until run time"
-    return None if _backprop_activation(layer.activation) else "activation"
+def _handle(graph, variable):
+    """The tensor of `graph` holding `variable`'s resource handle, or None if not captured.
+    A nested graph (a loop body) captures it from the graph around it."""
+    chain = []
+    while isinstance(graph, tf.__internal__.FuncGraph):
+        chain.append(graph)
+        graph = graph.outer_graph
+    tensor = variable.value.handle
+    for g in reversed(chain):
+        if getattr(tensor, "graph", None) is g:
+            continue
+        tensor = next((inside for outside, inside in g.captures if outside is tensor), None)
+        if tensor is None:
+            return None
+    return tensor
 
 
-def _embedding_check(layer):
-    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-        return "LoRA or quantized"
-    return None
+def _uses(variable, handle, forward, batch, b):
+    """The `Use`s of `variable` among the ops named in `forward`, or why it has none we can tap."""
+    ctx = rules.Context(batch, b, tf.as_dtype(variable.dtype))
+    uses, front = [], [handle]
+    while front:
+        t = front.pop()
+        for op in t.consumers():
+            if op.name not in forward or op.type in NO_GRADIENT:
+                continue
+            if op.type in PASS_THROUGH:
+                front.append(op.outputs[0])
+                continue
+            rule = rules.RULES.get(op.type)
+            if rule is None:
+                return f"used by {op.type}: no rule"
+            for operand in [i for i, x in enumerate(op.inputs) if x.name == t.name]:
+                pending = rule(op, operand, ctx)
+                if isinstance(pending, str):
+                    return f"used by {op.type}: {pending}"
+                shape = tuple(variable.shape) if t.dtype == tf.resource else tuple(t.shape)
+                uses.append(Use(shape, pending, op.outputs[0] if pending.output is None else pending.output))
+    return uses
 
 
-RULES = {
-    keras.layers.Dense: Rule(_dense_check, rules.dense, rules.dense_sums),
-    keras.layers.Conv2D: Rule(_conv_check, rules.conv2d, rules.conv2d_sums),
-    keras.layers.Embedding: Rule(_embedding_check, rules.embedding),
-}
-
-
-def register(layer_class, check, moments, sums=None):
-    """Adds a rule for `layer_class` (exact type; subclasses may compute something else).
-
-    `moments(layer, a, delta, elementwise)` returns per variable `(sum_sq, norms_sq)`, see
-    `tfmbgd.rules`; when `sums(layer, a, elementwise)` is true it returns
-    `(sum_sq, norms_sq, grad_sum)` for every variable of the layer instead, and the
-    backward pass skips them.
-    """
-    RULES[layer_class] = Rule(check, moments, sums)
-
-
-class Tap(NamedTuple):
-    layer: keras.layers.Layer
-    rule: Rule
-    indices: list        # positions of the layer's variables in model.trainable_variables
-
-
-class Plan(NamedTuple):
-    """What the layer-wise method does for one model."""
-
-    probe: keras.Model | None     # returns taps' inputs, taps' outputs, model outputs
-    taps: list                    # [Tap]
-    fallback: list                # indices of variables without a rule
-    reasons: dict                 # layer name -> why it takes the fallback
-
-
-_PLANS = weakref.WeakKeyDictionary()
-
-
-def _tap_moments(tap, a, h, dh, b, elementwise):
-    """The rule's moments for one layer, from its input, output and output gradient:
-    per variable `(sum_sq, norms_sq, mean)`, `mean` None unless the rule gives sums.
-
-    `dh` is the gradient of the *mean* loss; through the activation (from h) it becomes
-    `delta / B`, where `delta` is the gradient of the summed loss at the pre-activation
-    that the rules expect. A rule's moments are squares of per-example gradients, which are
-    linear in `delta`, so `moments(B * d) = B^2 * moments(d)` exactly. The factor is applied
-    where it is cheaper: to the `[B]` norms (and `sum_sq`), or, when the elementwise sums
-    are larger than the layer's output, to `delta` itself. For a convolution the output is
-    far larger than the kernel, so this saves a pass over it. Sums are linear in `delta`:
-    `sum(delta / B)` is the mean itself, `sum(delta)` is B times it.
-    """
-    backprop = _backprop_activation(getattr(tap.layer, "activation", keras.activations.linear))
-    delta = backprop(dh, h)
-    b = float(b) if isinstance(b, int) else tf.cast(b, dh.dtype)
-    params = sum(v.shape.num_elements() for v in tap.layer.trainable_variables)
-    per_example = delta.shape[1:].num_elements()       # None if unknown until run time
-    scale_delta = elementwise and per_example is not None and per_example < params
-    b2, out = b * b, []
-    for sum_sq, norms_sq, *grad_sum in tap.rule.moments(tap.layer, a, delta * b if scale_delta else delta,
-                                                         elementwise):
-        grad_sum = grad_sum[0] if grad_sum else None        # rules without sums give pairs
-        if scale_delta:
-            out.append((sum_sq, norms_sq, None if grad_sum is None else grad_sum / b))
-        else:
-            out.append((None if sum_sq is None else sum_sq * b2, norms_sq * b2, grad_sum))
+def scan(graph, variables, first_op, batch, b):
+    """For each variable, its `Use`s in the ops created since `first_op`, or a reason."""
+    forward = {op.name for op in graph.get_operations()[first_op:]}
+    out = []
+    for v in variables:
+        handle = _handle(graph, v)
+        out.append("not read by the model" if handle is None else _uses(v, handle, forward, batch, b))
     return out
 
 
-def plan(model):
-    """The (cached) `Plan` for `model`."""
-    if model not in _PLANS:
-        _PLANS[model] = _make_plan(model)
-    return _PLANS[model]
+def _sums(uses, elementwise):
+    """Whether the uses' forms build the per-example gradients (so their sum is the batch
+    gradient and the backward pass can skip the variable)."""
+    kinds = {u.pending.kind for u in uses}
+    if kinds == {forms.Rows}:
+        return False
+    if kinds != {forms.Outer}:
+        return True
+    dims = [u.pending.dims for u in uses]
+    if len({d[1:] for d in dims}) != 1:
+        return True
+    t = None if any(d[0] is None for d in dims) else sum(d[0] for d in dims)
+    return forms.builds(t, dims[0][1], dims[0][2], elementwise)
 
 
-def _calls_per_layer(model):
-    """How often each layer of a functional/Sequential model is called, or None."""
-    if isinstance(model, keras.Sequential):
-        names = [layer.name for layer in model.layers]
-        return {name: names.count(name) for name in names}
-    try:
-        config = model.get_config()
-        return {entry["name"]: len(entry["inbound_nodes"]) for entry in config["layers"]}
-    except Exception:   # custom layers that cannot serialize: no graph to trust
-        return None
+def _variable_moments(v, uses, dzs, b, elementwise):
+    """`(sum_sq, norms_sq, mean-or-None)` of one variable from its uses' output gradients."""
+    made = [(u, u.pending.make(dz)) for u, dz in zip(uses, dzs) if dz is not None]
+    if not made:           # no gradient reaches the variable: every g_n is zero
+        zeros = tf.zeros(v.shape, v.dtype)
+        return (zeros if elementwise else None), tf.zeros([b], v.dtype), zeros
+    shapes = {u.shape for u, _ in made}
+    form = forms.merge([f for _, f in made]) if len(shapes) == 1 else None
+    shape = made[0][0].shape
+    if form is None:     # uses of different kinds or shapes: sum them explicitly
+        form = forms.Explicit(tf.add_n([tf.reshape(forms.explicit(f, u.shape), [b, -1]) for u, f in made]))
+        shape = (math.prod(v.shape),)
+    scale = float(b) if isinstance(b, int) else tf.cast(b, v.dtype)
+    sum_sq, norms, mean = forms.moments(form, shape, scale, elementwise)
+    reshape = lambda t: None if t is None else tf.reshape(t, v.shape)
+    return reshape(sum_sq), norms, reshape(mean)
 
 
-def _make_plan(model):
-    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
-    # Functional and Sequential models have symbolic inputs and outputs; subclassed do not.
-    is_graph = getattr(model, "inputs", None) is not None and getattr(model, "outputs", None) is not None
-    calls = _calls_per_layer(model) if is_graph else None
-    taps, reasons = [], {}
-    for layer in model.layers if calls else ():
-        rule = RULES.get(type(layer))
-        if not layer.trainable_variables:
-            continue
-        why = "no rule" if rule is None else rule.check(layer)
-        if why is None and calls.get(layer.name) != 1:
-            why = "called more than once"
-        if why is None:
-            taps.append(Tap(layer, rule, [index[id(v)] for v in layer.trainable_variables]))
-        else:
-            reasons[layer.name] = why
-    if not is_graph:
-        reasons[model.name] = "subclassed model: no graph to tap"
-    covered = {i for tap in taps for i in tap.indices}
-    fallback = [i for i in range(len(model.trainable_variables)) if i not in covered]
-    probe = None
-    if taps:
-        probe = keras.Model(model.inputs, [t.layer.input for t in taps] +
-                            [t.layer.output for t in taps] + list(model.outputs))
-    return Plan(probe, taps, fallback, reasons)
+class Plan(NamedTuple):
+    """What one trace found: per variable its uses, or why it takes the fallback."""
+
+    uses: list       # per variable: [Use] or a reason (str)
+
+    @property
+    def fallback(self):
+        return [i for i, u in enumerate(self.uses) if isinstance(u, str)]
+
+
+def _traced_moments(model, loss_fn, x, y, elementwise, strict):
+    graph = tf.compat.v1.get_default_graph()
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        first_op = len(graph.get_operations())
+        outputs = model(x, training=True)
+        losses = loss_fn(y, outputs)
+        if losses.dtype in (tf.float16, tf.bfloat16):      # mixed precision: average in float32
+            losses = tf.cast(losses, tf.float32)
+        loss = tf.reduce_mean(losses)
+    batch = losses.shape[0]
+    b = batch if batch is not None else tf.shape(losses)[0]
+    p = Plan(scan(graph, variables, first_op, batch, b))
+    if strict and p.fallback:
+        raise UserError("method layerwise has no rule for: "
+                        + "; ".join(f"{variables[i].path} ({p.uses[i]})" for i in p.fallback)
+                        + "; use method auto to take the exact fallback for them")
+    tapped = [i for i, u in enumerate(p.uses) if not isinstance(u, str)]
+    summed = {i for i in tapped if p.uses[i] and _sums(p.uses[i], elementwise)}
+    asked = [i for i in range(len(variables)) if i not in summed]
+    zs = [u.z for i in tapped for u in p.uses[i]]
+    grads = tape.gradient(loss, [variables[i] for i in asked] + zs)
+    mean = [None] * len(variables)
+    for i, g in zip(asked, gradients.dense_gradients([variables[i] for i in asked], grads[:len(asked)])):
+        mean[i] = g
+    dzs = iter(grads[len(asked):])
+    sum_sq, norms = [None] * len(variables), [None] * len(variables)
+    for i in tapped:
+        v, uses = variables[i], p.uses[i]
+        sum_sq[i], norms[i], rule_mean = _variable_moments(v, uses, [next(dzs) for _ in uses], b, elementwise)
+        if i in summed:
+            mean[i] = rule_mean
+    if p.fallback:
+        rest = [variables[i] for i in p.fallback]
+        per_ex = gradients.per_example(model, loss_fn, x, y, "vectorized", variables=rest)
+        for i, g in zip(p.fallback, per_ex.gradients):
+            squares = tf.square(tf.cast(g, variables[i].dtype))
+            norms[i] = tf.reduce_sum(tf.reshape(squares, [b, -1]), axis=1)
+            sum_sq[i] = tf.reduce_sum(squares, axis=0) if elementwise else None
+    return dict(mean=mean, sum_sq=sum_sq if elementwise else None, var_norms_sq=norms,
+                losses=losses, outputs=outputs)
+
+
+_COMPILED = weakref.WeakKeyDictionary()
 
 
 def moments(model, loss_fn, x, y, elementwise=True, strict=False):
     """Gradient moments by the layer-wise rules, with the exact fallback for the rest.
 
-    Returns the fields of `tfmbgd.moments.GradientMoments` as a dict.
+    Works eagerly (through a `tf.function` kept per model, loss and tier) and inside a
+    `tf.function`. Returns the fields of `tfmbgd.moments.GradientMoments` as a dict.
 
     Raises:
       UserError: `strict` (method "layerwise") and some variable has no rule.
     """
-    p = plan(model)
-    if strict and p.fallback:
-        raise UserError("method layerwise has no rule for: "
-                        + ", ".join(f"{name} ({why})" for name, why in p.reasons.items())
-                        + "; use method auto to take the exact fallback for them")
-    if not p.taps:
-        return None
-    variables = model.trainable_variables
-    k = len(p.taps)
-    with tf.GradientTape() as tape:
-        results = p.probe(x, training=True)
-        outputs = results[2 * k] if len(results) == 2 * k + 1 else results[2 * k:]
-        losses = loss_fn(y, outputs)
-        loss = tf.reduce_mean(losses)
-    inputs, hidden = results[:k], results[k:2 * k]
-    # Variables whose rule sums the per-example gradients it builds: not differentiated.
-    summed = {i for tap, a in zip(p.taps, inputs)
-              if tap.rule.sums is not None and tap.rule.sums(tap.layer, a, elementwise) for i in tap.indices}
-    asked = [variables[i] for i in range(len(variables)) if i not in summed]
-    grads = tape.gradient(loss, asked + list(hidden))
-    from_tape = iter(gradients.dense_gradients(asked, grads[:len(asked)]))
-    mean = [None if i in summed else next(from_tape) for i in range(len(variables))]
-    b = losses.shape[0] if losses.shape[0] is not None else tf.shape(losses)[0]
-    sum_sq = [None] * len(variables)
-    norms = [None] * len(variables)
-    for tap, a, h, dh in zip(p.taps, inputs, hidden, grads[len(asked):]):
-        for i, (sq, nsq, tap_mean) in zip(tap.indices, _tap_moments(tap, a, h, dh, b, elementwise)):
-            sum_sq[i], norms[i] = sq, nsq
-            if i in summed:
-                if tap_mean is None:
-                    raise ValueError(f"the rule for {type(tap.layer).__name__} said it sums the "
-                                     "per-example gradients but returned no sum")
-                mean[i] = tap_mean
-    if p.fallback:
-        rest = [variables[i] for i in p.fallback]
-        per_ex = gradients.per_example(model, loss_fn, x, y, "vectorized", variables=rest)
-        for i, g in zip(p.fallback, per_ex.gradients):
-            squares = tf.square(g)
-            norms[i] = tf.reduce_sum(tf.reshape(squares, [b, -1]), axis=1)
-            sum_sq[i] = tf.reduce_sum(squares, axis=0) if elementwise else None
-    return dict(mean=mean, sum_sq=sum_sq if elementwise else None, var_norms_sq=norms,
-                losses=losses, outputs=outputs)
+    if tf.inside_function():
+        return _traced_moments(model, loss_fn, x, y, elementwise, strict)
+    compiled = _COMPILED.setdefault(model, {})
+    key = (loss_fn, elementwise, strict)
+    if key not in compiled:
+        compiled[key] = tf.function(lambda x, y: _traced_moments(model, loss_fn, x, y, elementwise, strict),
+                                    autograph=False)
+    return compiled[key](x, y)
+
+
+def coverage(model, x=None):
+    """Which trainable variables the layer-wise rules cover, and why the others are not.
+
+    Args:
+      model: a Keras model whose variables exist.
+      x: a batch of inputs (any batch size); may be left out for a functional or
+        Sequential model, whose inputs are known.
+
+    Returns:
+      `{variable.path: None}` for variables with a rule, `{variable.path: reason}` for
+      those that take the exact per-example fallback, in `model.trainable_variables` order.
+
+    Raises:
+      UserError: `x` is needed (a subclassed model) and not given.
+    """
+    if x is None:
+        if getattr(model, "inputs", None) is None:
+            raise UserError(f"coverage of model {model.name}: pass a batch x (a subclassed model's "
+                            "inputs are known only when it is called)")
+        try:
+            structure = model.input
+        except AttributeError:       # a Sequential never called: its inputs as a list
+            structure = model.inputs if len(model.inputs) > 1 else model.inputs[0]
+        x = tf.nest.map_structure(lambda t: tf.zeros([2, *t.shape[1:]], t.dtype), structure)
+    found = {}
+
+    def trace(x):
+        graph = tf.compat.v1.get_default_graph()
+        first_op = len(graph.get_operations())
+        model(x, training=True)
+        batch = tf.nest.flatten(x)[0].shape[0]
+        found["plan"] = scan(graph, model.trainable_variables, first_op, batch, batch)
+        return tf.constant(0)
+
+    tf.function(trace, autograph=False).get_concrete_function(tf.nest.map_structure(tf.convert_to_tensor, x))
+    return {v.path: (u if isinstance(u, str) else None)
+            for v, u in zip(model.trainable_variables, found["plan"])}
+
+
+def describe(model, x=None):
+    """One line for the start of a run: how many variables take the fast path, which do not."""
+    cover = coverage(model, x)
+    slow = {path: why for path, why in cover.items() if why is not None}
+    line = f"gradient statistics: {len(cover) - len(slow)} of {len(cover)} variables by the layer-wise rules"
+    if slow:
+        line += "; exact per-example fallback for " + ", ".join(f"{p} ({w})" for p, w in slow.items())
+    return line

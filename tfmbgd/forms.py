@@ -1,0 +1,135 @@
+"""The per-example gradients of one variable, kept in the cheapest form that is exact.
+
+A layer-wise rule (`tfmbgd.rules`) never needs the `[B, *variable.shape]` per-example
+gradients of a whole model. It describes those of one variable in one of three forms,
+and this module reduces a form to the variable's moments:
+
+- `Outer(a, d)`: `g_n = a_n^T d_n`, with `a [B, T, K]` and `d [B, T, C]` (a matrix
+  product: Dense, EinsumDense, attention projections; `T` positions per example, 1 for a
+  plain Dense). Norms by `||a_n||^2 ||d_n||^2` (T = 1) or by the Gram ("ghost norm")
+  identity `sum_{t,s} (a_n a_n^T)_{ts} (d_n d_n^T)_{ts}` (Goodfellow 2015; Li et al. 2021),
+  elementwise sums by `(a^2)^T (d^2)` (T = 1); otherwise the `[B, K, C]` gradients of this
+  variable alone are built.
+- `Explicit(g)`: `g [B, ...]` itself (convolutions, whose kernels are small;
+  normalization scales and offsets; biases).
+- `Rows(ids, rows)`: `g_n` adds `rows[n, t]` to row `ids[n, t]` of a `[vocab, dim]` table
+  (Embedding, any gather of rows): segment sums per (example, row), never `B x vocab`.
+
+Every form is built from the gradient of the *mean* loss, `delta / B`, where `delta` is
+the unscaled per-example signal; moments are quadratic in it, so the squares are scaled
+by `B^2` and the sum of the per-example gradients is then the mean gradient itself.
+"""
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+
+class Outer(NamedTuple):
+    a: tf.Tensor      # [B, T, K], or [B, K] for T = 1
+    d: tf.Tensor      # [B, T, C], or [B, C]
+
+
+def _positions(x):
+    """`[B, T, ...]` of an `Outer` factor, `[B, K]` read as T = 1."""
+    return x[:, None] if x.shape.rank == 2 else x
+
+
+class Explicit(NamedTuple):
+    g: tf.Tensor      # [B, ...] with as many elements per example as the variable
+
+
+class Rows(NamedTuple):
+    ids: tf.Tensor    # [B, N] int64 row of each gathered position
+    rows: tf.Tensor   # [B, N, dim] the gradient at each gathered row
+
+
+def builds(t, k, c, elementwise):
+    """Whether an `Outer` form with `t` positions builds its per-example gradients `[B, K, C]`:
+    for the elementwise tier or an unknown `t` (T > 1), or when the Gram matrices `[B, T, T]`
+    would be larger. T = 1 never builds: the identities are exact and cheaper."""
+    return t != 1 and (elementwise or t is None or t * t > k * c)
+
+
+def merge(forms):
+    """One form for the sum over several uses of a variable (a layer called twice, tied
+    weights): `Outer`s and `Rows` concatenate their positions, anything else is summed
+    `Explicit`ly. Per-example gradients add over uses, so their norms need the whole sum."""
+    if len(forms) == 1:
+        return forms[0]
+    kinds = {type(f) for f in forms}
+    if kinds == {Outer} and len({(f.a.shape[-1], f.d.shape[-1]) for f in forms}) == 1:
+        return Outer(*(tf.concat([_positions(f[i]) for f in forms], 1) for i in (0, 1)))
+    if kinds == {Rows}:
+        return Rows(tf.concat([f.ids for f in forms], 1), tf.concat([f.rows for f in forms], 1))
+    return None     # different kinds: the caller makes each explicit and sums
+
+
+def explicit(form, shape):
+    """The per-example gradients `[B, *shape]` of any form."""
+    b = tf.shape(_first(form))[0]
+    if isinstance(form, Outer):
+        g = tf.matmul(_positions(form.a), _positions(form.d), transpose_a=True)
+    elif isinstance(form, Rows):
+        vocab = shape[0]
+        index = tf.range(tf.cast(b, tf.int64))[:, None] * vocab + form.ids
+        g = tf.math.unsorted_segment_sum(tf.reshape(form.rows, [-1, shape[-1]]), tf.reshape(index, [-1]),
+                                         b * vocab)
+    else:
+        g = form.g
+    return tf.reshape(g, [b, *shape])
+
+
+def _first(form):
+    return form.a if isinstance(form, Outer) else form.ids if isinstance(form, Rows) else form.g
+
+
+def moments(form, shape, b, elementwise):
+    """`(sum_sq, norms_sq, mean)` of the per-example gradients that `form` describes.
+
+    Args:
+      form: built from the gradient of the mean loss (see the module docstring).
+      shape: the variable's shape.
+      b: the batch size B (int or scalar tensor of the form's dtype).
+      elementwise: also compute `sum_sq`.
+
+    Returns:
+      `sum_sq` (`shape`, None unless elementwise), `norms_sq` `[B]`, both of the unscaled
+      per-example gradients; `mean` (`shape`) where the form builds the per-example
+      gradients anyway (their sum is the batch gradient), else None.
+    """
+    b2 = b * b
+    if isinstance(form, Rows):
+        return _rows(form, shape, b2, elementwise)
+    if isinstance(form, Outer):
+        t, k, c = 1 if form.a.shape.rank == 2 else form.a.shape[1], form.a.shape[-1], form.d.shape[-1]
+        if form.a.shape.rank == 2:
+            # B^2 goes where it is cheapest: into d ([B, C]) when the [K, C] sums are
+            # wanted, else onto the [B] norms.
+            a_sq, d_sq = tf.square(form.a), tf.square(form.d * b if elementwise else form.d)
+            norms = tf.reduce_sum(a_sq, 1) * tf.reduce_sum(d_sq, 1)
+            if not elementwise:
+                return None, norms * b2, None
+            return tf.reshape(tf.matmul(a_sq, d_sq, transpose_a=True), shape), norms, None
+        if not builds(t, k, c, elementwise):
+            gram = tf.matmul(form.a, form.a, transpose_b=True) * tf.matmul(form.d, form.d, transpose_b=True)
+            return None, tf.reduce_sum(gram, axis=[1, 2]) * b2, None
+    g = explicit(form, shape)
+    squares = tf.square(g)
+    flat = tf.reshape(squares, [tf.shape(g)[0], -1])
+    sum_sq = tf.reduce_sum(squares, 0) * b2 if elementwise else None
+    return sum_sq, tf.reduce_sum(flat, 1) * b2, tf.reduce_sum(g, 0)
+
+
+def _rows(form, shape, b2, elementwise):
+    """Rows hit twice by one example add up before squaring: a segment sum per
+    (example, row) pair; sizes stay `B x N x dim`."""
+    vocab, dim = shape[0], shape[-1]
+    b = tf.shape(form.ids)[0]
+    example = tf.repeat(tf.range(tf.cast(b, tf.int64)), tf.shape(form.ids)[1])
+    pairs, index = tf.unique(example * vocab + tf.reshape(form.ids, [-1]))
+    per_pair = tf.math.unsorted_segment_sum(tf.reshape(form.rows, [-1, dim]), index, tf.size(pairs))
+    squares = tf.square(per_pair)
+    norms = tf.math.unsorted_segment_sum(tf.reduce_sum(squares, 1), pairs // vocab, b) * b2
+    sum_sq = tf.math.unsorted_segment_sum(squares, pairs % vocab, vocab) * b2 if elementwise else None
+    return sum_sq, norms, None
