@@ -2,6 +2,7 @@
 
     python benchmarks/step_cost.py            # full table, a few minutes on 2 cores
     python benchmarks/step_cost.py --quick    # fewer cases and iterations
+    python benchmarks/step_cost.py --zoo      # only the models users bring (tfmbgd.zoo)
 
 Every ratio compares two steps measured in the same process, interleaved call by call, as
 a ratio of medians: the machine is shared and noisy, absolute times mean little. A "plain"
@@ -38,8 +39,11 @@ METHODS = [  # (label, method, elementwise)
 def make(model_name, batch):
     import numpy as np
 
-    from tfmbgd import models
+    from tfmbgd import models, zoo
 
+    if model_name in zoo.NAMES:
+        model, x, y = zoo.make(model_name, batch, size="bench")
+        return model, x, y
     rng = np.random.default_rng(0)
     if model_name == "mlp":
         model = models.build("mlp", (784,), 10, hidden=(256, 256), seed=0)
@@ -55,6 +59,12 @@ def steps_for(model, method="auto", elementwise=False):
 
     apply = steps.make_update("manual", model.trainable_variables, 1e-4)
     return steps.Steps(model, losses.crossentropy, apply, "mean", method, True, elementwise)
+
+
+def as_tensors(x, y):
+    import tensorflow as tf
+
+    return tf.nest.map_structure(tf.constant, x), tf.constant(y)
 
 
 def call(fn, x, y):
@@ -80,7 +90,7 @@ def time_case(model_name, batch, budget_s, methods):
     import tensorflow as tf
 
     model, x, y = make(model_name, batch)
-    x, y = tf.constant(x), tf.constant(y)
+    x, y = as_tensors(x, y)
     plain = steps_for(model).plain
     rows = []
     for label, method, elementwise in methods:
@@ -131,7 +141,7 @@ def peak_memory(model_name, batch, method, elementwise):
     import tensorflow as tf
 
     model, x, y = make(model_name, batch)
-    x, y = tf.constant(x), tf.constant(y)
+    x, y = as_tensors(x, y)
     steps = steps_for(model, method or "auto", elementwise)
     fn = steps.plain if method is None else steps.with_stats
     call(fn, x, y)                                  # trace and allocate once
@@ -148,10 +158,40 @@ def measure_memory_in_child(model_name, batch, method, elementwise=False):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
 
+def zoo_tables(budget, quick):
+    """The models users bring (`tfmbgd.zoo`, bench sizes) at B=64: both tiers, the share of
+    variables on the fast path, statistics every 16 steps in train.py's loop, and the
+    transformer's peak memory at B=256."""
+    from tfmbgd import layerwise, zoo
+
+    print("\nThe models users bring (tfmbgd.zoo, bench sizes), B=64, auto:\n")
+    print("| model | variables by the rules | plain step | norm tier | elementwise tier | rounds |")
+    print("|---|---|---|---|---|---|")
+    for name in zoo.NAMES:
+        model, x, _ = make(name, 64)
+        cover = layerwise.coverage(model, x)
+        fast = sum(why is None for why in cover.values())
+        rows = time_case(name, 64, budget, [m for m in METHODS[:2]])
+        (_, t_plain, t_norm, rounds), (_, _, t_elem, _) = rows
+        print(f"| {name} | {fast} of {len(cover)} | {t_plain * 1e3:.2f} ms | {t_norm / t_plain:.2f}x | "
+              f"{t_elem / t_plain:.2f}x | {rounds} |", flush=True)
+    print("\nStatistics every 16 steps in train.py's loop (norm tier), against none, B=64:\n")
+    print("| model | ratio | rounds |")
+    print("|---|---|---|")
+    for name in ("subclassed_mlp", "mlp_gelu_silu", "transformer", "conv1d", "residual_cnn"):
+        ratio, rounds = time_amortised(name, 64, 16, budget * (3 if quick else 10))
+        print(f"| {name} | {ratio:.3f}x | {rounds} |", flush=True)
+    plain = measure_memory_in_child("transformer", 256, None)
+    peak = measure_memory_in_child("transformer", 256, "auto", False)
+    print(f"\nPeak memory, transformer at B=256: plain {plain / 2**20:.1f} MiB, norm tier "
+          f"{peak / 2**20:.1f} MiB ({peak / plain:.2f}x)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases, shorter budgets")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timing per ratio")
+    parser.add_argument("--zoo", action="store_true", help="only the zoo tables (the models users bring)")
     parser.add_argument("--memory", nargs=4, help=argparse.SUPPRESS)   # child: MODEL BATCH METHOD 0|1
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -166,6 +206,9 @@ def main():
     cases = CASES[1:2] + CASES[3:] if args.quick else CASES
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; ratios = median statistics step / "
           "median plain step, interleaved in one process\n")
+    if args.zoo:
+        zoo_tables(budget, args.quick)
+        return
     print("| model | B | plain step | method, tier | ratio | rounds |")
     print("|---|---|---|---|---|---|")
     for model_name, batch in cases:
@@ -190,6 +233,7 @@ def main():
     for label, method, elementwise in METHODS[:4]:
         peak = measure_memory_in_child("mlp", 512, method, elementwise)
         print(f"| {label} | {peak / 2**20:.1f} MiB | {peak / plain:.2f}x |", flush=True)
+    zoo_tables(budget, args.quick)
 
 
 if __name__ == "__main__":

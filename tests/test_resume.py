@@ -14,7 +14,10 @@ import pytest
 from conftest import tree_hash, user_env
 
 ROOT = Path(__file__).resolve().parent.parent
-FLAGS = ["--hidden=8", "--batch_size=4", "--epochs=3", "--learning_rate=0.05", "--stats_every=4",
+# Six epochs: the run trains for about 4 s after its first checkpoint, well past the
+# random delay before an interrupt (with three, a slow start left under 1.5 s, and a signal
+# could land after training had ended).
+FLAGS = ["--hidden=8", "--batch_size=4", "--epochs=6", "--learning_rate=0.05", "--stats_every=4",
          "--log_every=2", "--checkpoint_every=7", "--keep_checkpoints=2", "--steps_per_call=1",
          "--optimizer=adam", "--deterministic"]
 
