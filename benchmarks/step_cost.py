@@ -87,7 +87,6 @@ def interleaved(fns, budget_s, min_rounds=5, max_rounds=300):
 
 
 def time_case(model_name, batch, budget_s, methods):
-    import tensorflow as tf
 
     model, x, y = make(model_name, batch)
     x, y = as_tensors(x, y)

@@ -26,6 +26,7 @@ def test_train_writes_the_documented_tags(tmp_path):
     wall_ms = (time.time() - before) * 1000
     assert proc.returncode == 0, proc.stderr
     assert f"tensorboard --logdir {logdir}" in proc.stdout
+    assert proc.stdout.startswith("gradient statistics: 4 of 4 variables by the layer-wise rules\n")
     assert "Traceback" not in proc.stderr
     (run_dir,) = logdir.iterdir()
     train, test = read_scalars(run_dir / "train"), read_scalars(run_dir / "test")

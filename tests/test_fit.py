@@ -88,7 +88,7 @@ KINDS = [
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=[k["id"] for k in KINDS])
-def test_every_kind_of_model_logs_statistics(kind, tmp_path):
+def test_every_kind_of_model_logs_statistics(kind, tmp_path, capsys):
     keras.utils.set_random_seed(0)
     x, y = _data()
     model = kind["build"]()
@@ -98,6 +98,9 @@ def test_every_kind_of_model_logs_statistics(kind, tmp_path):
     model.configure_statistics(str(tmp_path), stats_every=2)
     history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
     model.flush_statistics()
+    n = len(model.trainable_variables)      # said once, when fit first traces the step
+    line = f"gradient statistics: {n} of {n} variables by the layer-wise rules"
+    assert capsys.readouterr().out.count(line) == 1
     assert set(history.history) == {"loss", "accuracy"}
     written = read_scalars(tmp_path)
     assert [s for s, _ in written["grad_var/trace"]] == list(range(0, 16, 2))

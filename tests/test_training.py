@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import read_scalars
-from tfmbgd import losses, models, steps, summaries, training
+from tfmbgd import layerwise, losses, models, steps, summaries, training
 from tfmbgd.config import TrainConfig
 from tfmbgd.errors import UserError
 
@@ -177,6 +177,20 @@ def test_stats_every_skips_the_moments_on_other_steps(tmp_path, tiny_npz, monkey
     never = training.train(_config(tmp_path, tiny_npz, batch_size=8, epochs=1, stats_every=0),
                            verbose=0)
     assert never.steps == 6 and int(calls.numpy()) == 3
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_statistics_steps_of_the_loop_take_the_rules_not_the_fallback(tmp_path, tiny_npz, monkeypatch, model):
+    # The statistics step is traced inside the runner's loop body: every variable must be
+    # found in that nested graph, or the exact but slow fallback would quietly take over.
+    def fallback(*args, **kwargs):
+        raise AssertionError("the per-example fallback ran")
+    monkeypatch.setattr(layerwise.gradients, "per_example", fallback)
+    dataset, batch = (tiny_npz, 8) if model == "mlp" else ("digits", 256)      # cnn: images
+    result = training.train(_config(tmp_path, dataset, batch_size=batch, epochs=1, stats_every=2,
+                                    steps_per_call=4, model=model), verbose=0)
+    written = read_scalars(os.path.join(result.run_dir, "train"))["grad/norm"]
+    assert [step for step, _ in written] == list(range(0, result.steps, 2))
 
 
 @pytest.mark.parametrize("steps_per_call", [1, 4, 32])

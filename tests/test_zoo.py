@@ -232,7 +232,7 @@ def test_grouped_convolution_is_named_as_not_covered():
     cover = layerwise.coverage(model)
     kernel, bias = (v.path for v in model.trainable_variables)
     assert "PartitionedCall" in cover[kernel] and cover[bias] is None
-    assert layerwise.describe(model).endswith(f"exact per-example fallback for {kernel} ({cover[kernel]})")
+    assert layerwise.describe(cover).endswith(f"exact per-example fallback for {kernel} ({cover[kernel]})")
 
 
 def test_example_gradients_take_a_dict_of_inputs():

@@ -26,7 +26,7 @@ on statistics steps: the moments are of the unweighted per-example data loss.
 import keras
 import tensorflow as tf
 
-from tfmbgd import gradients, stats, steps, summaries
+from tfmbgd import gradients, layerwise, stats, steps, summaries
 from tfmbgd.errors import UserError
 from tfmbgd.moments import all_layers
 
@@ -52,6 +52,7 @@ class _Recorder:
         self.stats_every, self.method, self.elementwise = stats_every, method, elementwise
         self.noise_scale = stats.NoiseScaleEMA(noise_scale_decay)
         self.loss = loss
+        self.described = False        # the coverage line is printed once per configuration
 
 
 class GradientStatisticsMixin:
@@ -136,6 +137,10 @@ class GradientStatisticsMixin:
         m, values = steps.statistics_update(
             self, loss_fn, x, y, apply, rec.method, rec.elementwise, rec.noise_scale,
             extra_gradients=penalties if self.losses else None)
+        cover = layerwise.traced_coverage(self)
+        if cover is not None and not rec.described:      # once, when the step is first traced
+            print(layerwise.describe(cover))
+            rec.described = True
         values["loss"] = data_loss = tf.reduce_mean(m.losses)
         summaries.write_in_graph(rec.writer, values, step)
         return data_loss + (tf.add_n(self.losses) if self.losses else 0.0), m.outputs

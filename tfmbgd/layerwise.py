@@ -55,19 +55,16 @@ class Use(NamedTuple):
 
 def _handle(graph, variable):
     """The tensor of `graph` holding `variable`'s resource handle, or None if not captured.
-    A nested graph (a loop body) captures it from the graph around it."""
-    chain = []
-    while isinstance(graph, tf.__internal__.FuncGraph):
-        chain.append(graph)
-        graph = graph.outer_graph
-    tensor = variable.value.handle
-    for g in reversed(chain):
-        if getattr(tensor, "graph", None) is g:
-            continue
-        tensor = next((inside for outside, inside in g.captures if outside is tensor), None)
-        if tensor is None:
-            return None
-    return tensor
+    A graph captures the handle itself (functions, cond branches) or, nested in another
+    function graph, that graph's copy of it (loop bodies)."""
+    handle = variable.value.handle
+    if not isinstance(graph, tf.__internal__.FuncGraph):
+        return handle
+    captured = {id(outside): inside for outside, inside in graph.captures}
+    if id(handle) in captured:
+        return captured[id(handle)]
+    outer = _handle(graph.outer_graph, variable)
+    return None if outer is None or outer is handle else captured.get(id(outer))
 
 
 def _uses(variable, handle, forward, batch, b):
@@ -160,6 +157,7 @@ def _traced_moments(model, loss_fn, x, y, elementwise, strict):
     batch = losses.shape[0]
     b = batch if batch is not None else tf.shape(losses)[0]
     p = Plan(scan(graph, variables, first_op, batch, b))
+    _TRACED[model] = {v.path: (u if isinstance(u, str) else None) for v, u in zip(variables, p.uses)}
     if strict and p.fallback:
         raise UserError("method layerwise has no rule for: "
                         + "; ".join(f"{variables[i].path} ({p.uses[i]})" for i in p.fallback)
@@ -191,6 +189,7 @@ def _traced_moments(model, loss_fn, x, y, elementwise, strict):
 
 
 _COMPILED = weakref.WeakKeyDictionary()
+_TRACED = weakref.WeakKeyDictionary()      # model -> the coverage its last trace found
 
 
 def moments(model, loss_fn, x, y, elementwise=True, strict=False):
@@ -251,9 +250,14 @@ def coverage(model, x=None):
             for v, u in zip(model.trainable_variables, found["plan"])}
 
 
-def describe(model, x=None):
-    """One line for the start of a run: how many variables take the fast path, which do not."""
-    cover = coverage(model, x)
+def traced_coverage(model):
+    """The `coverage` that the last layer-wise trace of `model` found, or None if none ran."""
+    return _TRACED.get(model)
+
+
+def describe(cover):
+    """One line for the start of a run, from a `coverage` dict: how many variables take the
+    layer-wise rules, and which take the fallback and why."""
     slow = {path: why for path, why in cover.items() if why is not None}
     line = f"gradient statistics: {len(cover) - len(slow)} of {len(cover)} variables by the layer-wise rules"
     if slow:

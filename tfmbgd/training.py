@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmbgd import checkpoints, data, distribute, losses, models, stats, summaries
+from tfmbgd import checkpoints, data, distribute, layerwise, losses, models, stats, summaries
 from tfmbgd import config as config_lib
 from tfmbgd.errors import UserError
 from tfmbgd.runner import StepRunner, epoch_batches
@@ -147,6 +147,8 @@ def _train(config, verbose, run_dir, should_stop, strategy, dataset):
             summaries.write_layout(writers.writer("train"), [v.path for v in parts.model.trainable_variables])
         if verbose and parts.steps.replicas is not None:
             print(_replicas_line(parts.steps.replicas, parts.batch))
+        if verbose and config.stats_every and config.grad_method in ("auto", "layerwise"):
+            print(layerwise.describe(layerwise.coverage(parts.model, parts.ds.train[0][:2])))
         for epoch in range(int(state.epoch.numpy()), config.epochs):
             if verbose:
                 print(f"Epoch {epoch + 1}/{config.epochs}")
