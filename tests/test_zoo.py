@@ -48,6 +48,43 @@ def test_zoo_model_matches_the_loop_inside_tf_function(name):
     assert_close(step(x, y), oracle, rtol=2e-4)
 
 
+@pytest.mark.parametrize("name", ["transformer", "every_rule", "subclassed_mlp"])
+def test_zoo_model_with_a_batch_size_known_only_at_run_time(name):
+    # Keras' fit traces its step with an unknown batch size; so does an input signature.
+    # Dense on sequences (Tensordot's merged rows) must not be taken for a batch then.
+    model, x, y = zoo.make(name, batch=5)
+    spec = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], tf.as_dtype(t.dtype)), x)
+    step = tf.function(lambda x, y: gradient_moments(model, losses.crossentropy, x, y, "layerwise", True),
+                       input_signature=[spec, tf.TensorSpec([None], tf.int32)])
+    oracle = gradient_moments(model, losses.crossentropy, x, y, method="loop")
+    assert_close(step(x, y), oracle, rtol=2e-4)
+
+
+class MergedRows(L.Layer):
+    """Scales the rows of [B, T, C] after merging them into [B*T, C]: with a batch size
+    known only at run time the scan cannot tell those rows from examples."""
+
+    def build(self, shape):
+        self.scale = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def call(self, x):
+        rows = keras.ops.reshape(x, (-1, x.shape[-1])) * self.scale
+        return keras.ops.reshape(rows, (-1, x.shape[1] * x.shape[2]))
+
+
+def test_rows_taken_for_examples_fail_loudly_at_run_time():
+    def build():
+        inputs = keras.Input((3, 2))
+        return keras.Model(inputs, L.Dense(3)(MergedRows()(inputs)))
+    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"))
+    assert layerwise.coverage(model)["merged_rows/variable"] is not None     # static batch: seen
+    signature = [tf.TensorSpec([None, 3, 2], tf.float64), tf.TensorSpec([None], tf.int32)]
+    step = tf.function(lambda x, y: gradient_moments(model, loss_fn, x, y, "layerwise"),
+                       input_signature=signature)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="is not the batch"):
+        step(x, y)
+
+
 def _float64(x):
     return tf.nest.map_structure(lambda t: t.astype(np.float64) if t.dtype.kind == "f" else t, x)
 

@@ -12,9 +12,9 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "checkpoints", "compare", "config", "data", "distribute", "errors", "fit", "gradients", "layerwise",
-    "losses", "models", "moments", "optimizers", "rules", "runner", "stats", "steps", "study", "summaries",
-    "training",
+    "checkpoints", "compare", "config", "data", "distribute", "errors", "fit", "forms", "gradients",
+    "layerwise", "losses", "models", "moments", "optimizers", "rules", "runner", "stats", "steps", "study",
+    "summaries", "training", "zoo",
 )
 
 __all__ = list(_SUBMODULES)

@@ -51,6 +51,7 @@ class Use(NamedTuple):
     shape: tuple              # the shape of the variable's value as the op sees it
     pending: rules.Pending
     z: tf.Tensor              # the op's output
+    checks: list              # tensors whose leading axis must be B (a run-time batch size)
 
 
 def _handle(graph, variable):
@@ -69,7 +70,7 @@ def _handle(graph, variable):
 
 def _uses(variable, handle, forward, batch, b):
     """The `Use`s of `variable` among the ops named in `forward`, or why it has none we can tap."""
-    ctx = rules.Context(batch, b, tf.as_dtype(variable.dtype))
+    ctx = rules.Context(batch, b, tf.as_dtype(variable.dtype), [])
     uses, front = [], [handle]
     while front:
         t = front.pop()
@@ -87,7 +88,8 @@ def _uses(variable, handle, forward, batch, b):
                 if isinstance(pending, str):
                     return f"used by {op.type}: {pending}"
                 shape = tuple(variable.shape) if t.dtype == tf.resource else tuple(t.shape)
-                uses.append(Use(shape, pending, op.outputs[0] if pending.output is None else pending.output))
+                uses.append(Use(shape, pending, op.outputs[0] if pending.output is None else pending.output,
+                                ctx.checks))
     return uses
 
 
@@ -118,7 +120,11 @@ def _sums(uses, elementwise):
 
 def _variable_moments(v, uses, dzs, b, elementwise):
     """`(sum_sq, norms_sq, mean-or-None)` of one variable from its uses' output gradients."""
-    made = [(u, u.pending.make(dz)) for u, dz in zip(uses, dzs) if dz is not None]
+    checks = [tf.debugging.assert_equal(tf.shape(t)[0], b, message=(
+        f"tfmbgd.layerwise: the leading axis of {t.name} is not the batch, as its rule assumed; "
+        "use method vectorized for this model and report it")) for u in uses for t in u.checks]
+    with tf.control_dependencies(checks):
+        made = [(u, u.pending.make(dz)) for u, dz in zip(uses, dzs) if dz is not None]
     if not made:           # no gradient reaches the variable: every g_n is zero
         zeros = tf.zeros(v.shape, v.dtype)
         return (zeros if elementwise else None), tf.zeros([b], v.dtype), zeros

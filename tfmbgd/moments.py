@@ -47,10 +47,11 @@ def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
       model: a Keras model whose variables exist.
       loss_fn: per-example loss `(y_true, y_pred) -> [B]`, unscaled.
       method: how per-example information is obtained; all give the same moments.
-        "auto" (default): the layer-wise rules of `tfmbgd.layerwise` for Dense, Conv2D and
-        Embedding layers of functional and Sequential models, from one backward pass, and
-        `vectorized` per-example gradients for the remaining variables. "layerwise": the
-        rules only (an error if a variable has none). "vectorized", "jacobian", "loop": from
+        "auto" (default): the layer-wise rules of `tfmbgd.layerwise` (matrix products,
+        convolutions, scales and offsets, gathers, in any Keras model), from one backward
+        pass, and `vectorized` per-example gradients for the remaining variables
+        (`tfmbgd.layerwise.coverage` says which). "layerwise": the rules only (an error
+        if a variable has none). "vectorized", "jacobian", "loop": from
         per-example gradients, see `tfmbgd.gradients.per_example_gradients`.
       elementwise: also compute `sum_sq` (needed for per-parameter variance and GSNR).
 

@@ -31,6 +31,7 @@ class Context(NamedTuple):
     b: object             # the batch size as used in reshapes: `batch`, or a scalar tensor
     dtype: tf.DType       # moments are computed in this dtype (the variable's: float32 under
                           # mixed precision, whatever the op computes in)
+    checks: list          # tensors whose leading axis must be B at run time (see `_is_batch`)
 
 
 class Pending(NamedTuple):
@@ -41,10 +42,15 @@ class Pending(NamedTuple):
 
 
 def _is_batch(t, ctx):
-    """Whether `t`'s leading axis is the batch."""
-    if t.shape.rank is None or t.shape.rank == 0:
+    """Whether `t`'s leading axis is the batch. With a batch size known only at run time
+    (Keras' fit traces so) an unknown leading axis is taken for the batch, and `t` is
+    added to `ctx.checks`: `tfmbgd.layerwise` asserts its size at run time, so a wrong
+    guess fails loudly instead of giving wrong moments."""
+    if t.shape.rank is None or t.shape.rank == 0 or t.shape[0] != ctx.batch:
         return False
-    return t.shape[0] == ctx.batch
+    if ctx.batch is None:
+        ctx.checks.append(t)
+    return True
 
 
 def _cast(t, ctx):
@@ -58,17 +64,21 @@ def matmul(op, operand, ctx):
     ta, tb = (("transpose_a", "transpose_b") if op.type == "MatMul" else ("adj_x", "adj_y"))
     if operand != 1 or op.get_attr(ta):
         return "the variable is the left factor"
-    a, z = op.inputs[0], op.outputs[0]
-    if op.inputs[1].shape.rank != 2:
+    a, kernel = op.inputs[0], op.inputs[1]
+    if kernel.shape.rank != 2:
         return "a batched kernel"
-    if _is_batch(a, ctx):
+    k, c = (kernel.shape[1], kernel.shape[0]) if op.get_attr(tb) else tuple(kernel.shape)
+    source = _tensordot_source(a, k) if op.type == "MatMul" else None
+    if source is not None and _is_batch(source, ctx):
+        # Tensordot's [B, T..., K] -> [B*T, K] (Dense on sequences). Checked first: with an
+        # unknown batch size the merged rows would pass for a batch too.
+        inner = source.shape[1:-1]
+        t = inner.num_elements() if inner.is_fully_defined() else None
+    elif _is_batch(a, ctx):
         inner = a.shape[1:-1]
         t = inner.num_elements() if inner.is_fully_defined() else None
-    elif op.type == "MatMul" and a.op.type == "Reshape" and _is_batch(a.op.inputs[0], ctx):
-        t = a.shape[0] // ctx.batch if a.shape[0] is not None and ctx.batch else None
     else:
         return "its rows are not examples"
-    k, c = a.shape[-1], z.shape[-1]
     if t == 1:      # [B, K]: forms.Outer takes it as it is
         group = lambda x, width: _cast(x if x.shape.rank == 2 else tf.reshape(x, [ctx.b, width]), ctx)
     else:
@@ -77,6 +87,21 @@ def matmul(op, operand, ctx):
     if op.get_attr(tb):      # the kernel is [C, K]: its gradient is dz^T a
         return Pending(Outer, lambda dz: Outer(group(dz, c), a3), (t, c, k))
     return Pending(Outer, lambda dz: Outer(a3, group(dz, c)), (t, k, c))
+
+
+def _tensordot_source(a, k):
+    """The `[B, T..., K]` tensor that `tf.tensordot` merged into the rows of `a`, or None."""
+    if a.op.type != "Reshape":
+        return None
+    source = a.op.inputs[0]
+    if source.op.type == "Transpose":          # tensordot transposes, with perm = identity here
+        perm = tf.get_static_value(source.op.inputs[1])
+        if perm is None or list(perm) != list(range(len(perm))):
+            return None
+        source = source.op.inputs[0]
+    if (source.shape.rank or 0) <= 2 or source.shape[-1] != k:
+        return None
+    return source
 
 
 def _pads(op, size_in, size_out, kernel, strides, dilations):
