@@ -177,14 +177,15 @@ def test_conv2d_matches_numpy_definition(spec):
 @pytest.mark.parametrize("steps", [4, 2], ids=["per_example_built", "gram"])
 @pytest.mark.parametrize("elementwise", [True, False], ids=["elementwise", "norms"])
 def test_dense_on_sequences_matches_numpy(steps, elementwise):
-    # Input (steps, 5), Dense(3): with T = 2, T^2 <= 5 * 3 and the norm tier takes the Gram
-    # identity (the batch gradient then comes from the backward pass); otherwise the rule
-    # builds the per-example gradients and its sums are the batch gradient.
+    # Input (steps, 5), Dense(3): with T = 2, T^2 <= 5 * 3: the Gram identity for the norms
+    # and cross terms for the elementwise sums (the batch gradient then comes from the
+    # backward pass); with T = 4 the rule builds the per-example gradients and their sum
+    # is the batch gradient.
     def build():
         inputs = keras.Input((steps, 5))
         return keras.Model(inputs, keras.layers.Dense(3)(inputs))
     model, loss_fn, x, y = make(dict(SPEC["dense_3d"], build=build))
-    assert forms.builds(steps, 5, 3, elementwise) == (elementwise or steps * steps > 15)
+    assert forms.builds(steps, 5, 3, elementwise) == (steps * steps > 15 or elementwise and steps > 3)
     g = np.einsum("nti,nto->nio", x.numpy(), y.numpy())   # per-example kernel gradient
     gb = y.numpy().sum(axis=1)
     m = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=elementwise)

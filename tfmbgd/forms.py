@@ -44,11 +44,21 @@ class Rows(NamedTuple):
     rows: tf.Tensor   # [B, N, dim] the gradient at each gathered row
 
 
+CROSS_TERMS = 3     # up to this many positions, elementwise sums by T(T+1)/2 matrix products
+
+
 def builds(t, k, c, elementwise):
     """Whether an `Outer` form with `t` positions builds its per-example gradients `[B, K, C]`:
-    for the elementwise tier or an unknown `t` (T > 1), or when the Gram matrices `[B, T, T]`
-    would be larger. T = 1 never builds: the identities are exact and cheaper."""
-    return t != 1 and (elementwise or t is None or t * t > k * c)
+    for an unknown `t`, when the Gram matrices `[B, T, T]` would be larger, and for the
+    elementwise tier beyond `CROSS_TERMS` positions. T = 1 never builds: the identities are
+    exact and cheaper. A few positions (a layer called two or three times) take the Gram
+    norms and the cross terms `sum_{t<=s} (a_t a_s)^T (d_t d_s)`: a few large matrix
+    products over the batch are far faster on a CPU than B tiny ones."""
+    if t == 1:
+        return False
+    if t is None or t * t > k * c:
+        return True
+    return elementwise and t > CROSS_TERMS
 
 
 def merge(forms):
@@ -113,12 +123,25 @@ def moments(form, shape, b, elementwise):
             return tf.reshape(tf.matmul(a_sq, d_sq, transpose_a=True), shape), norms, None
         if not builds(t, k, c, elementwise):
             gram = tf.matmul(form.a, form.a, transpose_b=True) * tf.matmul(form.d, form.d, transpose_b=True)
-            return None, tf.reduce_sum(gram, axis=[1, 2]) * b2, None
+            return _cross_terms(form, t, shape, b2) if elementwise else None, \
+                tf.reduce_sum(gram, axis=[1, 2]) * b2, None
     g = explicit(form, shape)
     squares = tf.square(g)
     flat = tf.reshape(squares, [tf.shape(g)[0], -1])
     sum_sq = tf.reduce_sum(squares, 0) * b2 if elementwise else None
     return sum_sq, tf.reduce_sum(flat, 1) * b2, tf.reduce_sum(g, 0)
+
+
+def _cross_terms(form, t, shape, b2):
+    """`sum_n g_n^2` for `g_n = sum_t a_nt^T d_nt`: `g_n[k, c]^2` expands into
+    `sum_{t,s} (a_nt a_ns)_k (d_nt d_ns)_c`, so the batch's sum is one matrix product per
+    pair of positions (each off-diagonal pair counted twice)."""
+    terms = []
+    for i in range(t):
+        for j in range(i, t):
+            product = tf.matmul(form.a[:, i] * form.a[:, j], form.d[:, i] * form.d[:, j], transpose_a=True)
+            terms.append(product if i == j else 2.0 * product)
+    return tf.reshape(tf.add_n(terms) * b2, shape)
 
 
 def _rows(form, shape, b2, elementwise):

@@ -70,7 +70,6 @@ def _handle(graph, variable):
 
 def _uses(variable, handle, forward, batch, b):
     """The `Use`s of `variable` among the ops named in `forward`, or why it has none we can tap."""
-    ctx = rules.Context(batch, b, tf.as_dtype(variable.dtype), [])
     uses, front = [], [handle]
     while front:
         t = front.pop()
@@ -84,6 +83,7 @@ def _uses(variable, handle, forward, batch, b):
             if rule is None:
                 return f"used by {op.type}: no rule"
             for operand in [i for i, x in enumerate(op.inputs) if x.name == t.name]:
+                ctx = rules.Context(batch, b, tf.as_dtype(variable.dtype), [])
                 pending = rule(op, operand, ctx)
                 if isinstance(pending, str):
                     return f"used by {op.type}: {pending}"

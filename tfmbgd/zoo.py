@@ -81,7 +81,7 @@ def _residual_cnn(s):
 
 
 def _siamese(s):
-    k = 16 if s == "bench" else 4
+    k = 64 if s == "bench" else 4
     encoder = keras.Sequential([keras.Input((k,)), L.Dense(k, activation="tanh"), L.Dense(k)], name="encoder")
     left, right = keras.Input((k,), name="left"), keras.Input((k,), name="right")
     both = L.Concatenate()([encoder(left), encoder(right)])      # one encoder, called twice
