@@ -278,3 +278,37 @@ def test_example_gradients_take_a_dict_of_inputs():
     first = {k: v[0] for k, v in x.items()}
     loss, _, grads = gradients.example_gradients(model, losses.crossentropy, first, y[0])
     assert np.isfinite(loss.numpy()) and len(grads) == len(model.trainable_variables)
+
+
+class Divide(L.Layer):
+    """x / s: the variable reaches the model through RealDiv, which has no rule of its own."""
+
+    def build(self, shape):
+        self.scale = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x / self.scale
+
+
+def test_a_registered_rule_extends_the_fast_path(monkeypatch):
+    from tfmbgd import rules
+    from tfmbgd.forms import Explicit
+
+    def real_div(op, operand, ctx):
+        # z = x / s: dz/ds = -x / s^2, summed per example over the positions s is broadcast to
+        if operand != 1 or op.inputs[1].shape.rank != 1 or op.outputs[0].shape[0] != ctx.batch:
+            return "not a division of examples by a vector"
+        x, s = (tf.cast(t, ctx.dtype) for t in op.inputs)
+        return rules.Pending(Explicit, lambda dz: Explicit(-tf.cast(dz, ctx.dtype) * x / (s * s)))
+
+    def build():
+        inputs = keras.Input((4,))
+        return keras.Model(inputs, L.Dense(3)(Divide()(inputs)))
+    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"))
+    scale = model.layers[1].scale.path
+    assert "RealDiv" in layerwise.coverage(model)[scale]
+    monkeypatch.setitem(rules.RULES, "RealDiv", None)       # restored after the test
+    layerwise.register("RealDiv", real_div)
+    assert not any(layerwise.coverage(model).values())
+    oracle = gradient_moments(model, loss_fn, x, y, method="loop")
+    assert_close(gradient_moments(model, loss_fn, x, y, method="layerwise"), oracle, rtol=1e-10)
