@@ -149,6 +149,10 @@ class Plan(NamedTuple):
     def fallback(self):
         return [i for i, u in enumerate(self.uses) if isinstance(u, str)]
 
+    def coverage(self, variables):
+        """`{variable.path: None, or why it takes the fallback}`."""
+        return {v.path: (u if isinstance(u, str) else None) for v, u in zip(variables, self.uses)}
+
 
 def _traced_moments(model, loss_fn, x, y, elementwise, strict):
     graph = tf.compat.v1.get_default_graph()
@@ -163,7 +167,7 @@ def _traced_moments(model, loss_fn, x, y, elementwise, strict):
     batch = losses.shape[0]
     b = batch if batch is not None else tf.shape(losses)[0]
     p = Plan(scan(graph, variables, first_op, batch, b))
-    _TRACED[model] = {v.path: (u if isinstance(u, str) else None) for v, u in zip(variables, p.uses)}
+    _TRACED[model] = p.coverage(variables)
     if strict and p.fallback:
         raise UserError("method layerwise has no rule for: "
                         + "; ".join(f"{variables[i].path} ({p.uses[i]})" for i in p.fallback)
@@ -184,14 +188,21 @@ def _traced_moments(model, loss_fn, x, y, elementwise, strict):
         if i in summed:
             mean[i] = rule_mean
     if p.fallback:
-        rest = [variables[i] for i in p.fallback]
-        per_ex = gradients.per_example(model, loss_fn, x, y, "vectorized", variables=rest)
-        for i, g in zip(p.fallback, per_ex.gradients):
-            squares = tf.square(tf.cast(g, variables[i].dtype))
-            norms[i] = tf.reduce_sum(tf.reshape(squares, [b, -1]), axis=1)
-            sum_sq[i] = tf.reduce_sum(squares, axis=0) if elementwise else None
+        _fallback_moments(model, loss_fn, x, y, p.fallback, b, elementwise, sum_sq, norms)
     return dict(mean=mean, sum_sq=sum_sq if elementwise else None, var_norms_sq=norms,
                 losses=losses, outputs=outputs)
+
+
+def _fallback_moments(model, loss_fn, x, y, indices, b, elementwise, sum_sq, norms):
+    """Fills `sum_sq` and `norms` at `indices` from `vectorized` per-example gradients of
+    those variables only (their mean comes from the one backward pass)."""
+    variables = model.trainable_variables
+    rest = [variables[i] for i in indices]
+    per_ex = gradients.per_example(model, loss_fn, x, y, "vectorized", variables=rest)
+    for i, g in zip(indices, per_ex.gradients):
+        squares = tf.square(tf.cast(g, variables[i].dtype))
+        norms[i] = tf.reduce_sum(tf.reshape(squares, [b, -1]), axis=1)
+        sum_sq[i] = tf.reduce_sum(squares, axis=0) if elementwise else None
 
 
 _COMPILED = weakref.WeakKeyDictionary()
@@ -248,12 +259,11 @@ def coverage(model, x=None):
         first_op = len(graph.get_operations())
         model(x, training=True)
         batch = tf.nest.flatten(x)[0].shape[0]
-        found["plan"] = scan(graph, model.trainable_variables, first_op, batch, batch)
+        found["plan"] = Plan(scan(graph, model.trainable_variables, first_op, batch, batch))
         return tf.constant(0)
 
     tf.function(trace, autograph=False).get_concrete_function(tf.nest.map_structure(tf.convert_to_tensor, x))
-    return {v.path: (u if isinstance(u, str) else None)
-            for v, u in zip(model.trainable_variables, found["plan"])}
+    return found["plan"].coverage(model.trainable_variables)
 
 
 def traced_coverage(model):
