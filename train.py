@@ -67,7 +67,7 @@ flags.DEFINE_string("resume", None, "Continue the run in this directory from its
                     "deterministic, on_nonfinite, strategy and cpu_devices.")
 flags.DEFINE_bool("deterministic", _D.deterministic,
                   "TensorFlow op determinism: reruns and resumed runs give bit-identical weights.")
-flags.DEFINE_enum("on_nonfinite", _D.on_nonfinite, ["stop", "skip"],
+flags.DEFINE_enum("on_nonfinite", _D.on_nonfinite, cfg.ON_NONFINITE,
                   "A non-finite loss or gradient: stop (keep the last good checkpoint, exit 2) or "
                   "skip that update and count it in nonfinite/skipped.")
 flags.DEFINE_enum("strategy", _D.strategy, cfg.STRATEGIES,

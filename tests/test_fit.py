@@ -9,8 +9,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import read_histograms, read_scalars
-from tfmbgd import fit, losses, models, optimizers, stats, steps
+from tfmbgd import fit, gradients, losses, models, optimizers, stats
 from tfmbgd.errors import UserError
+from tfmbgd.moments import gradient_moments
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -30,17 +31,25 @@ def test_fit_statistics_equal_the_custom_loops(tmp_path):
     model.flush_statistics()
     written = read_scalars(tmp_path / "fit")
 
+    # The oracle: a loop written out here, with the single-example loop's moments, the
+    # statistics as pure functions of them and SGD by hand; nothing of fit's or Steps' code.
     twin = models.build("mlp", (6,), 3, hidden=(8,), seed=5)
-    apply = steps.make_update("custom", twin.trainable_variables, 0.1)
-    loop = steps.Steps(twin, losses.crossentropy, apply, elementwise=True,
-                       noise_scale=stats.NoiseScaleEMA(0.9))
+    paths = [v.path for v in twin.trainable_variables]
+    ema = stats.NoiseScaleEMA(0.9)
     expected = {}
     for i in range(8):
         xb, yb = x[16 * (i % 4): 16 * (i % 4) + 16], y[16 * (i % 4): 16 * (i % 4) + 16]
         if i % 3 == 0:
-            expected[i] = {k: v.numpy() for k, v in loop.with_stats(xb, yb).items()}
+            m = gradient_moments(twin, losses.crossentropy, xb, yb, method="loop", elementwise=True)
+            values = dict(stats.statistics(m, paths), loss=tf.reduce_mean(m.losses),
+                          accuracy=tf.constant(0.0))
+            values["noise_scale/simple"] = ema.update(*stats.noise_scale_terms(m))
+            expected[i] = {k: np.asarray(v) for k, v in values.items()}
+            grads = m.mean
         else:
-            loop.plain(xb, yb)
+            _, grads = gradients.batch_gradients(twin, losses.crossentropy, xb, yb)
+        for v, g in zip(twin.trainable_variables, grads):
+            v.assign_sub(0.1 * g)
     tags = [t for t in expected[0] if t not in ("accuracy", "per_example_grad_norm")]
     assert {"grad/norm", "grad_var/trace", "grad_snr/mean_gsnr", "noise_scale/simple",
             "grad_var/hidden_1/kernel", "loss"} <= set(tags)

@@ -28,4 +28,5 @@ def test_smoothed_b_simple_matches_closed_form_on_linear_data():
         x = rng.normal(size=(b, d))
         y = x @ truth.kernel + truth.bias + truth.noise_std * rng.normal(size=b)
         smoothed = float(step(tf.constant(x, tf.float32), tf.constant(y[:, None], tf.float32)))
+    # An average over about 1/(1 - 0.995) = 200 noisy batches: a few percent of sampling error.
     assert smoothed == pytest.approx(expected, rel=0.05)

@@ -21,6 +21,7 @@ GRAD_METHODS = ("auto", "layerwise", "vectorized", "jacobian", "loop")
 MODES = ("train", "compare")
 LR_SCALINGS = ("none", "linear", "sqrt")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+ON_NONFINITE = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,7 @@ class TrainConfig:
         _check_choice("grad_method", self.grad_method, GRAD_METHODS)
         _check_choice("mode", self.mode, MODES)
         _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
-        _check_choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_int("cpu_devices", self.cpu_devices, minimum=1)
         if self.cpu_devices > 1 and self.strategy != "mirrored":

@@ -31,12 +31,10 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from tfmbgd.config import check_tf_config
+from tfmbgd.config import STRATEGIES, check_tf_config
 from tfmbgd.errors import UserError
 from tfmbgd.gradients import dense_gradients
 from tfmbgd.moments import GradientMoments, gradient_moments
-
-STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
 def split_cpu(count):

@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from tfmbgd import gradients, layerwise, stats, steps, summaries
 from tfmbgd.errors import UserError
-from tfmbgd.moments import all_layers
+from tfmbgd.models import all_layers
 
 
 def per_example_loss(compiled_loss):

@@ -51,3 +51,13 @@ def build(name, input_shape, num_classes, hidden=(64,), seed=0, activation="relu
         raise UserError(f"unknown model {name!r}: use linear, mlp or cnn")
     out = keras.layers.Dense(outputs, name="output", **init())(h)
     return keras.Model(inputs, out, name=name)
+
+
+def all_layers(model):
+    """Every layer of `model`, nested models' layers included (public API only)."""
+    stack, seen = list(model.layers), []
+    while stack:
+        layer = stack.pop()
+        seen.append(layer)
+        stack.extend(getattr(layer, "layers", []))
+    return seen

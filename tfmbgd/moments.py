@@ -18,6 +18,7 @@ import tensorflow as tf
 from tfmbgd import gradients, layerwise
 from tfmbgd.config import GRAD_METHODS as METHODS
 from tfmbgd.errors import UserError
+from tfmbgd.models import all_layers
 
 
 class GradientMoments(NamedTuple):
@@ -71,16 +72,6 @@ def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
             return GradientMoments(**fields, batch_size=_batch_size(fields["losses"]))
         method = "vectorized"       # no layer has a rule: the exact fallback for all
     return from_per_example(gradients.per_example(model, loss_fn, x, y, method), elementwise)
-
-
-def all_layers(model):
-    """Every layer of `model`, nested models' layers included (public API only)."""
-    stack, seen = list(model.layers), []
-    while stack:
-        layer = stack.pop()
-        seen.append(layer)
-        stack.extend(getattr(layer, "layers", []))
-    return seen
 
 
 def _refuse_batch_norm(model):

@@ -19,6 +19,8 @@ import numbers
 import keras
 from keras import ops
 
+from tfmbgd.errors import UserError
+
 
 @keras.saving.register_keras_serializable(package="tfmbgd")
 class MiniBatchSGD(keras.optimizers.Optimizer):
@@ -190,3 +192,23 @@ class Adam(MiniBatchSGD):
     def get_config(self):
         return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,
                 "epsilon": self.epsilon}
+
+
+def make_optimizer(name, learning_rate, rule="custom"):
+    """The optimizer `name` ("sgd", "momentum", ...): tfmbgd's (`rule="custom"`) or Keras'.
+
+    Hyperparameters other than the learning rate are the Keras defaults (momentum 0.9).
+    """
+    ours = {"sgd": lambda lr: MiniBatchSGD(lr),
+            "momentum": lambda lr: MomentumSGD(lr, momentum=0.9),
+            "nesterov": lambda lr: MomentumSGD(lr, momentum=0.9, nesterov=True),
+            "rmsprop": RMSprop, "adagrad": Adagrad, "adam": Adam}
+    builtin = {"sgd": lambda lr: keras.optimizers.SGD(lr),
+               "momentum": lambda lr: keras.optimizers.SGD(lr, momentum=0.9),
+               "nesterov": lambda lr: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
+               "rmsprop": keras.optimizers.RMSprop, "adagrad": keras.optimizers.Adagrad,
+               "adam": keras.optimizers.Adam}
+    table = ours if rule == "custom" else builtin
+    if name not in table:
+        raise UserError(f"optimizer must be one of {', '.join(table)}; got {name!r}")
+    return table[name](learning_rate)

@@ -7,32 +7,12 @@ instead: their `mean` *is* the gradient of the mean loss, so the update is the s
 statistics are of the very batch that was applied.
 """
 
-import keras
 import tensorflow as tf
 
 from tfmbgd import distribute, gradients, losses, optimizers, stats
+from tfmbgd.config import ON_NONFINITE
 from tfmbgd.errors import UserError
 from tfmbgd.moments import accumulated_moments, gradient_moments, micro_batches
-
-
-def make_optimizer(name, learning_rate, rule="custom"):
-    """The optimizer `name` ("sgd", "momentum", ...): tfmbgd's (`rule="custom"`) or Keras'.
-
-    Hyperparameters other than the learning rate are the Keras defaults (momentum 0.9).
-    """
-    ours = {"sgd": lambda lr: optimizers.MiniBatchSGD(lr),
-            "momentum": lambda lr: optimizers.MomentumSGD(lr, momentum=0.9),
-            "nesterov": lambda lr: optimizers.MomentumSGD(lr, momentum=0.9, nesterov=True),
-            "rmsprop": optimizers.RMSprop, "adagrad": optimizers.Adagrad, "adam": optimizers.Adam}
-    builtin = {"sgd": lambda lr: keras.optimizers.SGD(lr),
-               "momentum": lambda lr: keras.optimizers.SGD(lr, momentum=0.9),
-               "nesterov": lambda lr: keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
-               "rmsprop": keras.optimizers.RMSprop, "adagrad": keras.optimizers.Adagrad,
-               "adam": keras.optimizers.Adam}
-    table = ours if rule == "custom" else builtin
-    if name not in table:
-        raise UserError(f"optimizer must be one of {', '.join(table)}; got {name!r}")
-    return table[name](learning_rate)
 
 
 def make_update(rule, variables, learning_rate, optimizer="sgd"):
@@ -59,7 +39,7 @@ def make_update(rule, variables, learning_rate, optimizer="sgd"):
         return apply
     if rule not in ("custom", "keras"):
         raise UserError(f"update must be manual, custom or keras; got {rule!r}")
-    return optimizer_update(make_optimizer(optimizer, learning_rate, rule), variables)
+    return optimizer_update(optimizers.make_optimizer(optimizer, learning_rate, rule), variables)
 
 
 def optimizer_update(optimizer, variables):
@@ -159,8 +139,8 @@ class NonFiniteGuard:
     """
 
     def __init__(self, apply, mode="stop"):
-        if mode not in ("stop", "skip"):
-            raise UserError(f"on_nonfinite must be stop or skip; got {mode!r}")
+        if mode not in ON_NONFINITE:
+            raise UserError(f"on_nonfinite must be {' or '.join(ON_NONFINITE)}; got {mode!r}")
         self.inner, self.mode = apply, mode
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.tripped = tf.Variable(False, trainable=False)

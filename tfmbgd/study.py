@@ -18,15 +18,15 @@ import os
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
+from tfmbgd import config as config_lib
 from tfmbgd import data, summaries, training
 from tfmbgd.errors import UserError
 
 HPARAMS = {
     "batch_size": hp.HParam("batch_size", hp.IntInterval(1, 2 ** 31 - 1), "examples per update"),
     "learning_rate": hp.HParam("learning_rate", hp.RealInterval(0.0, float("inf")), "step size"),
-    "reduction": hp.HParam("reduction", hp.Discrete(["mean", "sum"])),
-    "grad_method": hp.HParam("grad_method", hp.Discrete(["auto", "layerwise", "vectorized",
-                                                         "jacobian", "loop"])),
+    "reduction": hp.HParam("reduction", hp.Discrete(list(config_lib.REDUCTIONS))),
+    "grad_method": hp.HParam("grad_method", hp.Discrete(list(config_lib.GRAD_METHODS))),
 }
 METRICS = [
     hp.Metric("final/test_loss", display_name="test loss"),

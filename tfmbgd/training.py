@@ -21,8 +21,9 @@ import tensorflow as tf
 from tfmbgd import checkpoints, data, distribute, layerwise, losses, models, stats, summaries
 from tfmbgd import config as config_lib
 from tfmbgd.errors import UserError
+from tfmbgd.optimizers import make_optimizer
 from tfmbgd.runner import StepRunner, epoch_batches
-from tfmbgd.steps import NonFiniteGuard, Steps, make_optimizer, make_update, optimizer_update
+from tfmbgd.steps import NonFiniteGuard, Steps, make_update, optimizer_update
 
 FINAL_WEIGHTS = "final.weights.h5"
 
