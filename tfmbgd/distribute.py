@@ -12,9 +12,10 @@ examples unequally. Here the batch size is always the *global* batch B, and
   plain functions (`tfmbgd.losses`), not `keras.losses.Loss` objects: those already divide
   their batch mean by R under a strategy, and scaling them again would divide twice.
 - the gradient moments of each replica's share are merged into those of the global batch
-  by the rule of `tfmbgd.moments.combine`: `B * mean = sum_r b_r mean_r` and `sum_sq`
-  summed over replicas (all-reduce), per-example norms, losses and outputs gathered in
-  order. Every statistic is then that of the global batch, as on one device.
+  field by field as `tfmbgd.moments.MERGES` says, as `tfmbgd.moments.combine` merges
+  micro-batches: `B * mean = sum_r b_r mean_r` and `sum_sq` summed over replicas
+  (all-reduce), per-example norms, losses and outputs gathered in order. Every statistic
+  is then that of the global batch, as on one device.
 - B need not be a multiple of R. Every replica gets `ceil(B / R)` rows; the last ones are
   filled with copies of real examples whose weight is 0. A weight of 0 makes their loss,
   gradient and moments exactly zero, and they are cut from the gathered per-example
@@ -31,10 +32,11 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from tfmbgd import moments as moments_lib
 from tfmbgd.config import STRATEGIES, check_tf_config
 from tfmbgd.errors import UserError
 from tfmbgd.gradients import dense_gradients
-from tfmbgd.moments import GradientMoments, gradient_moments
+from tfmbgd.moments import gradient_moments
 
 
 def split_cpu(count):
@@ -181,27 +183,36 @@ class Replicas:
         norm of each replica's mean gradient (`|G_b|^2`, for `two_batch_terms`; None when
         the replicas' shares are uneven or there is one replica)."""
         batch = x.shape[0]
-        share = self.share(batch)
         two_sizes = batch % self.count == 0 and self.count > 1
+
+        layout = {}        # the packed fields' structure, recorded when the replica is traced
 
         def replica(x, y, w):
             weighted_loss, packed = _weighted(loss_fn, y, w)
             m = gradient_moments(model, weighted_loss, x, packed, method, elementwise)
-            # One all-reduce for all sums and one gather for all norms: fewer, larger transfers.
-            sums = [g * (share / batch) for g in m.mean] + (m.sum_sq or [])
-            out = dict(sums=_flat(sums), norms=tf.stack(m.var_norms_sq, axis=1), losses=m.losses,
-                       outputs=m.outputs)
+            added, joined = moments_lib.pack(m)         # merged as moments_lib.MERGES says
+            spec = lambda t: tf.TensorSpec(t.shape, t.dtype)
+            layout["added"], layout["joined"] = (tf.nest.map_structure(spec, f) for f in (added, joined))
+            # One all-reduce for everything that adds up and one gather for the per-example
+            # vectors (norms, losses; float64 holds float32 exactly): fewer, larger transfers.
+            leaves = tf.nest.flatten(joined)
+            vectors = [tf.cast(t, tf.float64) for t in leaves if t.shape.rank == 1]
+            out = dict(sums=_flat(tf.nest.flatten(added)), vectors=tf.stack(vectors, axis=1),
+                       others=[t for t in leaves if t.shape.rank != 1])
             if two_sizes:
                 out["mean_sq"] = tf.add_n([tf.reduce_sum(tf.square(g)) for g in m.mean])
             return out
         parts = self.run(replica, x, y)
-        norms, losses, outputs = self.gather((parts["norms"], parts["losses"], parts["outputs"]), batch)
-        variables = model.trainable_variables
-        sums = _unflat(self.sum(parts["sums"]), variables * (2 if elementwise else 1))
-        m = GradientMoments(mean=sums[:len(variables)], sum_sq=sums[len(variables):] if elementwise else None,
-                            var_norms_sq=tf.unstack(tf.reshape(norms, [batch, len(variables)]), axis=1),
-                            losses=losses, outputs=outputs,
-                            batch_size=batch)
+        vectors, others = self.gather((parts["vectors"], parts["others"]), batch)
+        width = sum(s.shape.rank == 1 for s in tf.nest.flatten(layout["joined"]))
+        columns = iter(tf.unstack(tf.reshape(vectors, [batch, width]), axis=1))
+        others = iter(others)
+        joined = tf.nest.pack_sequence_as(layout["joined"], [
+            tf.cast(next(columns), s.dtype) if s.shape.rank == 1 else next(others)
+            for s in tf.nest.flatten(layout["joined"])])
+        specs = tf.nest.flatten(layout["added"])
+        added = tf.nest.pack_sequence_as(layout["added"], _unflat(self.sum(parts["sums"]), specs))
+        m = moments_lib.unpack(added, joined, batch)
         return m, (self.mean(parts["mean_sq"]) if two_sizes else None)
 
 
@@ -210,7 +221,7 @@ def _flat(tensors):
 
 
 def _unflat(flat, variables):
-    """Splits `flat` into tensors shaped like `variables`."""
+    """Splits `flat` into tensors shaped like `variables` (variables, tensors or specs)."""
     sizes = [math.prod(tuple(v.shape)) for v in variables]
     return [tf.reshape(t, v.shape) for t, v in zip(tf.split(flat, sizes), variables)]
 

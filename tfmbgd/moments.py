@@ -41,6 +41,37 @@ class GradientMoments(NamedTuple):
         return tf.add_n(self.var_norms_sq)
 
 
+# How each field merges over disjoint batches (micro-batches, the replicas' shares): the
+# batch-size weighted mean, the sum, or the concatenation along the batch axis. A new
+# field is one more line here; `batch_size` adds up.
+WEIGHTED_MEAN, SUM, CONCAT = "weighted mean", "sum", "concat"
+MERGES = dict(mean=WEIGHTED_MEAN, sum_sq=SUM, var_norms_sq=CONCAT, losses=CONCAT, outputs=CONCAT)
+
+
+def pack(m):
+    """One part's fields, ready to merge: `(added, joined)`, dicts of the fields that add up
+    over the parts (a weighted mean as `batch_size * mean`) and of those that concatenate.
+    Fields that are None are left out."""
+    added, joined = {}, {}
+    for name, how in MERGES.items():
+        value = getattr(m, name)
+        if value is None:
+            continue
+        if how == WEIGHTED_MEAN:
+            value = tf.nest.map_structure(lambda t: t * tf.cast(m.batch_size, t.dtype), value)
+        (joined if how == CONCAT else added)[name] = value
+    return added, joined
+
+
+def unpack(added, joined, batch_size):
+    """The merged `GradientMoments` from the parts' `pack`s added up and concatenated."""
+    fields = {name: (joined if how == CONCAT else added).get(name) for name, how in MERGES.items()}
+    fields = {name: (tf.nest.map_structure(lambda t: t / tf.cast(batch_size, t.dtype), value)
+                     if MERGES[name] == WEIGHTED_MEAN and value is not None else value)
+              for name, value in fields.items()}
+    return GradientMoments(**fields, batch_size=batch_size)
+
+
 def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
     """Computes the gradient moments of the batch `(x, y)`.
 
@@ -123,21 +154,14 @@ def accumulated_moments(model, loss_fn, x, y, micro_batch, method="auto", elemen
 
 
 def combine(parts):
-    """The moments of the union of disjoint batches, from each batch's moments. Exact:
-
-    mean = sum_k B_k mean_k / B, sum_sq = sum_k sum_sq_k, per-example norms concatenated.
+    """The moments of the union of disjoint batches, from each batch's moments, field by
+    field as `MERGES` says. Exact: mean = sum_k B_k mean_k / B, sum_sq = sum_k sum_sq_k,
+    per-example norms, losses and outputs concatenated.
     """
     sizes = [p.batch_size for p in parts]
     if not all(isinstance(b, int) for b in sizes):
         raise UserError("combining moments needs static batch sizes")
-    n = sum(sizes)
-    mean = [tf.add_n([b * p.mean[i] for b, p in zip(sizes, parts)]) / n for i in range(len(parts[0].mean))]
-    sum_sq = None
-    if all(p.sum_sq is not None for p in parts):
-        sum_sq = [tf.add_n([p.sum_sq[i] for p in parts]) for i in range(len(mean))]
-    return GradientMoments(
-        mean=mean, sum_sq=sum_sq,
-        var_norms_sq=[tf.concat([p.var_norms_sq[i] for p in parts], 0) for i in range(len(mean))],
-        losses=tf.concat([p.losses for p in parts], 0),
-        outputs=tf.concat([p.outputs for p in parts], 0),
-        batch_size=n)
+    packs = [pack(p) for p in parts]
+    added = tf.nest.map_structure(lambda *ts: tf.add_n(ts), *[a for a, _ in packs])
+    joined = tf.nest.map_structure(lambda *ts: tf.concat(ts, 0), *[j for _, j in packs])
+    return unpack(added, joined, sum(sizes))
