@@ -58,7 +58,7 @@ def steps_for(model, method="auto", elementwise=False):
     from tfmbgd import losses, steps
 
     apply = steps.make_update("manual", model.trainable_variables, 1e-4)
-    return steps.Steps(model, losses.crossentropy, apply, "mean", method, True, elementwise)
+    return steps.Steps(model, losses.crossentropy, apply, method=method, elementwise=elementwise)
 
 
 def as_tensors(x, y):

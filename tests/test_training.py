@@ -25,7 +25,7 @@ def _steps(rule, learning_rate=0.3, reduction="mean", method="vectorized"):
     keras.utils.set_random_seed(0)
     model = models.build("mlp", (6,), 3, hidden=(5,), seed=1)
     apply = steps.make_update(rule, model.trainable_variables, learning_rate)
-    return model, steps.Steps(model, losses.crossentropy, apply, reduction, method)
+    return model, steps.Steps(model, losses.crossentropy, apply, reduction=reduction, method=method)
 
 
 def _run(steps, batches, stats_on=()):

@@ -133,10 +133,10 @@ class GradientStatisticsMixin:
                 total = tf.add_n(self.losses)
             return gradients.dense_gradients(variables, tape.gradient(total, variables))
 
-        apply = lambda grads, loss: self.optimizer.apply_gradients(zip(grads, variables))
-        m, values = steps.statistics_update(
-            self, loss_fn, x, y, apply, rec.method, rec.elementwise, rec.noise_scale,
+        m, grads, values = steps.measure(
+            self, loss_fn, x, y, method=rec.method, elementwise=rec.elementwise, noise_scale=rec.noise_scale,
             extra_gradients=penalties if self.losses else None)
+        self.optimizer.apply_gradients(zip(grads, variables))
         cover = layerwise.traced_coverage(self)
         if cover is not None and not rec.described:      # once, when the step is first traced
             print(layerwise.describe(cover))

@@ -71,8 +71,7 @@ class StepRunner:
             i64 = tf.cast(i, tf.int64)
             where = (first_step + i64, first_example + i64 * batch, start_time)
             x, y = tf.gather(x_all, index[i]), tf.gather(y_all, index[i])
-            if self.steps.guard is not None:
-                self.steps.guard.current_step.assign(where[0])
+            self.steps.at_step(where[0])
             loss = self._with_stats(x, y, where) if with_stats else self._plain(x, y, where)
             return tf.cast(tf.where(tf.math.is_finite(loss), loss, tf.zeros_like(loss)), tf.float32)
 
@@ -94,13 +93,13 @@ class StepRunner:
         return total
 
     def _plain(self, x, y, where):
-        out = self.steps._plain(x, y)
+        out = self.steps.plain_step(x, y)
         tf.cond(where[0] % self.log_every == 0, lambda: self._write(out, where),
                 lambda: tf.constant(False))
         return out["loss"]
 
     def _with_stats(self, x, y, where):
-        out = self.steps._with_stats(x, y)
+        out = self.steps.stats_step(x, y)
         out["batch_size"] = tf.cast(tf.shape(x)[0], tf.float32)
         for tag, (total, count) in self._sums.items():
             if tag in out:
@@ -113,8 +112,9 @@ class StepRunner:
 
     def _write(self, values, where):
         step, examples, start_time = where
-        if self.steps.guard is not None and self.steps.guard.mode == "skip":
-            values = {**values, "nonfinite/skipped": self.steps.guard.skipped}
+        skipped = self.steps.skipped()
+        if skipped is not None:
+            values = {**values, "nonfinite/skipped": skipped}
         summaries.write_in_graph(self.writer, values, step)
         now = _clock()
         elapsed_ms = tf.cast((now - start_time) * 1000.0, tf.int64)

@@ -70,14 +70,13 @@ def optimizer_update(optimizer, variables):
     return apply
 
 
-def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=False,
-                      noise_scale=None, reduction="mean", extra_gradients=None, micro_batch=None,
-                      replicas=None, two_batch=None):
-    """Applies one update from the gradient moments of `(x, y)`; returns `(moments, stats)`.
+def measure(model, loss_fn, x, y, *, method="auto", elementwise=False, noise_scale=None,
+            reduction="mean", extra_gradients=None, micro_batch=None, replicas=None, two_batch=None):
+    """The gradient moments of `(x, y)`, the update's gradient and the statistics: one
+    statistics step short of its update, which the caller applies (`grads` are those of
+    `model.trainable_variables`).
 
     Args:
-      apply: `apply(grads, loss)` that updates `model.trainable_variables` (`loss`: the
-        batch's mean loss, for a `NonFiniteGuard`; other rules ignore it).
       method, elementwise: as for `tfmbgd.stats.gradient_moments`.
       noise_scale: a `stats.NoiseScaleEMA` to fold this batch into, or None.
       reduction: "mean" applies the mean gradient, "sum" B times it.
@@ -89,9 +88,10 @@ def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=Fa
         and the global batch's gradients (needs `replicas`, evenly split).
 
     Returns:
-      The `GradientMoments` and the dict of `stats.statistics`, plus
-      `noise_scale/simple` when `noise_scale` is given and B >= 2, and
-      `noise_scale/two_batch` when `two_batch` is given and can be computed.
+      `(moments, grads, statistics)`: the `GradientMoments`; the gradient to apply (the
+      moments' mean, times B for "sum", plus `extra_gradients`); the dict of
+      `stats.statistics`, plus `noise_scale/simple` when `noise_scale` is given and B >= 2,
+      and `noise_scale/two_batch` when `two_batch` is given and can be computed.
     """
     small_sq = None
     if replicas is not None:
@@ -105,7 +105,6 @@ def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=Fa
         grads = [tf.cast(m.batch_size, g.dtype) * g for g in grads]
     if extra_gradients is not None:
         grads = [g + e for g, e in zip(grads, extra_gradients())]
-    apply(grads, tf.reduce_mean(m.losses))
     out = stats.statistics(m, [v.path for v in model.trainable_variables])
     if noise_scale is not None and "grad_var/trace" in out:    # B_simple needs B >= 2
         # The terms of stats.noise_scale_terms, from scalars already computed:
@@ -116,7 +115,7 @@ def statistics_update(model, loss_fn, x, y, apply, method="auto", elementwise=Fa
         terms = distribute.two_batch_terms(small_sq, tf.square(out["grad/norm"]),
                                            replicas.share(m.batch_size), m.batch_size)
         out["noise_scale/two_batch"] = two_batch.update(*terms)
-    return m, out
+    return m, grads, out
 
 
 def _finite(grad):
@@ -177,7 +176,8 @@ class NonFiniteGuard:
 
 
 class Steps:
-    """The two compiled train steps of a run: `plain(x, y)` and `with_stats(x, y)`.
+    """The two compiled train steps of a run: `plain(x, y)` and `with_stats(x, y)`
+    (`plain_step` and `stats_step` uncompiled, for a caller's own `tf.function`).
 
     Both apply one update and return a dict of tensors: `loss` (the mean per-example loss
     of the batch, whatever the reduction, so runs compare), `accuracy` (classification);
@@ -197,7 +197,7 @@ class Steps:
         `noise_scale/two_batch`, smoothed by `two_batch` (a `stats.NoiseScaleEMA`).
     """
 
-    def __init__(self, model, loss_fn, apply, reduction="mean", method="auto",
+    def __init__(self, model, loss_fn, apply, *, reduction="mean", method="auto",
                  classification=True, elementwise=False, noise_scale=None, micro_batch=None,
                  guard=None, replicas=None, two_batch=None):
         if replicas is not None and micro_batch is not None:
@@ -208,10 +208,20 @@ class Steps:
         self.reduction, self.method, self.classification = reduction, method, classification
         self.elementwise, self.micro_batch = elementwise, micro_batch
         self.noise_scale = noise_scale if noise_scale is not None else stats.NoiseScaleEMA()
-        self.plain = tf.function(self._plain)
-        self.with_stats = tf.function(self._with_stats)
+        self.plain = tf.function(self.plain_step)
+        self.with_stats = tf.function(self.stats_step)
 
-    def _plain(self, x, y):
+    def at_step(self, step):
+        """Tells the non-finite guard (if any) the number of the step about to run."""
+        if self.guard is not None:
+            self.guard.current_step.assign(step)
+
+    def skipped(self):
+        """The count of updates skipped as non-finite (`on_nonfinite="skip"`), else None."""
+        return self.guard.skipped if self.guard is not None and self.guard.mode == "skip" else None
+
+    def plain_step(self, x, y):
+        """The plain step, uncompiled (to be traced inside a caller's `tf.function`)."""
         if self.micro_batch is not None:
             return self._accumulated(x, y)
         if self.replicas is not None:
@@ -256,11 +266,13 @@ class Steps:
         else:
             self.guard(grads, loss, finite)
 
-    def _with_stats(self, x, y):
-        m, statistics = statistics_update(self.model, self.loss_fn, x, y, self._apply, self.method,
-                                          self.elementwise, self.noise_scale, self.reduction,
-                                          micro_batch=self.micro_batch, replicas=self.replicas,
-                                          two_batch=self.two_batch)
+    def stats_step(self, x, y):
+        """The statistics step, uncompiled (to be traced inside a caller's `tf.function`)."""
+        m, grads, statistics = measure(self.model, self.loss_fn, x, y, method=self.method,
+                                       elementwise=self.elementwise, noise_scale=self.noise_scale,
+                                       reduction=self.reduction, micro_batch=self.micro_batch,
+                                       replicas=self.replicas, two_batch=self.two_batch)
+        self._apply(grads, tf.reduce_mean(m.losses))
         out = self._metrics(m.losses, m.outputs, y)
         out.update(statistics)
         return out

@@ -210,9 +210,10 @@ def _build(config, strategy, dataset=None):
     two_batch = stats.NoiseScaleEMA(config.noise_scale_decay)
     guard = NonFiniteGuard(apply, config.on_nonfinite)
     replicas = None if config.strategy == "default" else distribute.Replicas(strategy)
-    steps = Steps(model, loss_fn, apply, config.reduction, config.grad_method, ds.num_classes > 0,
-                  config.elementwise_stats, noise_scale, micro, guard, replicas,
-                  two_batch if replicas is not None and replicas.count > 1 else None)
+    steps = Steps(model, loss_fn, apply, reduction=config.reduction, method=config.grad_method,
+                  classification=ds.num_classes > 0, elementwise=config.elementwise_stats,
+                  noise_scale=noise_scale, micro_batch=micro, guard=guard, replicas=replicas,
+                  two_batch=two_batch if replicas is not None and replicas.count > 1 else None)
     x_all, y_all = tf.constant(ds.train[0]), tf.constant(ds.train[1])
     return _Parts(ds, x_all, y_all, model, loss_fn, batch, optimizer, noise_scale, two_batch, guard, steps)
 
