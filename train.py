@@ -17,7 +17,8 @@ import sys
 from absl import flags
 
 from tfmbgd import config as cfg
-from tfmbgd.errors import UserError
+from tfmbgd import launch
+from tfmbgd.errors import Interrupted, UserError
 
 _D = cfg.TrainConfig()
 flags.DEFINE_string("dataset", _D.dataset,
@@ -107,23 +108,6 @@ def config_from_flags():
     return cfg.resume(FLAGS.resume, given)
 
 
-def _check_before_tensorflow(config):
-    """Checks what numpy alone can check, before TensorFlow's seconds of start-up: the
-    cluster in TF_CONFIG, the data set, the batch size against it, the logdir. Returns the
-    loaded data set of a single run (None for studies, compare mode, and the
-    keras.datasets sets, whose loader starts TensorFlow)."""
-    if config.strategy == "multi_worker":
-        cfg.check_tf_config(os.environ.get("TF_CONFIG"))
-    if config.mode != "train" or config.batch_sizes or config.dataset in ("mnist", "fashion_mnist"):
-        return None
-    from tfmbgd import data
-    ds = data.load(config.dataset, config.seed)
-    cfg.check_update_size(config.batch_size, config.accumulate, len(ds.train[0]), ds.name)
-    if not config.resume:
-        cfg.check_logdir(config.logdir)
-    return ds
-
-
 def _start_tensorflow_quietly(config):
     """Imports TensorFlow and initialises its devices with stderr sent to /dev/null.
 
@@ -134,7 +118,7 @@ def _start_tensorflow_quietly(config):
     so they are made here.
     """
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
-        _start_tensorflow(config)
+        launch.start_tensorflow(config)
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     sys.stderr.flush()
@@ -142,21 +126,10 @@ def _start_tensorflow_quietly(config):
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-            _start_tensorflow(config)
+            launch.start_tensorflow(config)
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-def _start_tensorflow(config):
-    import tensorflow as tf
-
-    from tfmbgd import distribute
-    if config.cpu_devices > 1:
-        distribute.split_cpu(config.cpu_devices)
-    if config.strategy != "default":
-        distribute.make_strategy(config.strategy, config.cpu_devices)
-    tf.config.list_logical_devices()
 
 
 def main(argv):
@@ -171,31 +144,21 @@ def main(argv):
     except (flags.Error, UserError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    stop = _stop_on_signals()
     try:
-        dataset = _check_before_tensorflow(config)
+        dataset = launch.check(config)
         _start_tensorflow_quietly(config)
+        if not launch.trains(config):       # compare mode and studies stop at Ctrl-C at once
+            return launch.dispatch(config, dataset=dataset)
+        with stop:
+            return launch.dispatch(config, should_stop=stop, dataset=dataset)
     except UserError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
-    from tfmbgd import training
-    try:
-        if config.mode == "compare":
-            from tfmbgd import compare
-            return 0 if compare.run(config) else 1
-        if config.batch_sizes:
-            from tfmbgd import study
-            study.run(config)
-            return 0
-        with _stop_on_signals() as stop:
-            training.train(config, should_stop=stop, dataset=dataset)
-    except UserError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
-    except training.Interrupted as stopped:
+    except Interrupted as stopped:
         where = stopped.run_dir or "<the chief's run directory> (on every worker)"
         print(f"\ntrain.py: {stopped}. Continue with:\n  python train.py --resume={where}", file=sys.stderr)
         return 128 + stop.signal_number
-    return 0
 
 
 class _stop_on_signals:

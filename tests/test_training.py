@@ -117,6 +117,17 @@ def _config(tmp_path, dataset, **overrides):
     return dataclasses.replace(base, **overrides)
 
 
+def test_tfmbgd_run_does_what_train_py_does(tmp_path, tiny_npz):
+    # A notebook's way in: the same checks before TensorFlow, then the run.
+    import tfmbgd
+    with pytest.raises(UserError, match="batch"):
+        tfmbgd.run(_config(tmp_path, tiny_npz, batch_size=500))          # 48 examples
+    assert not (tmp_path / "logs").exists()                               # nothing written
+    assert tfmbgd.run(_config(tmp_path, tiny_npz, batch_size=16, epochs=1)) == 0
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    assert (run_dir / "final.weights.h5").exists()
+
+
 def test_batch_size_one_is_sgd_one_update_per_example(tmp_path, tiny_npz):
     result = training.train(_config(tmp_path, tiny_npz, batch_size=1, epochs=2), verbose=0)
     assert result.steps == 2 * 48

@@ -13,11 +13,19 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "checkpoints", "compare", "config", "data", "distribute", "errors", "fit", "forms", "gradients",
-    "layerwise", "losses", "models", "moments", "optimizers", "rules", "runner", "stats", "steps", "study",
-    "summaries", "training", "zoo",
+    "launch", "layerwise", "losses", "models", "moments", "optimizers", "rules", "runner", "stats",
+    "steps", "study", "summaries", "training", "zoo",
 )
 
-__all__ = list(_SUBMODULES)
+__all__ = list(_SUBMODULES) + ["run"]
+
+
+def run(config, should_stop=None):
+    """All that `python train.py` does with a `tfmbgd.config.TrainConfig`: the checks before
+    TensorFlow starts, then the training run, study or comparison; returns the exit status.
+    See `tfmbgd.launch.run`."""
+    from tfmbgd import launch
+    return launch.run(config, should_stop)
 
 
 def __getattr__(name):

@@ -1,4 +1,7 @@
-"""The one error type that means "the user asked for something wrong"."""
+"""The error that means "the user asked for something wrong", and a run stopped on request.
+
+No TensorFlow here: `train.py` catches both before TensorFlow has started.
+"""
 
 
 class UserError(ValueError):
@@ -8,3 +11,16 @@ class UserError(ValueError):
     without a traceback and exits with status 2; library callers can catch it as a
     `ValueError`.
     """
+
+
+class Interrupted(Exception):
+    """A run stopped on request after saving a checkpoint; `resume` continues it.
+
+    `run_dir` is None on a worker that is not the chief: the chief's directory holds the run.
+    """
+
+    def __init__(self, run_dir, step):
+        where = (f"checkpoint saved in {run_dir}" if run_dir
+                 else "the chief's run directory holds the checkpoints")
+        super().__init__(f"stopped at step {step}; {where}")
+        self.run_dir, self.step = run_dir, step

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from tfmbgd import checkpoints, data, distribute, layerwise, losses, models, stats, summaries
 from tfmbgd import config as config_lib
-from tfmbgd.errors import UserError
+from tfmbgd.errors import Interrupted, UserError
 from tfmbgd.optimizers import make_optimizer
 from tfmbgd.runner import StepRunner, epoch_batches
 from tfmbgd.steps import NonFiniteGuard, Steps, make_update, optimizer_update
@@ -252,16 +252,3 @@ def _nonfinite_message(guard, model):
     return (f"{what} was not finite at step {int(guard.first_bad_step.numpy())}; the update was "
             "not applied and the last good checkpoint is kept. Lower "
             "--learning_rate, check the data, or pass --on_nonfinite=skip")
-
-
-class Interrupted(Exception):
-    """A run stopped on request after saving a checkpoint; `resume` continues it.
-
-    `run_dir` is None on a worker that is not the chief: the chief's directory holds the run.
-    """
-
-    def __init__(self, run_dir, step):
-        where = (f"checkpoint saved in {run_dir}" if run_dir
-                 else "the chief's run directory holds the checkpoints")
-        super().__init__(f"stopped at step {step}; {where}")
-        self.run_dir, self.step = run_dir, step

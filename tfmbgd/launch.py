@@ -1,0 +1,85 @@
+"""What `train.py` does with a `TrainConfig`, for a notebook as much as for the command line.
+
+    import tfmbgd
+    from tfmbgd.config import TrainConfig
+    tfmbgd.run(TrainConfig(batch_size=8, epochs=2))      # checks, then trains, compares or studies
+
+`check` runs before TensorFlow starts (numpy only): bad input is reported in about a
+second, not after TensorFlow's start-up. `start_tensorflow` makes what must exist before
+TensorFlow runs any op (the CPU split, a multi-worker strategy). `run` does all three and
+then the run the config asks for. Importing this module imports no TensorFlow.
+"""
+
+import os
+
+from tfmbgd import config as cfg
+
+
+def check(config):
+    """Checks what numpy alone can check: the cluster in TF_CONFIG, the data set, the batch
+    size against it, the logdir. Returns the loaded data set of a single run (None for
+    studies, compare mode, and the keras.datasets sets, whose loader starts TensorFlow).
+
+    Raises:
+      UserError: what is wrong, and what to do.
+    """
+    if config.strategy == "multi_worker":
+        cfg.check_tf_config(os.environ.get("TF_CONFIG"))
+    if config.mode != "train" or config.batch_sizes or config.dataset in ("mnist", "fashion_mnist"):
+        return None
+    from tfmbgd import data
+    ds = data.load(config.dataset, config.seed)
+    cfg.check_update_size(config.batch_size, config.accumulate, len(ds.train[0]), ds.name)
+    if not config.resume:
+        cfg.check_logdir(config.logdir)
+    return ds
+
+
+def start_tensorflow(config):
+    """Imports TensorFlow; splits the CPU and makes the strategy, which must come first."""
+    import tensorflow as tf
+
+    from tfmbgd import distribute
+    if config.cpu_devices > 1:
+        distribute.split_cpu(config.cpu_devices)
+    if config.strategy != "default":
+        distribute.make_strategy(config.strategy, config.cpu_devices)
+    tf.config.list_logical_devices()
+
+
+def trains(config):
+    """Whether `config` is one training run (not compare mode, not a study): the kind of run
+    that stops cleanly at a signal (`dispatch`'s `should_stop`)."""
+    return config.mode == "train" and not config.batch_sizes
+
+
+def dispatch(config, should_stop=None, dataset=None):
+    """The run `config` asks for, after `check` and `start_tensorflow`. Returns the exit
+    status: 0, or 1 when compare mode finds a contrast that fails.
+
+    Args:
+      should_stop: `() -> bool`, asked between compiled calls of a training run.
+      dataset: the data set `check` returned, so it is not read twice.
+
+    Raises:
+      UserError: bad input found once TensorFlow runs.
+      tfmbgd.errors.Interrupted: `should_stop` said so; a checkpoint was saved.
+    """
+    if config.mode == "compare":
+        from tfmbgd import compare
+        return 0 if compare.run(config) else 1
+    if config.batch_sizes:
+        from tfmbgd import study
+        study.run(config)
+        return 0
+    from tfmbgd import training
+    training.train(config, should_stop=should_stop, dataset=dataset)
+    return 0
+
+
+def run(config, should_stop=None):
+    """`check`, `start_tensorflow`, then `dispatch`: all that `python train.py` does with
+    `config`, but for parsing flags, quieting TensorFlow's start-up and catching signals."""
+    dataset = check(config)
+    start_tensorflow(config)
+    return dispatch(config, should_stop=should_stop, dataset=dataset)
