@@ -133,10 +133,11 @@ class GradientStatisticsMixin:
                 total = tf.add_n(self.losses)
             return gradients.dense_gradients(variables, tape.gradient(total, variables))
 
-        m, grads, values = steps.measure(
-            self, loss_fn, x, y, method=rec.method, elementwise=rec.elementwise, noise_scale=rec.noise_scale,
-            extra_gradients=penalties if self.losses else None)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        measured = steps.measure(self, loss_fn, x, y, method=rec.method, elementwise=rec.elementwise,
+                                 extra_gradients=penalties if self.losses else None)
+        self.optimizer.apply_gradients(zip(measured.grads, variables))
+        m = measured.moments
+        values = steps.statistics(measured, variables, noise_scale=rec.noise_scale)
         cover = layerwise.traced_coverage(self)
         if cover is not None and not rec.described:      # once, when the step is first traced
             print(layerwise.describe(cover))

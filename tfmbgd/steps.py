@@ -7,6 +7,8 @@ instead: their `mean` *is* the gradient of the mean loss, so the update is the s
 statistics are of the very batch that was applied.
 """
 
+from typing import NamedTuple
+
 import tensorflow as tf
 
 from tfmbgd import distribute, gradients, losses, optimizers, stats
@@ -70,28 +72,30 @@ def optimizer_update(optimizer, variables):
     return apply
 
 
-def measure(model, loss_fn, x, y, *, method="auto", elementwise=False, noise_scale=None,
-            reduction="mean", extra_gradients=None, micro_batch=None, replicas=None, two_batch=None):
-    """The gradient moments of `(x, y)`, the update's gradient and the statistics: one
-    statistics step short of its update, which the caller applies (`grads` are those of
-    `model.trainable_variables`).
+class Measured(NamedTuple):
+    """A statistics step's measurement, before its update is applied."""
+
+    moments: object      # the GradientMoments of the batch
+    grads: list          # the gradient to apply, aligned with model.trainable_variables
+    small_sq: object     # the replicas' mean |G_share|^2 (two-batch noise scale), or None
+
+
+def measure(model, loss_fn, x, y, *, method="auto", elementwise=False, reduction="mean",
+            extra_gradients=None, micro_batch=None, replicas=None):
+    """The gradient moments of `(x, y)` and the gradient of the update they give, which the
+    caller applies; then `statistics(...)` of the same measurement.
 
     Args:
       method, elementwise: as for `tfmbgd.stats.gradient_moments`.
-      noise_scale: a `stats.NoiseScaleEMA` to fold this batch into, or None.
       reduction: "mean" applies the mean gradient, "sum" B times it.
       extra_gradients: `() -> grads` added to the update, e.g. of regularization penalties.
       micro_batch: accumulate the moments over micro-batches of this size (None: at once).
       replicas: a `distribute.Replicas`: `(x, y)` is the global batch, split across them,
         and the moments are merged into those of the global batch.
-      two_batch: a `stats.NoiseScaleEMA` for the two-batch noise scale from the replicas'
-        and the global batch's gradients (needs `replicas`, evenly split).
 
     Returns:
-      `(moments, grads, statistics)`: the `GradientMoments`; the gradient to apply (the
-      moments' mean, times B for "sum", plus `extra_gradients`); the dict of
-      `stats.statistics`, plus `noise_scale/simple` when `noise_scale` is given and B >= 2,
-      and `noise_scale/two_batch` when `two_batch` is given and can be computed.
+      A `Measured`: the moments, and the gradient to apply (their mean, times B for "sum",
+      plus `extra_gradients`).
     """
     small_sq = None
     if replicas is not None:
@@ -105,17 +109,26 @@ def measure(model, loss_fn, x, y, *, method="auto", elementwise=False, noise_sca
         grads = [tf.cast(m.batch_size, g.dtype) * g for g in grads]
     if extra_gradients is not None:
         grads = [g + e for g, e in zip(grads, extra_gradients())]
-    out = stats.statistics(m, [v.path for v in model.trainable_variables])
+    return Measured(m, grads, small_sq)
+
+
+def statistics(measured, variables, *, noise_scale=None, two_batch=None, replicas=None):
+    """The statistics of a `Measured` step: the dict of `stats.statistics`, plus
+    `noise_scale/simple` when `noise_scale` (a `stats.NoiseScaleEMA`) is given and B >= 2,
+    and `noise_scale/two_batch` when `two_batch` is given and the replicas' shares are even
+    (from the replicas' and the global batch's gradients)."""
+    m = measured.moments
+    out = stats.statistics(m, [v.path for v in variables])
     if noise_scale is not None and "grad_var/trace" in out:    # B_simple needs B >= 2
         # The terms of stats.noise_scale_terms, from scalars already computed:
         # |G|^2 = |mean|^2 - tr(Sigma) / B.
         grad_sq = tf.square(out["grad/norm"]) - out["grad_var/of_mean"]
         out["noise_scale/simple"] = noise_scale.update(out["grad_var/trace"], grad_sq)
-    if two_batch is not None and small_sq is not None:
-        terms = distribute.two_batch_terms(small_sq, tf.square(out["grad/norm"]),
+    if two_batch is not None and measured.small_sq is not None:
+        terms = distribute.two_batch_terms(measured.small_sq, tf.square(out["grad/norm"]),
                                            replicas.share(m.batch_size), m.batch_size)
         out["noise_scale/two_batch"] = two_batch.update(*terms)
-    return m, grads, out
+    return out
 
 
 def _finite(grad):
@@ -268,13 +281,13 @@ class Steps:
 
     def stats_step(self, x, y):
         """The statistics step, uncompiled (to be traced inside a caller's `tf.function`)."""
-        m, grads, statistics = measure(self.model, self.loss_fn, x, y, method=self.method,
-                                       elementwise=self.elementwise, noise_scale=self.noise_scale,
-                                       reduction=self.reduction, micro_batch=self.micro_batch,
-                                       replicas=self.replicas, two_batch=self.two_batch)
-        self._apply(grads, tf.reduce_mean(m.losses))
+        measured = measure(self.model, self.loss_fn, x, y, method=self.method, elementwise=self.elementwise,
+                           reduction=self.reduction, micro_batch=self.micro_batch, replicas=self.replicas)
+        m = measured.moments
+        self._apply(measured.grads, tf.reduce_mean(m.losses))
         out = self._metrics(m.losses, m.outputs, y)
-        out.update(statistics)
+        out.update(statistics(measured, self.model.trainable_variables, noise_scale=self.noise_scale,
+                              two_batch=self.two_batch, replicas=self.replicas))
         return out
 
     def _metrics(self, per_example, outputs, y):
