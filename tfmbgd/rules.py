@@ -72,13 +72,13 @@ def matmul(op, operand, ctx):
     if source is not None and _is_batch(source, ctx):
         # Tensordot's [B, T..., K] -> [B*T, K] (Dense on sequences). Checked first: with an
         # unknown batch size the merged rows would pass for a batch too.
-        inner = source.shape[1:-1]
-        t = inner.num_elements() if inner.is_fully_defined() else None
+        batched = source
     elif _is_batch(a, ctx):
-        inner = a.shape[1:-1]
-        t = inner.num_elements() if inner.is_fully_defined() else None
+        batched = a
     else:
         return "its rows are not examples"
+    inner = batched.shape[1:-1]          # the positions T of each example
+    t = inner.num_elements() if inner.is_fully_defined() else None
     if t == 1:      # [B, K]: forms.Outer takes it as it is
         group = lambda x, width: _cast(x if x.shape.rank == 2 else tf.reshape(x, [ctx.b, width]), ctx)
     else:
