@@ -55,10 +55,11 @@ def make(model_name, batch):
 
 
 def steps_for(model, method="auto", elementwise=False):
-    from tfmbgd import losses, steps
+    from tfmbgd import instruments, losses, steps
 
     apply = steps.make_update("manual", model.trainable_variables, 1e-4)
-    return steps.Steps(model, losses.crossentropy, apply, method=method, elementwise=elementwise)
+    return steps.Steps(model, losses.crossentropy, apply, method=method,
+                       instruments=instruments.default(elementwise))
 
 
 def as_tensors(x, y):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import read_histograms, read_scalars, user_env
+from tfmbgd.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,14 +147,38 @@ def test_bad_data_and_logdir_are_one_line_errors(tmp_path):
 
 
 def test_flags_become_the_config():
-    sys.path.insert(0, str(ROOT))
-    import train
-    try:
-        train.FLAGS(["train.py", "--batch_sizes=4,full", "--lr_scaling=sqrt", "--hidden=16,8",
-                     "--batch_size=full", "--accumulate=2", "--optimizer=adam", "--elementwise_stats"])
-        config = train.config_from_flags()
-    finally:
-        train.FLAGS.unparse_flags()
+    from absl import flags
+
+    from tfmbgd import cli
+    config = cli.config_from_argv(["train.py", "--batch_sizes=4,full", "--lr_scaling=sqrt", "--hidden=16,8",
+                                   "--batch_size=full", "--accumulate=2", "--optimizer=adam",
+                                   "--elementwise_stats", "--instruments=a,b"],
+                                  cli.define_flags(flags.FlagValues()))
+    assert config.instruments == ("a", "b")
     assert config.batch_sizes == (4, None) and config.batch_size is None
     assert config.hidden == (16, 8) and config.lr_scaling == "sqrt" and config.accumulate == 2
     assert config.optimizer == "adam" and config.elementwise_stats is True
+
+
+def test_every_setting_is_a_flag_whose_default_is_the_settings_default():
+    import dataclasses
+
+    from absl import flags
+
+    from tfmbgd import cli
+    from tfmbgd.config import TrainConfig
+    flag_values = cli.define_flags(flags.FlagValues())
+    assert sorted(flag_values) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    assert cli.config_from_argv(["train.py"], flag_values) == TrainConfig()
+
+
+def test_a_flag_error_shows_the_flag_as_typed():
+    from absl import flags
+
+    from tfmbgd import cli
+    for args, line in [(["--epochs=1.5"], "--epochs=1.5: must be an integer"),
+                       (["--hidden=64,,32"], "--hidden=64,,32: must be positive integers separated by"),
+                       (["--batch_size=0"], "--batch_size=0: must be a positive integer, or full")]:
+        with pytest.raises(UserError) as err:
+            cli.config_from_argv(["train.py", *args], cli.define_flags(flags.FlagValues()))
+        assert str(err.value).startswith(line)

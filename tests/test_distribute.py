@@ -21,6 +21,7 @@ import tensorflow as tf
 from conftest import make_problem, oracle_per_example, read_scalars, user_env
 from tfmbgd import config as cfg
 from tfmbgd import data, distribute, losses, models, stats, training
+from tfmbgd.instruments.noise_scale import two_batch_terms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +81,8 @@ def test_merged_moments_are_those_of_the_global_batch(problem, batch):
     """Uneven shares (5 = 3 + 2 padded), even ones, and a batch of one on two replicas."""
     model, loss_fn, x, y = make_problem({**problem, "batch": batch})
     replicas = distribute.Replicas(mirrored())
-    m, small_sq = tf.function(lambda x, y: replicas.moments(model, loss_fn, x, y, "auto", True))(x, y)
+    m, small_sq = tf.function(
+        lambda x, y: replicas.moments(model, loss_fn, x, y, "auto", True, two_batch=True))(x, y)
     grads, finite, per_example, _ = tf.function(
         lambda x, y: (lambda g, *rest: (g.summed(), *rest))(*replicas.gradients(model, loss_fn, x, y)))(x, y)
     assert bool(tf.reduce_all(finite))
@@ -102,9 +104,9 @@ def test_two_batch_terms_against_numpy_on_the_oracle(problem):
 
     @tf.function
     def step(x, y):
-        m, small_sq = replicas.moments(model, loss_fn, x, y, "auto", False)
+        m, small_sq = replicas.moments(model, loss_fn, x, y, "auto", False, two_batch=True)
         big_sq = tf.add_n([tf.reduce_sum(tf.square(g)) for g in m.mean])
-        return distribute.two_batch_terms(small_sq, big_sq, 3, 6)
+        return two_batch_terms(small_sq, big_sq, 3, 6)
     trace, grad_sq = step(x, y)
     flat = np.concatenate([g.reshape(6, -1) for g in oracle_per_example(model, loss_fn, x, y)], axis=1)
     big = np.sum(flat.mean(0) ** 2)
@@ -131,9 +133,9 @@ def test_two_batch_noise_scale_matches_closed_form_on_linear_data():
 
     @tf.function
     def step(x, y):
-        m, small_sq = replicas.moments(model, losses.mse, x, y, "auto", False)
+        m, small_sq = replicas.moments(model, losses.mse, x, y, "auto", False, two_batch=True)
         big_sq = tf.add_n([tf.reduce_sum(tf.square(g)) for g in m.mean])
-        return ema.update(*distribute.two_batch_terms(small_sq, big_sq, 16, 32))
+        return ema.update(*two_batch_terms(small_sq, big_sq, 16, 32))
     rng = np.random.default_rng(2)
     for _ in range(2000):        # fresh examples from the generating distribution
         x = rng.normal(size=(32, d))

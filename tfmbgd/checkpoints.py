@@ -4,7 +4,8 @@ A run directory holds `config.json` (the settings it was started with, see
 `tfmbgd.config.save` and `resume`) and `checkpoints/` (`tf.train.CheckpointManager`): the
 model, the optimizer with its slots, the step, the epoch and the steps done in it, the
 state of the random generator that orders the epoch's examples (drawn at the epoch's
-start), and the noise-scale smoothing. Batches are gathered by indices from that
+start), the running sums behind a study's means, and each instrument's state (the
+noise-scale smoothing, ...). Batches are gathered by indices from that
 generator, so the position in the data is the generator state plus the steps done in the
 epoch: a resumed run sees exactly the batches the uninterrupted run would have seen.
 """
@@ -21,13 +22,17 @@ from tfmbgd.errors import UserError
 class RunState:
     """The counters of a run and the checkpoint that holds them with model and optimizer."""
 
-    def __init__(self, run_dir, model, optimizer, extra_variables, keep):
+    def __init__(self, run_dir, model, optimizer, extra_variables, keep, instruments=None):
+        """`extra_variables`: more variables to save; `instruments`: `{name: {name: variable}}`
+        (`tfmbgd.instruments.state`)."""
         self.run_dir = run_dir
         counter = lambda: tf.Variable(0, dtype=tf.int64, trainable=False)
         self.step, self.epoch, self.in_epoch, self.examples = counter(), counter(), counter(), counter()
         self.rng_state = tf.Variable("", dtype=tf.string, trainable=False)
         items = dict(model=model, step=self.step, epoch=self.epoch, in_epoch=self.in_epoch,
                      examples=self.examples, rng_state=self.rng_state, extra=list(extra_variables))
+        if instruments:
+            items["instruments"] = {name: dict(state) for name, state in instruments.items()}
         if optimizer is not None:
             items["optimizer"] = optimizer
         self.checkpoint = tf.train.Checkpoint(**items)

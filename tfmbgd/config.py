@@ -1,8 +1,10 @@
 """TrainConfig: every setting of a run, in one frozen, validated object.
 
-Only `train.py` turns flags into a TrainConfig; library code takes the config (or plain
-arguments) and never reads flags or the environment. This module imports no TensorFlow, so
-that bad settings are reported before TensorFlow starts.
+Each field carries its flag's help text and its allowed values (`_setting`): `tfmbgd.cli`
+makes `train.py`'s flags from them, and `__post_init__` checks them, so a setting is
+described and validated once. Library code takes the config (or plain arguments) and never
+reads flags or the environment. This module imports no TensorFlow, so that bad settings
+are reported before TensorFlow starts.
 """
 
 import dataclasses
@@ -10,7 +12,7 @@ import json
 import math
 import os
 
-from tfmbgd.errors import UserError
+from tfmbgd.errors import SettingError, UserError
 
 DATASETS = ("digits", "linear", "mnist", "fashion_mnist")  # plus "npz:PATH"
 MODELS = ("linear", "mlp", "cnn")
@@ -22,56 +24,110 @@ MODES = ("train", "compare")
 LR_SCALINGS = ("none", "linear", "sqrt")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 ON_NONFINITE = ("stop", "skip")
+# Settings that may differ when a run is resumed; every other one must match the run's.
+# (resume and logdir last: the help of --resume lists the others.)
+CHANGEABLE_ON_RESUME = ("epochs", "log_every", "steps_per_call", "checkpoint_every", "keep_checkpoints",
+                        "deterministic", "on_nonfinite", "strategy", "cpu_devices", "resume", "logdir")
+
+
+def _setting(default, help, choices=None, minimum=None, parse=None, form=None):
+    """A `TrainConfig` field with what its flag needs (`tfmbgd.cli`): the help text, the
+    allowed values or the minimum (checked by `TrainConfig` itself, for flags and Python
+    callers alike), and for tuples and `None` values how a flag's text becomes the value
+    (`parse`, which raises ValueError on text it cannot read, and `form`, what it reads)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, minimum=minimum,
+                                                            parse=parse, form=form))
+
+
+def _batch(text):
+    return None if text == "full" else int(text)
+
+
+def _batches(text):
+    return tuple(_batch(b) for b in text.split(",")) if text else ()
+
+
+def _widths(text):
+    return tuple(int(h) for h in text.split(","))
+
+
+def _names(text):
+    return tuple(text.split(",")) if text else ()
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One run of `train.py`. Invalid values raise `UserError` naming the field."""
+    """One run of `train.py`, one flag per field. Invalid values raise `UserError` naming
+    the field (`SettingError`)."""
 
-    dataset: str = "digits"            # digits | linear | mnist | fashion_mnist | npz:PATH
-    model: str = "mlp"                 # linear | mlp | cnn
-    hidden: tuple = (64,)              # widths of the mlp's hidden layers
-    batch_size: int | None = 32        # examples per update; None = the whole training set
-    batch_sizes: tuple = ()            # a study: one run per batch size (None = full); () = one run
-    lr_scaling: str = "none"           # study: learning rate fixed, or scaled linear / sqrt from batch_size
-    accumulate: int = 1                # micro-batches of batch_size summed into one update
-    epochs: int = 10                   # passes over the training set
-    learning_rate: float = 0.1         # step size of every update rule
-    reduction: str = "mean"            # batch loss = mean or sum of per-example losses
-    update: str = "custom"             # manual (w -= lr*g) | custom (tfmbgd) | keras (built-in)
-    optimizer: str = "sgd"             # sgd | momentum | nesterov | rmsprop | adagrad | adam
-    grad_method: str = "auto"          # how gradient moments are computed for statistics
-    log_every: int = 10                # write the mini-batch loss every N steps
-    steps_per_call: int = 32           # train steps per tf.function call (like fit's steps_per_execution)
-    stats_every: int = 10              # gradient statistics every N steps; 0 = never
-    elementwise_stats: bool = False    # also per-parameter variance and GSNR (one more matmul/layer)
-    noise_scale_decay: float = 0.9     # EMA decay of B_simple's numerator and denominator
-    logdir: str = "logs"               # runs land in logdir/<run-name>/{train,test}
-    checkpoint_every: int = 500        # checkpoint every N steps and after every epoch; 0 = epochs only
-    keep_checkpoints: int = 3          # how many checkpoints to keep
-    resume: str | None = None          # a run directory to continue from its last checkpoint
-    deterministic: bool = False        # TensorFlow op determinism: bit-identical reruns and resumes
-    on_nonfinite: str = "stop"         # a non-finite gradient: stop the run, or skip that update
-    seed: int = 0                      # initial weights, shuffling and synthetic data
-    strategy: str = "default"          # default (one device) | mirrored (local devices) | multi_worker
-    cpu_devices: int = 1               # split the CPU into N logical devices (mirrored, no GPU)
-    mode: str = "train"                # train | compare (one batch, every method side by side)
+    dataset: str = _setting("digits", f"{' | '.join(DATASETS)} | npz:PATH (arrays x_train, y_train, "
+                            "x_test, y_test).")
+    model: str = _setting("mlp", "Network to train.", MODELS)
+    hidden: tuple = _setting((64,), "Hidden layer widths of the mlp, e.g. 128,64.", parse=_widths,
+                             form="positive integers separated by commas, e.g. 128,64")
+    batch_size: int | None = _setting(32, "Examples per update: 1 (SGD) ... N, or 'full' (the whole "
+                                      "training set: full-batch gradient descent).", parse=_batch,
+                                      form="a positive integer or full")
+    batch_sizes: tuple = _setting((), "A study: one run per batch size, e.g. 1,8,32,128,full, same data "
+                                  "and initial weights, compared in TensorBoard's HParams dashboard.",
+                                  parse=_batches, form="positive integers or full, separated by commas")
+    lr_scaling: str = _setting("none", "Study: the learning rate is fixed (none) or scaled with "
+                               "batch / --batch_size (linear, sqrt).", LR_SCALINGS)
+    accumulate: int = _setting(1, "Gradient accumulation: sum K micro-batches of batch_size into one "
+                               "update.", minimum=1)
+    epochs: int = _setting(10, "Passes over the training set.", minimum=1)
+    learning_rate: float = _setting(0.1, "Step size of every update rule, > 0.")
+    reduction: str = _setting("mean", "Batch loss = mean or sum of the per-example losses.", REDUCTIONS)
+    update: str = _setting("custom", "Who applies the update: manual w -= lr*g (sgd only), custom "
+                           "(tfmbgd's optimizer), keras (the Keras built-in of the same name).", UPDATES)
+    optimizer: str = _setting("sgd", "Update rule; other hyperparameters at the Keras defaults "
+                              "(momentum 0.9).", OPTIMIZERS)
+    grad_method: str = _setting("auto", "How gradient moments are computed for statistics: auto "
+                                "(layer-wise rules, exact fallback), layerwise, vectorized, jacobian, "
+                                "loop.", GRAD_METHODS)
+    log_every: int = _setting(10, "Write the mini-batch loss every N steps.", minimum=1)
+    steps_per_call: int = _setting(32, "Train steps per compiled call (like fit's steps_per_execution); "
+                                   "Python sees the loss only between calls.", minimum=1)
+    stats_every: int = _setting(10, "Gradient statistics every N steps; 0 = never.", minimum=0)
+    elementwise_stats: bool = _setting(False, "Also per-parameter variance and grad_snr/mean_gsnr (one "
+                                       "more matmul per layer).")
+    noise_scale_decay: float = _setting(0.9, "EMA decay in [0, 1) of B_simple's numerator and "
+                                        "denominator, per statistics step.")
+    instruments: tuple = _setting((), "More statistics: instruments registered with "
+                                  "tfmbgd.instruments.register, by name, e.g. name1,name2.", parse=_names)
+    logdir: str = _setting("logs", "Runs are written to LOGDIR/<run-name>/{train,test}.")
+    checkpoint_every: int = _setting(500, "Save a checkpoint every N steps (and after every epoch); "
+                                     "0 = after epochs only.", minimum=0)
+    keep_checkpoints: int = _setting(3, "Checkpoints to keep.", minimum=1)
+    resume: str | None = _setting(None, "Continue the run in this directory from its last checkpoint; "
+                                  "other flags may only change "
+                                  + ", ".join(n for n in CHANGEABLE_ON_RESUME[:-2])
+                                  + ".", parse=str)
+    deterministic: bool = _setting(False, "TensorFlow op determinism: reruns and resumed runs give "
+                                   "bit-identical weights.")
+    on_nonfinite: str = _setting("stop", "A non-finite loss or gradient: stop (keep the last good "
+                                 "checkpoint, exit 2) or skip that update and count it in "
+                                 "nonfinite/skipped.", ON_NONFINITE)
+    seed: int = _setting(0, "Seed of initial weights, shuffling and synthetic data.", minimum=0)
+    strategy: str = _setting("default", "default: one device. mirrored: one replica per local GPU (or "
+                             "per --cpu_devices). multi_worker: one replica per process of the TF_CONFIG "
+                             "cluster. --batch_size is the global batch, split across replicas.", STRATEGIES)
+    cpu_devices: int = _setting(1, "Split the CPU into N logical devices, the replicas of "
+                                "--strategy=mirrored on a machine without GPUs.", minimum=1)
+    mode: str = _setting("train", "train, or compare: contrast every gradient method and update rule "
+                         "on one batch.", MODES)
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value, meta = getattr(self, field.name), field.metadata
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise SettingError(field.name, f"must be one of {', '.join(meta['choices'])}", value)
+            if meta["minimum"] is not None and (not _is_int(value) or value < meta["minimum"]):
+                raise SettingError(field.name, f"must be an integer >= {meta['minimum']}", value)
         _check_dataset(self.dataset)
-        _check_choice("model", self.model, MODELS)
-        _check_choice("reduction", self.reduction, REDUCTIONS)
-        _check_choice("update", self.update, UPDATES)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         if self.update == "manual" and self.optimizer != "sgd":
             raise UserError(f"update manual writes out plain SGD only; use --update=custom or keras "
                             f"for optimizer {self.optimizer}")
-        _check_choice("grad_method", self.grad_method, GRAD_METHODS)
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
-        _check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_int("cpu_devices", self.cpu_devices, minimum=1)
         if self.cpu_devices > 1 and self.strategy != "mirrored":
             raise UserError(f"cpu_devices={self.cpu_devices} splits the CPU into replicas of "
                             "--strategy=mirrored; add that flag, or leave cpu_devices at 1")
@@ -80,45 +136,37 @@ class TrainConfig:
                             "raise --batch_size instead (it is the global batch, split across replicas)")
         if self.strategy != "default" and self.mode == "compare":
             raise UserError("--mode=compare contrasts gradients on one device; drop --strategy")
-        if any(b is not None and (not _is_int(b) or b < 1) for b in self.batch_sizes):
-            raise UserError(f"batch_sizes must be positive integers or None (full); got {self.batch_sizes!r}")
+        if not isinstance(self.batch_sizes, tuple) or any(
+                b is not None and (not _is_int(b) or b < 1) for b in self.batch_sizes):
+            raise SettingError("batch_sizes", "must be positive integers or full (None in Python)",
+                               self.batch_sizes)
         if len(set(self.batch_sizes)) != len(self.batch_sizes):
-            raise UserError(f"batch_sizes has repeats: {self.batch_sizes!r}")
-        if not self.hidden or any(not _is_int(h) or h < 1 for h in self.hidden):
-            raise UserError(f"hidden must be positive layer widths, e.g. 64,32; got {self.hidden!r}")
+            raise SettingError("batch_sizes", "has repeats", self.batch_sizes)
+        if not isinstance(self.hidden, tuple) or not self.hidden or any(not _is_int(h) or h < 1
+                                                                        for h in self.hidden):
+            raise SettingError("hidden", "must be positive layer widths, e.g. 64,32", self.hidden)
         if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
-            raise UserError(
-                f"batch_size must be a positive integer or None (full batch); got {self.batch_size!r}")
-        for name in ("epochs", "log_every", "steps_per_call", "accumulate"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("stats_every", self.stats_every, minimum=0)
-        _check_int("checkpoint_every", self.checkpoint_every, minimum=0)
-        _check_int("keep_checkpoints", self.keep_checkpoints, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+            raise SettingError("batch_size", "must be a positive integer, or full (None in Python)",
+                               self.batch_size)
         lr = self.learning_rate
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise UserError(f"learning_rate must be a finite number > 0; got {lr!r}")
+            raise SettingError("learning_rate", "must be a finite number > 0", lr)
         d = self.noise_scale_decay
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
-            raise UserError(f"noise_scale_decay must be in [0, 1); got {d!r}")
+            raise SettingError("noise_scale_decay", "must be in [0, 1)", d)
         if not isinstance(self.elementwise_stats, bool):
-            raise UserError(f"elementwise_stats must be True or False; got {self.elementwise_stats!r}")
+            raise SettingError("elementwise_stats", "must be True or False", self.elementwise_stats)
+        names = self.instruments
+        if not isinstance(names, tuple) or not all(n and isinstance(n, str) for n in names):
+            raise SettingError("instruments", "must be instrument names", self.instruments)
+        if len(set(self.instruments)) != len(self.instruments):
+            raise SettingError("instruments", "has repeats", self.instruments)
         if not self.logdir:
-            raise UserError("logdir must be a directory path; got an empty string")
+            raise SettingError("logdir", "must be a directory path", self.logdir)
 
 
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(name, value, minimum):
-    if not _is_int(value) or value < minimum:
-        raise UserError(f"{name} must be an integer >= {minimum}; got {value!r}")
-
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise UserError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def _check_dataset(name):
@@ -126,8 +174,7 @@ def _check_dataset(name):
         return
     if isinstance(name, str) and name.startswith("npz:") and len(name) > 4:
         return
-    raise UserError(
-        f"dataset must be one of {', '.join(DATASETS)} or npz:PATH; got {name!r}")
+    raise SettingError("dataset", f"must be one of {', '.join(DATASETS)} or npz:PATH", name)
 
 
 # Checks of the world a run needs, made before TensorFlow starts (train.py) and again by
@@ -177,10 +224,6 @@ def check_tf_config(text):
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
-# Settings that may differ when a run is resumed; every other one must match the run's.
-CHANGEABLE_ON_RESUME = ("epochs", "log_every", "steps_per_call", "checkpoint_every", "keep_checkpoints",
-                        "resume", "logdir", "deterministic", "on_nonfinite", "strategy", "cpu_devices")
-
 
 def save(run_dir, config):
     with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
@@ -198,6 +241,7 @@ def load(run_dir):
             values = json.load(f)
         values["hidden"] = tuple(values["hidden"])
         values["batch_sizes"] = tuple(values["batch_sizes"])
+        values["instruments"] = tuple(values.get("instruments", ()))
         return TrainConfig(**values)
     except (ValueError, TypeError, KeyError) as err:
         raise UserError(f"{path} cannot be read as a run's settings ({err})") from err

@@ -12,7 +12,7 @@ examples unequally. Here the batch size is always the *global* batch B, and
   plain functions (`tfmbgd.losses`), not `keras.losses.Loss` objects: those already divide
   their batch mean by R under a strategy, and scaling them again would divide twice.
 - the gradient moments of each replica's share are merged into those of the global batch
-  field by field as `tfmbgd.moments.MERGES` says, as `tfmbgd.moments.combine` merges
+  field by field as `tfmbgd.fields.MERGES` says, as `tfmbgd.fields.combine` merges
   micro-batches: `B * mean = sum_r b_r mean_r` and `sum_sq` summed over replicas
   (all-reduce), per-example norms, losses and outputs gathered in order. Every statistic
   is then that of the global batch, as on one device.
@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from tfmbgd import moments as moments_lib
+from tfmbgd import fields as moments_lib
 from tfmbgd.config import STRATEGIES, check_tf_config
 from tfmbgd.errors import UserError
 from tfmbgd.gradients import dense_gradients
@@ -178,12 +178,13 @@ class Replicas:
         per_example, outputs = self.gather((per_example, outputs), batch)
         return Unsummed(grads, self.strategy), tf.equal(self.sum(bad), 0), per_example, outputs
 
-    def moments(self, model, loss_fn, x, y, method="auto", elementwise=True):
-        """The `GradientMoments` of the global batch, and the mean over replicas of the squared
-        norm of each replica's mean gradient (`|G_b|^2`, for `two_batch_terms`; None when
+    def moments(self, model, loss_fn, x, y, method="auto", elementwise=True, two_batch=False):
+        """The `GradientMoments` of the global batch, and, with `two_batch`, the mean over
+        replicas of the squared norm of each replica's mean gradient (`|G_b|^2`, for
+        `tfmbgd.instruments.noise_scale.two_batch_terms`; None without `two_batch`, or when
         the replicas' shares are uneven or there is one replica)."""
         batch = x.shape[0]
-        two_sizes = batch % self.count == 0 and self.count > 1
+        two_sizes = two_batch and batch % self.count == 0 and self.count > 1
 
         layout = {}        # the packed fields' structure, recorded when the replica is traced
 
@@ -224,21 +225,6 @@ def _unflat(flat, variables):
     """Splits `flat` into tensors shaped like `variables` (variables, tensors or specs)."""
     sizes = [math.prod(tuple(v.shape)) for v in variables]
     return [tf.reshape(t, v.shape) for t, v in zip(tf.split(flat, sizes), variables)]
-
-
-def two_batch_terms(small_sq, big_sq, small, big):
-    """`(tr(Sigma), |G|^2)` from mean-gradient norms at two batch sizes (McCandlish et al.
-    2018, "An Empirical Model of Large-Batch Training", Appendix A.1).
-
-    With `E|G_b|^2 = |G|^2 + tr(Sigma) / b` for a batch of b, the squared norms at `small`
-    (each replica's share, averaged over replicas) and `big` (the global batch) give
-    `|G|^2 = (big |G_big|^2 - small |G_small|^2) / (big - small)` and
-    `tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1/small - 1/big)`: unbiased, and for an
-    estimate of `B_simple` smoothed like `stats.NoiseScaleEMA` does.
-    """
-    grad_sq = (big * big_sq - small * small_sq) / (big - small)
-    trace = (small_sq - big_sq) / (1.0 / small - 1.0 / big)
-    return trace, grad_sq
 
 
 def _weighted(loss_fn, y, w):

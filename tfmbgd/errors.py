@@ -13,6 +13,15 @@ class UserError(ValueError):
     """
 
 
+class SettingError(UserError):
+    """A setting with a value it cannot take: `setting` (a `TrainConfig` field), what is
+    wrong with it (`problem`), and the `value`. `train.py` names the flag as it was typed."""
+
+    def __init__(self, setting, problem, value):
+        super().__init__(f"{setting} {problem}; got {value!r}")
+        self.setting, self.problem, self.value = setting, problem, value
+
+
 class Interrupted(Exception):
     """A run stopped on request after saving a checkpoint; `resume` continues it.
 

@@ -26,7 +26,7 @@ on statistics steps: the moments are of the unweighted per-example data loss.
 import keras
 import tensorflow as tf
 
-from tfmbgd import gradients, layerwise, stats, steps, summaries
+from tfmbgd import gradients, instruments, layerwise, steps, summaries
 from tfmbgd.errors import UserError
 from tfmbgd.models import all_layers
 
@@ -43,14 +43,16 @@ def per_example_loss(compiled_loss):
 
 
 class _Recorder:
-    """Settings and state of the statistics of one model: writer, method, smoothing."""
+    """Settings and state of the statistics of one model: writer, method, instruments."""
 
-    def __init__(self, log_dir, stats_every, method, elementwise, noise_scale_decay, loss):
+    def __init__(self, log_dir, stats_every, method, active, variables, loss):
         if not isinstance(stats_every, int) or stats_every < 1:
             raise UserError(f"stats_every must be an integer >= 1; got {stats_every!r}")
         self.writer = tf.summary.create_file_writer(log_dir)
-        self.stats_every, self.method, self.elementwise = stats_every, method, elementwise
-        self.noise_scale = stats.NoiseScaleEMA(noise_scale_decay)
+        self.stats_every, self.method = stats_every, method
+        self.instruments = instruments.build(active, variables)
+        self.needs = instruments.needs(active)
+        self.finite_only = instruments.finite_only(active, [v.path for v in variables])
         self.loss = loss
         self.described = False        # the coverage line is printed once per configuration
 
@@ -61,7 +63,7 @@ class GradientStatisticsMixin:
     _statistics = None
 
     def configure_statistics(self, log_dir, stats_every=10, method="auto", elementwise=False,
-                             noise_scale_decay=0.9, loss=None):
+                             noise_scale_decay=0.9, loss=None, more_instruments=()):
         """Turns statistics on for the next `fit` calls (call after `compile`).
 
         Args:
@@ -71,6 +73,8 @@ class GradientStatisticsMixin:
           noise_scale_decay: smoothing of `noise_scale/simple`.
           loss: per-example loss `(y_true, y_pred) -> [B]`; default: derived from the
             compiled loss.
+          more_instruments: `tfmbgd.instruments.Instrument`s to add to the default ones
+            (`tfmbgd.instruments.default(elementwise, noise_scale_decay)`).
         """
         if getattr(self, "jit_compile", False) is True:
             raise UserError("gradient statistics write summaries, which XLA cannot compile: "
@@ -84,7 +88,8 @@ class GradientStatisticsMixin:
             # share's, not the global batch's. The custom loop merges them (tfmbgd.distribute).
             raise UserError("gradient statistics in model.fit describe one device's batch; with "
                             f"{strategy.num_replicas_in_sync} replicas use train.py --strategy=... instead")
-        self._statistics = _Recorder(log_dir, stats_every, method, elementwise, noise_scale_decay, loss)
+        active = instruments.default(elementwise, noise_scale_decay) + list(more_instruments)
+        self._statistics = _Recorder(log_dir, stats_every, method, active, self.trainable_variables, loss)
         if getattr(self, "train_function", None) is not None:
             self.make_train_function(force=True)     # the old trace has no statistics
 
@@ -133,17 +138,17 @@ class GradientStatisticsMixin:
                 total = tf.add_n(self.losses)
             return gradients.dense_gradients(variables, tape.gradient(total, variables))
 
-        measured = steps.measure(self, loss_fn, x, y, method=rec.method, elementwise=rec.elementwise,
+        measured = steps.measure(self, loss_fn, x, y, needs=rec.needs, method=rec.method,
                                  extra_gradients=penalties if self.losses else None)
         self.optimizer.apply_gradients(zip(measured.grads, variables))
         m = measured.moments
-        values = steps.statistics(measured, variables, noise_scale=rec.noise_scale)
+        values = steps.statistics(measured, variables, rec.instruments)
         cover = layerwise.traced_coverage(self)
         if cover is not None and not rec.described:      # once, when the step is first traced
             print(layerwise.describe(cover))
             rec.described = True
         values["loss"] = data_loss = tf.reduce_mean(m.losses)
-        summaries.write_in_graph(rec.writer, values, step)
+        summaries.write_in_graph(rec.writer, values, step, rec.finite_only)
         return data_loss + (tf.add_n(self.losses) if self.losses else 0.0), m.outputs
 
 

@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from tfmbgd import forms, gradients, rules
 from tfmbgd.errors import UserError
+from tfmbgd.fields import GradientMoments, batch_size_of, from_per_example
 
 # Ops a variable's value passes through unchanged in content and order.
 PASS_THROUGH = {"ReadVariableOp", "Identity", "Cast", "Reshape", "ExpandDims", "Squeeze"}
@@ -188,21 +189,22 @@ def _traced_moments(model, loss_fn, x, y, elementwise, strict):
         if i in summed:
             mean[i] = rule_mean
     if p.fallback:
-        _fallback_moments(model, loss_fn, x, y, p.fallback, b, elementwise, sum_sq, norms)
-    return dict(mean=mean, sum_sq=sum_sq if elementwise else None, var_norms_sq=norms,
-                losses=losses, outputs=outputs)
+        _fallback_moments(model, loss_fn, x, y, p.fallback, elementwise, sum_sq, norms)
+    return GradientMoments(mean=mean, sum_sq=sum_sq if elementwise else None, var_norms_sq=norms,
+                           losses=losses, outputs=outputs, batch_size=b)
 
 
-def _fallback_moments(model, loss_fn, x, y, indices, b, elementwise, sum_sq, norms):
+def _fallback_moments(model, loss_fn, x, y, indices, elementwise, sum_sq, norms):
     """Fills `sum_sq` and `norms` at `indices` from `vectorized` per-example gradients of
     those variables only (their mean comes from the one backward pass)."""
     variables = model.trainable_variables
     rest = [variables[i] for i in indices]
     per_ex = gradients.per_example(model, loss_fn, x, y, "vectorized", variables=rest)
-    for i, g in zip(indices, per_ex.gradients):
-        squares = tf.square(tf.cast(g, variables[i].dtype))
-        norms[i] = tf.reduce_sum(tf.reshape(squares, [b, -1]), axis=1)
-        sum_sq[i] = tf.reduce_sum(squares, axis=0) if elementwise else None
+    per_ex = per_ex._replace(gradients=[tf.cast(g, v.dtype) for g, v in zip(per_ex.gradients, rest)])
+    m = from_per_example(per_ex, elementwise)     # its mean is unused: TensorFlow prunes it
+    for k, i in enumerate(indices):
+        norms[i] = m.var_norms_sq[k]
+        sum_sq[i] = m.sum_sq[k] if elementwise else None
 
 
 _COMPILED = weakref.WeakKeyDictionary()
@@ -213,7 +215,7 @@ def moments(model, loss_fn, x, y, elementwise=True, strict=False):
     """Gradient moments by the layer-wise rules, with the exact fallback for the rest.
 
     Works eagerly (through a `tf.function` kept per model, loss and tier) and inside a
-    `tf.function`. Returns the fields of `tfmbgd.moments.GradientMoments` as a dict.
+    `tf.function`. Returns a `tfmbgd.fields.GradientMoments`.
 
     Raises:
       UserError: `strict` (method "layerwise") and some variable has no rule.
@@ -225,7 +227,8 @@ def moments(model, loss_fn, x, y, elementwise=True, strict=False):
     if key not in compiled:
         compiled[key] = tf.function(lambda x, y: _traced_moments(model, loss_fn, x, y, elementwise, strict),
                                     autograph=False)
-    return compiled[key](x, y)
+    m = compiled[key](x, y)
+    return m._replace(batch_size=batch_size_of(m.losses))     # an int again, not a returned tensor
 
 
 def coverage(model, x=None):

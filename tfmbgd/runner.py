@@ -5,7 +5,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfmbgd import summaries
+from tfmbgd import instruments, summaries
 
 
 class StepRunner:
@@ -19,18 +19,17 @@ class StepRunner:
 
     Besides the step's own values it writes, on log steps, `loss_by/examples_seen` (the
     x-axis is the number of examples used so far) and `loss_by/milliseconds` (time since
-    training began), so runs with different batch sizes compare on one chart; and on
-    statistics steps `batch_size`. It keeps the running sums of the finite values of
-    `AVERAGED` tags, for `means()`.
+    training began), so runs with different batch sizes compare on one chart. It keeps the
+    running sums of the finite values of the tags its instruments' `summaries` name, for
+    `means()`.
     """
-
-    AVERAGED = ("noise_scale/simple", "grad_var/trace", "grad_var/of_mean")
 
     def __init__(self, steps, writer, log_every, stats_every):
         self.steps, self.writer = steps, writer
         self.log_every, self.stats_every = log_every, stats_every
+        averaged = [s.tag for s in instruments.summaries(steps.instruments)]
         self._sums = {tag: (tf.Variable(0.0, trainable=False, dtype=tf.float64),
-                            tf.Variable(0, trainable=False, dtype=tf.int64)) for tag in self.AVERAGED}
+                            tf.Variable(0, trainable=False, dtype=tf.int64)) for tag in averaged}
         self._compiled = {}
         self.start_time = tf.constant(time.time(), tf.float64)   # for loss_by/milliseconds
 
@@ -50,7 +49,7 @@ class StepRunner:
         return [v for pair in self._sums.values() for v in pair]
 
     def means(self):
-        """Mean of each `AVERAGED` tag over the steps that wrote it (NaN if none)."""
+        """Mean of each summarised tag over the steps that wrote it (NaN if none)."""
         return {tag: float(total.numpy()) / int(count.numpy()) if int(count.numpy()) else float("nan")
                 for tag, (total, count) in self._sums.items()}
 
@@ -100,7 +99,6 @@ class StepRunner:
 
     def _with_stats(self, x, y, where):
         out = self.steps.stats_step(x, y)
-        out["batch_size"] = tf.cast(tf.shape(x)[0], tf.float32)
         for tag, (total, count) in self._sums.items():
             if tag in out:
                 value = tf.cast(out[tag], tf.float64)
@@ -115,7 +113,7 @@ class StepRunner:
         skipped = self.steps.skipped()
         if skipped is not None:
             values = {**values, "nonfinite/skipped": skipped}
-        summaries.write_in_graph(self.writer, values, step)
+        summaries.write_in_graph(self.writer, values, step, self.steps.finite_only)
         now = _clock()
         elapsed_ms = tf.cast((now - start_time) * 1000.0, tf.int64)
         summaries.write_in_graph(self.writer, {"loss_by/examples_seen": values["loss"]}, examples)

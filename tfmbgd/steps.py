@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from tfmbgd import distribute, gradients, losses, optimizers, stats
+from tfmbgd import distribute, gradients, losses, optimizers
+from tfmbgd import instruments as instruments_lib
 from tfmbgd.config import ON_NONFINITE
 from tfmbgd.errors import UserError
 from tfmbgd.moments import accumulated_moments, gradient_moments, micro_batches
@@ -77,16 +78,19 @@ class Measured(NamedTuple):
 
     moments: object      # the GradientMoments of the batch
     grads: list          # the gradient to apply, aligned with model.trainable_variables
-    small_sq: object     # the replicas' mean |G_share|^2 (two-batch noise scale), or None
+    small_sq: object     # the replicas' mean |G_share|^2 (the REPLICA_NORMS need), or None
 
 
-def measure(model, loss_fn, x, y, *, method="auto", elementwise=False, reduction="mean",
+def measure(model, loss_fn, x, y, *, needs=frozenset(), method="auto", reduction="mean",
             extra_gradients=None, micro_batch=None, replicas=None):
     """The gradient moments of `(x, y)` and the gradient of the update they give, which the
     caller applies; then `statistics(...)` of the same measurement.
 
     Args:
-      method, elementwise: as for `tfmbgd.stats.gradient_moments`.
+      needs: what the active instruments need beyond the norm tier
+        (`tfmbgd.instruments.needs`): `ELEMENTWISE` computes `sum_sq`, `REPLICA_NORMS` the
+        replicas' mean-gradient norms; nothing else is computed.
+      method: as for `tfmbgd.stats.gradient_moments`.
       reduction: "mean" applies the mean gradient, "sum" B times it.
       extra_gradients: `() -> grads` added to the update, e.g. of regularization penalties.
       micro_batch: accumulate the moments over micro-batches of this size (None: at once).
@@ -97,9 +101,11 @@ def measure(model, loss_fn, x, y, *, method="auto", elementwise=False, reduction
       A `Measured`: the moments, and the gradient to apply (their mean, times B for "sum",
       plus `extra_gradients`).
     """
+    elementwise = instruments_lib.ELEMENTWISE in needs
     small_sq = None
     if replicas is not None:
-        m, small_sq = replicas.moments(model, loss_fn, x, y, method, elementwise)
+        m, small_sq = replicas.moments(model, loss_fn, x, y, method, elementwise,
+                                       two_batch=instruments_lib.REPLICA_NORMS in needs)
     elif micro_batch is None:
         m = gradient_moments(model, loss_fn, x, y, method, elementwise)
     else:
@@ -112,23 +118,11 @@ def measure(model, loss_fn, x, y, *, method="auto", elementwise=False, reduction
     return Measured(m, grads, small_sq)
 
 
-def statistics(measured, variables, *, noise_scale=None, two_batch=None, replicas=None):
-    """The statistics of a `Measured` step: the dict of `stats.statistics`, plus
-    `noise_scale/simple` when `noise_scale` (a `stats.NoiseScaleEMA`) is given and B >= 2,
-    and `noise_scale/two_batch` when `two_batch` is given and the replicas' shares are even
-    (from the replicas' and the global batch's gradients)."""
-    m = measured.moments
-    out = stats.statistics(m, [v.path for v in variables])
-    if noise_scale is not None and "grad_var/trace" in out:    # B_simple needs B >= 2
-        # The terms of stats.noise_scale_terms, from scalars already computed:
-        # |G|^2 = |mean|^2 - tr(Sigma) / B.
-        grad_sq = tf.square(out["grad/norm"]) - out["grad_var/of_mean"]
-        out["noise_scale/simple"] = noise_scale.update(out["grad_var/trace"], grad_sq)
-    if two_batch is not None and measured.small_sq is not None:
-        terms = distribute.two_batch_terms(measured.small_sq, tf.square(out["grad/norm"]),
-                                           replicas.share(m.batch_size), m.batch_size)
-        out["noise_scale/two_batch"] = two_batch.update(*terms)
-    return out
+def statistics(measured, variables, active, replicas=None):
+    """`{tag: tensor}` of the instruments `active` (built) on a `Measured` step."""
+    measurement = instruments_lib.Measurement(measured.moments, [v.path for v in variables],
+                                          small_sq=measured.small_sq, replicas=replicas)
+    return instruments_lib.compute(active, measurement)
 
 
 def _finite(grad):
@@ -194,33 +188,35 @@ class Steps:
 
     Both apply one update and return a dict of tensors: `loss` (the mean per-example loss
     of the batch, whatever the reduction, so runs compare), `accuracy` (classification);
-    `with_stats` adds the statistics of `tfmbgd.stats.statistics` and the smoothed
-    `noise_scale/simple`. `plain` computes no moments at all.
+    `with_stats` adds the values of its instruments. `plain` computes no moments at all.
 
     Args:
       method: how `gradient_moments` gets per-example information ("auto", ...).
-      elementwise: compute the elementwise tier too (per-parameter variance, GSNR).
-      noise_scale: the `stats.NoiseScaleEMA` that smooths B_simple across steps.
+      instruments: the statistics of `with_stats`, instances of
+        `tfmbgd.instruments.Instrument`; built here (their state is made now, so make the
+        `Steps` under the run's strategy scope). Default: `tfmbgd.instruments.default()`.
       micro_batch: gradient accumulation: the batch of one update is processed in
         micro-batches of this size, one after another, and their summed gradients applied
         once — the same update as the whole batch at once. None: no accumulation.
       guard: a `NonFiniteGuard` around `apply`, or None to apply every update.
       replicas: a `distribute.Replicas` to split every (global) batch across; the update
-        and the statistics are those of the global batch. `with_stats` then also gives
-        `noise_scale/two_batch`, smoothed by `two_batch` (a `stats.NoiseScaleEMA`).
+        and the statistics are those of the global batch.
     """
 
     def __init__(self, model, loss_fn, apply, *, reduction="mean", method="auto",
-                 classification=True, elementwise=False, noise_scale=None, micro_batch=None,
-                 guard=None, replicas=None, two_batch=None):
+                 classification=True, instruments=None, micro_batch=None, guard=None, replicas=None):
         if replicas is not None and micro_batch is not None:
             raise UserError("gradient accumulation is not supported across replicas; raise the batch size")
         self.model, self.loss_fn, self.guard = model, loss_fn, guard
-        self.replicas, self.two_batch = replicas, two_batch
-        self.apply = apply
+        self.replicas, self.apply = replicas, apply
         self.reduction, self.method, self.classification = reduction, method, classification
-        self.elementwise, self.micro_batch = elementwise, micro_batch
-        self.noise_scale = noise_scale if noise_scale is not None else stats.NoiseScaleEMA()
+        self.micro_batch = micro_batch
+        if instruments is None:
+            instruments = instruments_lib.default()
+        self.instruments = instruments_lib.build(list(instruments), model.trainable_variables)
+        self.needs = instruments_lib.needs(self.instruments)
+        self.finite_only = instruments_lib.finite_only(self.instruments,
+                                                       [v.path for v in model.trainable_variables])
         self.plain = tf.function(self.plain_step)
         self.with_stats = tf.function(self.stats_step)
 
@@ -281,13 +277,12 @@ class Steps:
 
     def stats_step(self, x, y):
         """The statistics step, uncompiled (to be traced inside a caller's `tf.function`)."""
-        measured = measure(self.model, self.loss_fn, x, y, method=self.method, elementwise=self.elementwise,
+        measured = measure(self.model, self.loss_fn, x, y, needs=self.needs, method=self.method,
                            reduction=self.reduction, micro_batch=self.micro_batch, replicas=self.replicas)
         m = measured.moments
         self._apply(measured.grads, tf.reduce_mean(m.losses))
         out = self._metrics(m.losses, m.outputs, y)
-        out.update(statistics(measured, self.model.trainable_variables, noise_scale=self.noise_scale,
-                              two_batch=self.two_batch, replicas=self.replicas))
+        out.update(statistics(measured, self.model.trainable_variables, self.instruments, self.replicas))
         return out
 
     def _metrics(self, per_example, outputs, y):

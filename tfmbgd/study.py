@@ -7,7 +7,8 @@ initial weights on the same data once per batch size, into one study directory:
 
 Each run records its settings and final results with TensorBoard's HParams plugin (hparams:
 batch size, learning rate, reduction, gradient method; metrics: final test loss and
-accuracy, mean smoothed B_simple). Every run, in a study or not, also carries the
+accuracy, and the means its instruments' `summaries` name, such as the mean smoothed
+B_simple). Every run, in a study or not, also carries the
 custom-scalars layout of `tfmbgd.summaries.layout`.
 """
 
@@ -19,7 +20,7 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
 from tfmbgd import config as config_lib
-from tfmbgd import data, summaries, training
+from tfmbgd import data, instruments, summaries, training
 from tfmbgd.errors import UserError
 
 HPARAMS = {
@@ -28,11 +29,16 @@ HPARAMS = {
     "reduction": hp.HParam("reduction", hp.Discrete(list(config_lib.REDUCTIONS))),
     "grad_method": hp.HParam("grad_method", hp.Discrete(list(config_lib.GRAD_METHODS))),
 }
-METRICS = [
+FINAL = [
     hp.Metric("final/test_loss", display_name="test loss"),
     hp.Metric("final/test_accuracy", display_name="test accuracy"),
-    hp.Metric("final/mean_noise_scale", display_name="mean B_simple"),
 ]
+
+
+def metrics(averaged):
+    """The HParams metrics: final test loss and accuracy, and the means of the `averaged`
+    tags (`tfmbgd.instruments.Summary`) that name a metric."""
+    return FINAL + [hp.Metric(s.metric, display_name=s.title) for s in averaged if s.metric]
 
 
 def scaled_learning_rate(learning_rate, batch, reference, rule):
@@ -58,8 +64,9 @@ def run(config, verbose=1):
     reference = n if config.batch_size is None else config.batch_size
     name = f"study-{config.lr_scaling}-" + summaries.run_name(config, with_batch=False)
     study_dir = summaries.new_run_dir(config.logdir, name)
+    averaged = instruments.summaries(training.run_instruments(config))
     with tf.summary.create_file_writer(study_dir).as_default():
-        hp.hparams_config(hparams=list(HPARAMS.values()), metrics=METRICS)
+        hp.hparams_config(hparams=list(HPARAMS.values()), metrics=metrics(averaged))
     results = {}
     for batch_size in config.batch_sizes:
         batch = n if batch_size is None else batch_size
@@ -71,26 +78,26 @@ def run(config, verbose=1):
         if verbose:
             print(f"== batch size {batch} (learning rate {lr:g}) -> {run_dir}")
         results[name] = result = training.train(one, verbose=verbose, run_dir=run_dir, dataset=ds)
-        _write_session(run_dir, one, batch, result)
+        _write_session(run_dir, one, batch, result, averaged)
     if verbose:
-        print(table(results))
+        print(table(results, averaged))
         print(f"Study written to {study_dir}\nSee it with:  tensorboard --logdir {study_dir}")
     return results
 
 
-def table(results):
-    """A markdown table of a study: per batch size, updates, final test metrics, means."""
-    lines = ["| run | updates | test loss | test accuracy | mean tr(Sigma) | mean tr(Sigma)/B "
-             "| mean B_simple |", "|---|---|---|---|---|---|---|"]
+def table(results, averaged):
+    """A markdown table of a study: per batch size, updates, final test metrics, and the
+    mean over its statistics steps of each `averaged` tag (`tfmbgd.instruments.Summary`)."""
+    lines = ["| run | updates | test loss | test accuracy | " + " | ".join(s.title for s in averaged) + " |",
+             "|---|---|---|---|" + "---|" * len(averaged)]
     for name, r in results.items():
         acc = r.test.get("accuracy", float("nan"))
-        m = r.means
-        lines.append(f"| {name} | {r.steps} | {r.test['loss']:.4f} | {acc:.4f} | {m['grad_var/trace']:.3g} | "
-                     f"{m['grad_var/of_mean']:.3g} | {m['noise_scale/simple']:.3g} |")
+        means = " | ".join(f"{r.means.get(s.tag, float('nan')):.3g}" for s in averaged)
+        lines.append(f"| {name} | {r.steps} | {r.test['loss']:.4f} | {acc:.4f} | {means} |")
     return "\n".join(lines)
 
 
-def _write_session(run_dir, config, batch, result):
+def _write_session(run_dir, config, batch, result, averaged):
     """HParams session of one run: its settings, its final metrics, and the layout."""
     with tf.summary.create_file_writer(run_dir).as_default():
         hp.hparams({HPARAMS["batch_size"]: batch, HPARAMS["learning_rate"]: config.learning_rate,
@@ -98,5 +105,7 @@ def _write_session(run_dir, config, batch, result):
         tf.summary.scalar("final/test_loss", result.test["loss"], step=result.steps)
         if "accuracy" in result.test:
             tf.summary.scalar("final/test_accuracy", result.test["accuracy"], step=result.steps)
-        if math.isfinite(result.means["noise_scale/simple"]):
-            tf.summary.scalar("final/mean_noise_scale", result.means["noise_scale/simple"], step=result.steps)
+        for s in averaged:
+            value = result.means.get(s.tag, float("nan"))
+            if s.metric and math.isfinite(value):
+                tf.summary.scalar(s.metric, value, step=result.steps)

@@ -14,8 +14,10 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 
+from tfmbgd import instruments
 from tfmbgd.config import check_logdir
 from tfmbgd.errors import UserError
+from tfmbgd.instruments import Chart
 
 
 def run_name(config, now=None, with_batch=True):
@@ -81,19 +83,20 @@ class RunWriters:
         self.close()
 
 
-def write_in_graph(writer, values, step):
+def write_in_graph(writer, values, step, finite_only=()):
     """Writes a dict of tensors at `step` from inside a `tf.function`.
 
     Scalars become scalar summaries and vectors (the per-example gradient norms)
-    histograms; a non-finite `noise_scale/*` (undefined while the noise hides the
-    signal) is not written. The writes usually sit in a `tf.cond` branch: `name_scope(None)`
-    keeps its "cond/" scope out of the tags, so they read as when written eagerly.
+    histograms; a scalar whose tag is in `finite_only` is written only when finite (the
+    noise scale is undefined while the noise hides the signal). The writes usually sit in
+    a `tf.cond` branch: `name_scope(None)` keeps its "cond/" scope out of the tags, so they
+    read as when written eagerly.
     """
     with writer.as_default(step=step), tf.compat.v1.name_scope(None):
         for tag, value in values.items():
             if value.shape.rank:
                 histogram(tag, value)
-            elif tag.startswith("noise_scale/"):
+            elif tag in finite_only:
                 tf.cond(tf.math.is_finite(value), lambda t=tag, v=value: _scalar(t, v),
                         lambda: tf.constant(False))
             else:
@@ -138,31 +141,28 @@ def _scalar(tag, value):
         return tf.summary.scalar(tag, value)
 
 
-def layout(variable_paths):
-    """The custom-scalars layout: loss, per-variable signal and noise, noise scale and batch size."""
-    def chart(title, *patterns):
-        return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=list(patterns)))
-
-    per_variable = [chart(f"{path}: norm of the mean gradient and variance of the mean",
-                          f"^grad/norm/{path}$", f"^grad_var/of_mean/{path}$") for path in variable_paths]
-    return layout_pb2.Layout(category=[
-        layout_pb2.Category(title="Loss (train and test)", chart=[
-            chart("loss by step", "^loss$"),
-            chart("loss by examples seen", "^loss_by/examples_seen$"),
-            chart("loss by milliseconds of training", "^loss_by/milliseconds$"),
-            chart("accuracy", "^accuracy$")]),
-        layout_pb2.Category(title="Gradient signal and noise per variable", chart=[
-            chart("all variables: norm of the mean gradient, variance of the mean",
-                  "^grad/norm$", "^grad_var/of_mean$"), *per_variable]),
-        layout_pb2.Category(title="Noise scale and batch size", chart=[
-            chart("B_simple (smoothed); two_batch: from replicas vs global batch",
-                  "^noise_scale/simple$", "^noise_scale/two_batch$"),
-            chart("batch size", "^batch_size$")]),
-    ])
+LOSS_CHARTS = (
+    Chart("Loss (train and test)", "loss by step", ("^loss$",)),
+    Chart("Loss (train and test)", "loss by examples seen", ("^loss_by/examples_seen$",)),
+    Chart("Loss (train and test)", "loss by milliseconds of training", ("^loss_by/milliseconds$",)),
+    Chart("Loss (train and test)", "accuracy", ("^accuracy$",)),
+)
 
 
-def write_layout(writer, variable_paths):
-    """Writes the custom-scalars layout with `writer` (once per run)."""
+def layout(variable_paths, active=None):
+    """The custom-scalars layout: the loss charts, then the charts of the instruments
+    `active` (default `tfmbgd.instruments.default()`), grouped by category in order."""
+    active = instruments.default() if active is None else active
+    categories = {}
+    for c in LOSS_CHARTS + tuple(instruments.charts(active, variable_paths)):
+        categories.setdefault(c.category, []).append(layout_pb2.Chart(
+            title=c.title, multiline=layout_pb2.MultilineChartContent(tag=list(c.patterns))))
+    return layout_pb2.Layout(category=[layout_pb2.Category(title=title, chart=charts)
+                                       for title, charts in categories.items()])
+
+
+def write_layout(writer, variable_paths, active=None):
+    """Writes the custom-scalars `layout` with `writer` (once per run)."""
     with writer.as_default():
         tf.summary.experimental.write_raw_pb(
-            custom_scalar.pb(layout(variable_paths)).SerializeToString(), step=0)
+            custom_scalar.pb(layout(variable_paths, active)).SerializeToString(), step=0)

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmbgd import checkpoints, data, distribute, layerwise, losses, models, stats, summaries
+from tfmbgd import checkpoints, data, distribute, instruments, layerwise, losses, models, summaries
 from tfmbgd import config as config_lib
 from tfmbgd.errors import Interrupted, UserError
 from tfmbgd.optimizers import make_optimizer
@@ -133,19 +133,18 @@ def _train(config, verbose, run_dir, should_stop, strategy, dataset):
     with summaries.RunWriters(run_dir) as writers:
         with strategy.scope():
             runner = StepRunner(parts.steps, writers.writer("train"), config.log_every, config.stats_every)
-        smoothing = [parts.noise_scale.trace, parts.noise_scale.grad_sq, *runner.variables(),
-                     parts.two_batch.trace, parts.two_batch.grad_sq]
         # The run's counters are this process's own (outside the strategy's scope: a
         # multi-worker strategy cannot broadcast the string that holds the rng state).
-        state = checkpoints.RunState(run_dir, parts.model, parts.optimizer, smoothing,
-                                     config.keep_checkpoints)
+        state = checkpoints.RunState(run_dir, parts.model, parts.optimizer, runner.variables(),
+                                     config.keep_checkpoints, instruments.state(parts.steps.instruments))
         if config.resume:
             latest = state.restore(config.resume)
             if verbose:
                 print(f"Resuming {run_dir} from {os.path.basename(latest)} (step {int(state.step.numpy())})")
         else:
             state.remember_rng(rng)
-            summaries.write_layout(writers.writer("train"), [v.path for v in parts.model.trainable_variables])
+            summaries.write_layout(writers.writer("train"), [v.path for v in parts.model.trainable_variables],
+                                   parts.steps.instruments)
         if verbose and parts.steps.replicas is not None:
             print(_replicas_line(parts.steps.replicas, parts.batch))
         if verbose and config.stats_every and config.grad_method in ("auto", "layerwise"):
@@ -190,8 +189,6 @@ class _Parts(NamedTuple):
     loss_fn: object
     batch: int                  # examples per update
     optimizer: object           # None for the manual rule
-    noise_scale: stats.NoiseScaleEMA
-    two_batch: stats.NoiseScaleEMA   # the two-batch noise scale (several replicas only)
     guard: NonFiniteGuard
     steps: Steps
 
@@ -206,16 +203,20 @@ def _build(config, strategy, dataset=None):
     else:
         optimizer = make_optimizer(config.optimizer, config.learning_rate, config.update)
         apply = optimizer_update(optimizer, model.trainable_variables)
-    noise_scale = stats.NoiseScaleEMA(config.noise_scale_decay)
-    two_batch = stats.NoiseScaleEMA(config.noise_scale_decay)
     guard = NonFiniteGuard(apply, config.on_nonfinite)
     replicas = None if config.strategy == "default" else distribute.Replicas(strategy)
     steps = Steps(model, loss_fn, apply, reduction=config.reduction, method=config.grad_method,
-                  classification=ds.num_classes > 0, elementwise=config.elementwise_stats,
-                  noise_scale=noise_scale, micro_batch=micro, guard=guard, replicas=replicas,
-                  two_batch=two_batch if replicas is not None and replicas.count > 1 else None)
+                  classification=ds.num_classes > 0, instruments=run_instruments(config),
+                  micro_batch=micro, guard=guard, replicas=replicas)
     x_all, y_all = tf.constant(ds.train[0]), tf.constant(ds.train[1])
-    return _Parts(ds, x_all, y_all, model, loss_fn, batch, optimizer, noise_scale, two_batch, guard, steps)
+    return _Parts(ds, x_all, y_all, model, loss_fn, batch, optimizer, guard, steps)
+
+
+def run_instruments(config):
+    """The instruments of a run of `config` (unbuilt): `tfmbgd.instruments.default` for its
+    settings, then the registered ones that `config.instruments` names."""
+    return (instruments.default(config.elementwise_stats, config.noise_scale_decay)
+            + instruments.create(config.instruments))
 
 
 def _train_epoch(config, parts, runner, state, rng, verbose, should_stop):

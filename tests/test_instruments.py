@@ -1,0 +1,109 @@
+"""The instrument protocol: an instrument written here, outside tfmbgd, is computed, written,
+charted and checkpointed like the built-in ones; each built-in says what it writes."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from conftest import make_problem, oracle_per_example, read_scalars
+from tfmbgd import instruments, steps, training
+from tfmbgd.config import TrainConfig, resume
+from tfmbgd.errors import UserError
+
+
+class SquaredNormSum(instruments.Instrument):
+    """Counts its statistics steps (state) and logs S2 = sum_n ||g_n||^2 from the elementwise
+    sums, so turning it on must make the step compute them."""
+
+    name = "test_squared_norm_sum"
+    needs = frozenset({instruments.ELEMENTWISE})
+
+    def build(self, variables):
+        self.count = tf.Variable(0.0, trainable=False)
+
+    def state(self):
+        return {"count": self.count}
+
+    def tags(self, names):
+        return {"test/count": "statistics steps so far", "test/s2": "sum_n ||g_n||^2"}
+
+    def charts(self, names):
+        return [instruments.Chart("Test instruments", "count and S2", ("^test/count$", "^test/s2$"))]
+
+    def compute(self, measurement):
+        s2 = tf.add_n([tf.reduce_sum(s) for s in measurement.moments.sum_sq])
+        return {"test/count": self.count.assign_add(1.0), "test/s2": s2}
+
+
+instruments.register(SquaredNormSum)
+
+
+def _layout(event_dir):
+    acc = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    (event,) = acc.Tensors("custom_scalars__config__")
+    return layout_pb2.Layout.FromString(tf.make_ndarray(event.tensor_proto).item())
+
+
+def test_an_instrument_defined_here_is_written_charted_and_resumed(tmp_path):
+    common = dict(dataset="linear", model="linear", batch_size=16, stats_every=3, log_every=50,
+                  checkpoint_every=0, instruments=(SquaredNormSum.name,), deterministic=True)
+    whole = training.train(TrainConfig(**common, epochs=2, logdir=str(tmp_path / "whole")), verbose=0)
+    half = training.train(TrainConfig(**common, epochs=1, logdir=str(tmp_path / "half")), verbose=0)
+    resumed = training.train(resume(half.run_dir, {"epochs": 2}), verbose=0)
+    full, again = read_scalars(f"{whole.run_dir}/train"), read_scalars(f"{resumed.run_dir}/train")
+    stats_steps = [s for s, _ in full["grad/norm"]]
+    # The state was restored: the count goes on from the first half's, as in the whole run.
+    assert full["test/count"] == [(s, float(k + 1)) for k, s in enumerate(stats_steps)]
+    assert again["test/count"] == full["test/count"]
+    # S2 is the sum over examples of the squared per-example norms: the histogram's support.
+    assert [s for s, _ in full["test/s2"]] == stats_steps
+    categories = _layout(f"{whole.run_dir}/train").category
+    charts = [(c.title, [chart.title for chart in c.chart]) for c in categories]
+    assert ("Test instruments", ["count and S2"]) in charts
+
+
+def test_the_instruments_needs_are_what_the_step_computes(problem):
+    model, loss_fn, x, y = make_problem(problem)
+    x, y = tf.constant(x), tf.constant(y)
+    plain = steps.measure(model, loss_fn, x, y, needs=instruments.needs(instruments.default()))
+    assert plain.moments.sum_sq is None          # nothing asked for the elementwise tier
+    active = instruments.build(instruments.default() + [SquaredNormSum()], model.trainable_variables)
+    measured = steps.measure(model, loss_fn, x, y, needs=instruments.needs(active))
+    values = steps.statistics(measured, model.trainable_variables, active)
+    oracle = oracle_per_example(model, loss_fn, x, y)
+    s2 = sum(np.sum(g ** 2) for g in oracle)
+    np.testing.assert_allclose(float(values["test/s2"]), s2, rtol=1e-5)
+    assert float(values["test/count"]) == 1.0
+
+
+def test_every_built_in_writes_only_the_tags_it_declares(problem):
+    model, loss_fn, x, y = make_problem(problem)
+    names = [v.path for v in model.trainable_variables]
+    for cls in instruments.BUILT_IN:
+        instrument = cls()
+        instruments.build([instrument], model.trainable_variables)
+        measured = steps.measure(model, loss_fn, tf.constant(x), tf.constant(y), needs=instrument.needs)
+        values = steps.statistics(measured, model.trainable_variables, [instrument])
+        assert set(values) <= set(instrument.tags(names)), cls.name
+        if cls is not instruments.TwoBatchNoiseScale:       # that one needs replicas
+            assert values, cls.name
+
+
+def test_registry_and_configuration_errors_are_one_line():
+    with pytest.raises(UserError, match="unknown instrument 'nope'; registered: .*test_squared_norm_sum"):
+        instruments.create(["nope"])
+
+    class Other(SquaredNormSum):
+        pass
+    with pytest.raises(UserError, match="registered already"):
+        instruments.register(Other)
+    with pytest.raises(UserError, match="on twice"):
+        instruments.build([SquaredNormSum(), SquaredNormSum()], [])
+    with pytest.raises(UserError, match="instruments has repeats"):
+        TrainConfig(instruments=("a", "a"))
+    assert dataclasses.replace(TrainConfig(), instruments=("a",)).instruments == ("a",)

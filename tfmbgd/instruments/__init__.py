@@ -1,0 +1,124 @@
+"""Instruments: the statistics of a statistics step, one module each.
+
+Every statistic is an `Instrument` (see `tfmbgd.instruments.base`): what it needs from
+the step, its maths, its tags and charts, its study summary and its state. The built-ins:
+
+| instrument | module | tags |
+|---|---|---|
+| `grad_norm` | `norms` | `grad/norm`, `grad/norm/<path>` |
+| `variance` | `variance` | `grad_var/trace`, `grad_var/<path>`, `grad_var/of_mean[/<path>]` |
+| `gsnr` | `gsnr` | `grad_snr/mean_gsnr` (elementwise tier) |
+| `noise_scale` | `noise_scale` | `noise_scale/simple` |
+| `two_batch` | `noise_scale` | `noise_scale/two_batch` (several replicas) |
+| `per_example_norms` | `norms` | `per_example_grad_norm` (histogram) |
+| `batch_size` | `batch_size` | `batch_size` |
+
+A run uses `default(...)` plus the registered instruments named in
+`TrainConfig.instruments`; `register` adds one (any class with the protocol).
+"""
+
+from tfmbgd.errors import UserError
+from tfmbgd.instruments.base import (  # noqa: F401
+    ELEMENTWISE,
+    NEEDS,
+    REPLICA_NORMS,
+    Chart,
+    Instrument,
+    Measurement,
+    Summary,
+    applies,
+)
+from tfmbgd.instruments.batch_size import BatchSize
+from tfmbgd.instruments.gsnr import MeanGSNR
+from tfmbgd.instruments.noise_scale import NoiseScale, TwoBatchNoiseScale
+from tfmbgd.instruments.norms import GradientNorm, PerExampleNorms
+from tfmbgd.instruments.variance import VarianceTrace
+
+REGISTRY = {}
+
+
+def register(cls):
+    """Makes the instrument class `cls` available by `cls.name` (to `TrainConfig.instruments`
+    and `create`); returns `cls`, so it serves as a class decorator."""
+    if not cls.name or not isinstance(cls.name, str):
+        raise UserError(f"instrument {cls.__name__} needs a name (a class attribute) to be registered")
+    if REGISTRY.get(cls.name, cls) is not cls:
+        raise UserError(f"an instrument named {cls.name!r} is registered already "
+                        f"({REGISTRY[cls.name].__name__})")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+BUILT_IN = (GradientNorm, VarianceTrace, MeanGSNR, NoiseScale, TwoBatchNoiseScale, PerExampleNorms, BatchSize)
+for _cls in BUILT_IN:
+    register(_cls)
+
+
+def default(elementwise=False, noise_scale_decay=0.9):
+    """The instruments of a run: norms, variances, the noise scale (from one batch, and from
+    two batch sizes when the batch is split across several replicas; a run may be resumed
+    on another number of them), the per-example norm histogram and the batch size; GSNR
+    with `elementwise`."""
+    active = [GradientNorm(), VarianceTrace()]
+    if elementwise:
+        active.append(MeanGSNR())
+    active += [NoiseScale(noise_scale_decay), TwoBatchNoiseScale(noise_scale_decay)]
+    return active + [PerExampleNorms(), BatchSize()]
+
+
+def create(names):
+    """Instances of the registered instruments `names` (each class called without arguments)."""
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise UserError(f"unknown instrument {unknown[0]!r}; registered: {', '.join(sorted(REGISTRY))} "
+                        "(tfmbgd.instruments.register adds one)")
+    return [REGISTRY[n]() for n in names]
+
+
+def build(active, variables):
+    """Builds every instrument (their state) for `variables`; returns `active`. Names must be
+    unique: they key the checkpointed state."""
+    names = [i.name for i in active]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"instrument {repeated[0]!r} is on twice")
+    for instrument in active:
+        instrument.build(variables)
+    return active
+
+
+def needs(active):
+    """The union of what the instruments need from the step (a frozenset of `NEEDS`)."""
+    out = frozenset()
+    for instrument in active:
+        out |= instrument.needs
+    return out
+
+
+def compute(active, measurement):
+    """`{tag: tensor}` of all instruments that apply to the measured batch."""
+    out = {}
+    for instrument in active:
+        if applies(instrument, measurement.moments.batch_size):
+            out.update(instrument.compute(measurement))
+    return out
+
+
+def finite_only(active, names):
+    """The tags that are written only when finite."""
+    return frozenset(tag for i in active if i.finite_only for tag in i.tags(names))
+
+
+def summaries(active):
+    """The `Summary` entries of all instruments, in order."""
+    return [s for instrument in active for s in instrument.summaries]
+
+
+def charts(active, names):
+    """The `Chart`s of all instruments, in order."""
+    return [c for instrument in active for c in instrument.charts(names)]
+
+
+def state(active):
+    """`{instrument name: {state name: tf.Variable}}` for the checkpoint."""
+    return {i.name: dict(i.state()) for i in active if i.state()}

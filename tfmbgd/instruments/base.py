@@ -1,0 +1,156 @@
+"""The instrument protocol: one statistic (or a family of tags) of a statistics step.
+
+An instrument says what it needs from the step, computes its values from one
+`Measurement` (the step's gradient moments and what is derived from them once), and
+carries its own display: its tags, its custom-scalars charts, how a study summarises it,
+and the state it keeps across steps (saved and restored with the run's checkpoint). The
+step computes the union of what the active instruments need and nothing more (the shape of
+Cockpit's quantities, each declaring its `extensions(step)`, Schneider et al. 2021).
+
+    class UpdateCount(Instrument):
+        name = "update_count"
+        def build(self, variables):
+            self.count = tf.Variable(0.0, trainable=False)
+        def state(self):
+            return {"count": self.count}
+        def tags(self, names):
+            return {"update_count": "statistics steps so far"}
+        def compute(self, measurement):
+            return {"update_count": self.count.assign_add(1.0)}
+
+    tfmbgd.instruments.register(UpdateCount)     # then TrainConfig(instruments=("update_count",))
+"""
+
+import functools
+from typing import NamedTuple
+
+import tensorflow as tf
+
+# What an instrument can need from the step (`Instrument.needs`), beyond the mean gradient
+# and the per-example norms that every statistics step computes.
+ELEMENTWISE = "elementwise"        # GradientMoments.sum_sq: one more matmul per layer
+REPLICA_NORMS = "replica norms"    # the replicas' mean |G_share|^2: one scalar all-reduce
+NEEDS = (ELEMENTWISE, REPLICA_NORMS)
+
+
+class Chart(NamedTuple):
+    """One custom-scalars chart: the tags matching `patterns` (regular expressions) overlaid,
+    in the category titled `category`."""
+
+    category: str
+    title: str
+    patterns: tuple
+
+
+class Summary(NamedTuple):
+    """A tag that a study averages over a run's statistics steps: its column `title` in the
+    study's table, and `metric`, the HParams metric tag of the mean (None: table only)."""
+
+    tag: str
+    title: str
+    metric: str | None = None
+
+
+class Instrument:
+    """Base class of instruments; subclasses set the class attributes and override `compute`.
+
+    Attributes:
+      name: the key of `register` and `TrainConfig.instruments`.
+      needs: a frozenset of `NEEDS` entries.
+      min_batch: the smallest batch the values are defined for (2 for variances): with a
+        static batch size below it the instrument is not computed.
+      finite_only: values that are not finite are not written (undefined, not diverged).
+      summaries: `Summary` entries of the tags a study averages.
+    """
+
+    name = None
+    needs = frozenset()
+    min_batch = 1
+    finite_only = False
+    summaries = ()
+
+    def build(self, variables):
+        """Makes the instrument's state (tf.Variables), once, under the run's strategy scope."""
+
+    def state(self):
+        """`{name: tf.Variable}` of the state kept across steps; saved by the checkpoint."""
+        return {}
+
+    def tags(self, names):
+        """`{tag: description}` of every tag `compute` can return; `names` are the variables'
+        paths."""
+        raise NotImplementedError
+
+    def charts(self, names):
+        """The `Chart`s that show the instrument's tags."""
+        return []
+
+    def compute(self, measurement):
+        """`{tag: tensor}` of one statistics step (scalars; vectors are written as histograms).
+        Runs inside the step's `tf.function`."""
+        raise NotImplementedError
+
+
+class Measurement:
+    """What instruments read of one statistics step.
+
+    Attributes:
+      moments: the step's `GradientMoments` (unscaled per-example gradients; see
+        `tfmbgd.moments`).
+      names: the trainable variables' paths, the per-variable tags' suffixes.
+      small_sq: the replicas' mean squared norm of their shares' mean gradients (the
+        `REPLICA_NORMS` need), or None.
+      replicas: the `distribute.Replicas` the batch was split across, or None.
+
+    Quantities several instruments use are derived once per step: `mean_sq`, `example_sq`,
+    and any other through `cached`.
+    """
+
+    def __init__(self, moments, names, small_sq=None, replicas=None):
+        self.moments, self.names = moments, list(names)
+        self.small_sq, self.replicas = small_sq, replicas
+        self._cache = {}
+
+    def cached(self, key, make):
+        """`make()`, computed once per step for `key`."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @functools.cached_property
+    def mean_sq(self):
+        """`[V]`: the squared norm of each variable's mean gradient."""
+        return mean_norms_sq(self.moments)
+
+    @functools.cached_property
+    def example_sq(self):
+        """`[V, B]`: each variable's per-example squared gradient norms."""
+        return tf.stack(self.moments.var_norms_sq)
+
+    def b(self, dtype):
+        """B as a number of `dtype`; a Python float when the batch size is static (no op)."""
+        return batch_float(self.moments, dtype)
+
+
+def batch_float(m, dtype):
+    """B of the moments `m` as a number of `dtype`; a Python float when it is static."""
+    if isinstance(m.batch_size, int):
+        return float(m.batch_size)
+    return tf.cast(m.batch_size, dtype)
+
+
+def mean_norms_sq(m):
+    """`[V]`: squared norm of the mean gradient of each variable."""
+    return tf.stack([2 * tf.nn.l2_loss(mean) for mean in m.mean])    # l2_loss: one fused pass
+
+
+def per_variable(prefix, vector, names):
+    """`{prefix/name: vector[i]}`: a `[V]` vector as one scalar tag per variable (one unstack:
+    on a CPU every op costs microseconds whatever its size)."""
+    return dict(zip((f"{prefix}/{name}" for name in names), tf.unstack(vector)))
+
+
+def applies(instrument, batch_size):
+    """Whether `instrument` is computed for a batch of `batch_size` (a tensor: unknown until
+    run time, so it is)."""
+    return not (isinstance(batch_size, int) and batch_size < instrument.min_batch)

@@ -1,0 +1,40 @@
+"""The gradient signal-to-noise ratio (elementwise tier)."""
+
+import tensorflow as tf
+
+from tfmbgd.errors import UserError
+from tfmbgd.instruments.base import ELEMENTWISE, Instrument, batch_float
+
+
+def mean_gsnr(m):
+    """Mean over parameters of the gradient signal-to-noise ratio `mean^2 / variance`.
+
+    GSNR after Liu et al. (2020), "Understanding Why Neural Networks Generalize Well Through
+    GSNR of Parameters", with the unbiased per-parameter variance. Parameters whose
+    variance is exactly 0 (e.g. weights of dead ReLU units, with zero gradient for every
+    example) have no defined ratio and are left out of the mean. Needs the elementwise tier.
+    """
+    if m.sum_sq is None:
+        raise UserError("GSNR needs the elementwise moments: call gradient_moments(..., elementwise=True)")
+    total, count = 0.0, 0.0
+    for mean, sum_sq in zip(m.mean, m.sum_sq):
+        mean2 = tf.square(mean)
+        spread = tf.maximum(sum_sq - batch_float(m, mean.dtype) * mean2, 0)     # (B - 1) * variance
+        total += tf.reduce_sum(tf.math.divide_no_nan(mean2, spread))
+        count += tf.reduce_sum(tf.sign(spread))      # spread >= 0: counts the non-zero ones
+    b = batch_float(m, total.dtype)
+    return tf.math.divide_no_nan((b - 1) * total, count)
+
+
+class MeanGSNR(Instrument):
+    """`grad_snr/mean_gsnr`: the mean over parameters of `mean^2 / variance`."""
+
+    name = "gsnr"
+    needs = frozenset({ELEMENTWISE})
+    min_batch = 2
+
+    def tags(self, names):
+        return {"grad_snr/mean_gsnr": "mean over parameters of mean^2 / variance (unbiased)"}
+
+    def compute(self, measurement):
+        return {"grad_snr/mean_gsnr": mean_gsnr(measurement.moments)}

@@ -1,0 +1,130 @@
+"""The gradient noise scale `B_simple = tr(Sigma) / |G|^2` (McCandlish et al. 2018, "An
+Empirical Model of Large-Batch Training"), smoothed over steps: from one batch's moments,
+and, with several replicas, from the mean gradients at two batch sizes."""
+
+import tensorflow as tf
+
+from tfmbgd.errors import UserError
+from tfmbgd.instruments.base import REPLICA_NORMS, Chart, Instrument, Summary, batch_float, mean_norms_sq
+from tfmbgd.instruments.variance import trace_vector, traces
+
+
+def noise_scale_terms(m):
+    """`(tr(Sigma), |G|^2)`: numerator and denominator of the simple noise scale.
+
+    `|G|^2 = |mean|^2 - tr(Sigma) / B` is the unbiased estimate of the squared norm of the
+    true gradient (McCandlish et al. 2018, Appendix A): `E|mean|^2 = |G|^2 + tr(Sigma) / B`.
+    It can be negative on a single batch.
+    """
+    mean_sq = mean_norms_sq(m)
+    trace = tf.reduce_sum(trace_vector(m, mean_sq))
+    return trace, tf.reduce_sum(mean_sq) - trace / batch_float(m, trace.dtype)
+
+
+def two_batch_terms(small_sq, big_sq, small, big):
+    """`(tr(Sigma), |G|^2)` from mean-gradient norms at two batch sizes (McCandlish et al.
+    2018, Appendix A.1).
+
+    With `E|G_b|^2 = |G|^2 + tr(Sigma) / b` for a batch of b, the squared norms at `small`
+    (each replica's share, averaged over replicas) and `big` (the global batch) give
+    `|G|^2 = (big |G_big|^2 - small |G_small|^2) / (big - small)` and
+    `tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1/small - 1/big)`: unbiased, and for an
+    estimate of `B_simple` smoothed like `NoiseScaleEMA` does.
+    """
+    grad_sq = (big * big_sq - small * small_sq) / (big - small)
+    trace = (small_sq - big_sq) / (1.0 / small - 1.0 / big)
+    return trace, grad_sq
+
+
+class NoiseScaleEMA:
+    """Smoothed simple noise scale `B_simple = tr(Sigma) / |G|^2` over training steps.
+
+    As McCandlish et al. recommend, numerator and denominator are averaged separately
+    (exponential moving averages with `decay`) and the ratio is taken last; a ratio of
+    single-batch estimates is far too noisy. The EMAs start at 0 without bias correction:
+    the correction `1 - decay^t` is the same for both and cancels in the ratio. While the
+    averaged `|G|^2` is not positive the noise hides the signal and `B_simple` is
+    undefined; `update` then returns infinity.
+
+        ema = NoiseScaleEMA(0.9)
+        b_simple = ema.update(*noise_scale_terms(moments))
+
+    Args:
+      decay: weight of the past in each update, in [0, 1); 0 means no smoothing.
+    """
+
+    def __init__(self, decay=0.9, dtype=tf.float32):
+        if not 0 <= decay < 1:
+            raise UserError(f"noise scale decay must be in [0, 1); got {decay!r}")
+        self.decay = decay
+        self.trace = tf.Variable(tf.zeros([], dtype), trainable=False, name="noise_scale_trace")
+        self.grad_sq = tf.Variable(tf.zeros([], dtype), trainable=False, name="noise_scale_grad_sq")
+
+    def update(self, trace, grad_sq):
+        """Folds in one batch's `noise_scale_terms`; returns the smoothed `B_simple`."""
+        d = tf.cast(self.decay, self.trace.dtype)
+        self.trace.assign(d * self.trace + (1 - d) * tf.cast(trace, self.trace.dtype))
+        self.grad_sq.assign(d * self.grad_sq + (1 - d) * tf.cast(grad_sq, self.trace.dtype))
+        return tf.where(self.grad_sq > 0, self.trace / self.grad_sq, float("inf"))
+
+
+_CATEGORY = "Noise scale and batch size"
+
+
+class _Smoothed(Instrument):
+    """An instrument whose value is a `NoiseScaleEMA` of two terms per step."""
+
+    finite_only = True        # infinite while the averaged |G|^2 is not positive: undefined
+
+    def __init__(self, decay=0.9):
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise UserError(f"noise scale decay must be in [0, 1); got {decay!r}")
+        self.decay = decay
+        self.ema = None
+
+    def build(self, variables):
+        self.ema = NoiseScaleEMA(self.decay)
+
+    def state(self):
+        return {"trace": self.ema.trace, "grad_sq": self.ema.grad_sq}
+
+
+class NoiseScale(_Smoothed):
+    """`noise_scale/simple`: `B_simple` from each statistics step's own batch."""
+
+    name = "noise_scale"
+    min_batch = 2
+    summaries = (Summary("noise_scale/simple", "mean B_simple", "final/mean_noise_scale"),)
+
+    def tags(self, names):
+        return {"noise_scale/simple": "smoothed B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018)"}
+
+    def charts(self, names):
+        return [Chart(_CATEGORY, "B_simple (smoothed); two_batch: from replicas vs global batch",
+                      ("^noise_scale/simple$", "^noise_scale/two_batch$"))]
+
+    def compute(self, measurement):
+        _, trace = traces(measurement)
+        grad_sq = tf.reduce_sum(measurement.mean_sq) - trace / measurement.b(trace.dtype)
+        return {"noise_scale/simple": self.ema.update(trace, grad_sq)}
+
+
+class TwoBatchNoiseScale(_Smoothed):
+    """`noise_scale/two_batch`: `B_simple` from the replicas' shares and the global batch
+    (several replicas with even shares only; on one device it computes nothing)."""
+
+    name = "two_batch"
+    needs = frozenset({REPLICA_NORMS})
+
+    def tags(self, names):
+        return {"noise_scale/two_batch": "smoothed B_simple from the replicas' and the global batch's "
+                                         "mean gradients"}
+
+    def compute(self, measurement):
+        if measurement.small_sq is None:         # uneven shares: two batch sizes are not defined
+            return {}
+        m = measurement.moments
+        big_sq = tf.reduce_sum(measurement.mean_sq)
+        terms = two_batch_terms(measurement.small_sq, big_sq, measurement.replicas.share(m.batch_size),
+                                m.batch_size)
+        return {"noise_scale/two_batch": self.ema.update(*terms)}

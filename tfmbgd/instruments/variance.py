@@ -1,0 +1,89 @@
+"""Variance of the per-example gradients: per parameter, its trace per variable, and the
+variance of the mini-batch mean.
+
+Variances are unbiased over the batch, `sum_n (g_n - mean)^2 / (B - 1)`, and need B >= 2.
+The value for a variable is the trace of its block of the per-example gradient covariance
+(the sum of its per-parameter variances); `tr(Sigma)` sums all variables, and the mean of
+a mini-batch has variance `tr(Sigma) / B`.
+"""
+
+import tensorflow as tf
+
+from tfmbgd.errors import UserError
+from tfmbgd.instruments.base import Chart, Instrument, Summary, batch_float, mean_norms_sq, per_variable
+
+
+def variance(m):
+    """Unbiased per-parameter variance of the per-example gradients, per variable.
+
+    `var = (sum_sq - B * mean^2) / (B - 1)`, shaped like each variable. Needs the
+    elementwise tier (`gradient_moments(..., elementwise=True)`). Round-off can make the
+    difference a hair below zero where the true variance is ~0; it is clipped at 0.
+    """
+    if m.sum_sq is None:
+        raise UserError("per-parameter variance needs the elementwise moments: "
+                        "call gradient_moments(..., elementwise=True)")
+    out = []
+    for mean, sum_sq in zip(m.mean, m.sum_sq):
+        b = batch_float(m, mean.dtype)
+        out.append(tf.maximum((sum_sq - b * tf.square(mean)) / (b - 1), 0))
+    return out
+
+
+def trace_vector(m, mean_sq=None, example_sq=None):
+    """`[V]` variance traces, all variables at once (few ops, one kernel each), from the norm
+    tier alone: `(sum_n ||g_n,v||^2 - B ||mean_v||^2) / (B - 1)`, clipped at 0.
+
+    `mean_sq` (`[V]`) and `example_sq` (`[V, B]`, the stacked `m.var_norms_sq`): when the
+    caller has them already.
+    """
+    mean_sq = mean_norms_sq(m) if mean_sq is None else mean_sq
+    example_sq = tf.stack(m.var_norms_sq) if example_sq is None else example_sq
+    b = batch_float(m, mean_sq.dtype)
+    return tf.maximum((tf.reduce_sum(example_sq, axis=1) - b * mean_sq) / (b - 1), 0)
+
+
+def variance_traces(m):
+    """Per variable, the sum of its per-parameter variances (a scalar each)."""
+    return tf.unstack(trace_vector(m))
+
+
+def traces(measurement):
+    """`([V] traces, tr(Sigma))` of a step's `Measurement`, computed once per step."""
+    def make():
+        vector = trace_vector(measurement.moments, measurement.mean_sq, measurement.example_sq)
+        return vector, tf.reduce_sum(vector)
+    return measurement.cached("variance traces", make)
+
+
+class VarianceTrace(Instrument):
+    """`grad_var/trace`, `grad_var/<path>`, `grad_var/of_mean` and `grad_var/of_mean/<path>`:
+    how far the examples' gradients spread around their mean, and how noisy the mean is."""
+
+    name = "variance"
+    min_batch = 2
+    summaries = (Summary("grad_var/trace", "mean tr(Sigma)"),
+                 Summary("grad_var/of_mean", "mean tr(Sigma)/B"))
+
+    def tags(self, names):
+        out = {"grad_var/trace": "tr(Sigma): sum of the per-parameter unbiased variances",
+               "grad_var/of_mean": "tr(Sigma) / B: the variance of the mini-batch mean gradient"}
+        for n in names:
+            out[f"grad_var/{n}"] = f"tr(Sigma) restricted to {n}"
+            out[f"grad_var/of_mean/{n}"] = f"variance of the mini-batch mean gradient of {n}"
+        return out
+
+    def charts(self, names):
+        category = "Gradient signal and noise per variable"
+        return [Chart(category, "all variables: norm of the mean gradient, variance of the mean",
+                      ("^grad/norm$", "^grad_var/of_mean$"))] + [
+            Chart(category, f"{n}: norm of the mean gradient and variance of the mean",
+                  (f"^grad/norm/{n}$", f"^grad_var/of_mean/{n}$")) for n in names]
+
+    def compute(self, measurement):
+        vector, trace = traces(measurement)
+        b = measurement.b(vector.dtype)
+        out = per_variable("grad_var", vector, measurement.names)
+        out.update(per_variable("grad_var/of_mean", vector / b, measurement.names))
+        out["grad_var/trace"], out["grad_var/of_mean"] = trace, trace / b
+        return out
