@@ -5,10 +5,9 @@
   python train.py --batch_size=full                # full-batch gradient descent
   python train.py --mode=compare --batch_size=16   # every gradient method side by side
 
-One flag per field of `tfmbgd.config.TrainConfig` (`tfmbgd.cli`); the flags become one
-config, and `tfmbgd.launch` does the work, as `tfmbgd.run(config)` does in a notebook.
-This file adds what only a command line needs: TensorFlow's start-up kept off stderr, and
-Ctrl-C or SIGTERM ending a training run with a checkpoint.
+One flag per field of `tfmbgd.config.TrainConfig` (`tfmbgd.cli`); `tfmbgd.launch` does the
+work, as `tfmbgd.run(config)` does in a notebook. Here only what a command line needs:
+TensorFlow's start-up kept off stderr, and Ctrl-C ending a run with a checkpoint.
 """
 
 import os
@@ -44,9 +43,8 @@ def main(argv):
 
 
 def _quietly(start, config):
-    """Runs `start(config)` with stderr at /dev/null: TensorFlow's C++ start-up lines ignore
-    TF_CPP_MIN_LOG_LEVEL and come before absl logging is set up. Python errors still surface
-    (stderr is restored first). Set TF_CPP_MIN_LOG_LEVEL to see the lines."""
+    """`start(config)` with stderr at /dev/null: TensorFlow's C++ start-up lines ignore
+    TF_CPP_MIN_LOG_LEVEL. Errors still surface; set TF_CPP_MIN_LOG_LEVEL to see the lines."""
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
         return start(config)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -62,8 +60,8 @@ def _quietly(start, config):
 
 
 class _StopOnSignals:
-    """SIGINT and SIGTERM ask the run to stop after the current compiled call (it then saves
-    a checkpoint); a second SIGINT stops at once."""
+    """SIGINT or SIGTERM: stop after the current compiled call, with a checkpoint; a second
+    SIGINT stops at once."""
 
     def __enter__(self):
         self.signal_number = None

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from conftest import make_problem, oracle_per_example, read_scalars
-from tfmbgd import instruments, steps, training
+from tfmbgd import data, instruments, losses, models, steps, training
 from tfmbgd.config import TrainConfig, resume
 from tfmbgd.errors import UserError
 
@@ -107,3 +107,36 @@ def test_registry_and_configuration_errors_are_one_line():
     with pytest.raises(UserError, match="instruments has repeats"):
         TrainConfig(instruments=("a", "a"))
     assert dataclasses.replace(TrainConfig(), instruments=("a",)).instruments == ("a",)
+
+
+def test_a_runs_first_statistics_are_numpys_on_its_first_batch(tmp_path):
+    # Every scalar tag of the README's table, read back from a run's event files, against
+    # numpy on the non-vectorized jacobian of the batch that step 0 drew (from the same seed).
+    config = TrainConfig(dataset="linear", model="mlp", hidden=(4,), batch_size=16, epochs=1,
+                         stats_every=1, log_every=1, elementwise_stats=True, logdir=str(tmp_path))
+    result = training.train(config, verbose=0)
+    written = {tag: dict(points)[0] for tag, points in read_scalars(f"{result.run_dir}/train").items()
+               if points[0][0] == 0}
+    ds = data.load("linear", 0)
+    first = np.random.default_rng(0).permutation(len(ds.train[0]))[:16]
+    model = models.build("mlp", ds.input_shape, ds.num_classes, (4,), seed=0)
+    loss_fn = losses.per_example(losses.for_task(ds.num_classes))
+    per_example = oracle_per_example(model, loss_fn, tf.constant(ds.train[0][first]),
+                                     tf.constant(ds.train[1][first]))
+    expected = {"batch_size": 16.0}
+    flat = [g.reshape(16, -1) for g in per_example]
+    for v, g in zip(model.trainable_variables, flat):
+        expected[f"grad/norm/{v.path}"] = np.linalg.norm(g.mean(0))
+        expected[f"grad_var/{v.path}"] = g.var(0, ddof=1).sum()
+        expected[f"grad_var/of_mean/{v.path}"] = g.var(0, ddof=1).sum() / 16
+    every = np.concatenate(flat, axis=1)
+    mean, var = every.mean(0), every.var(0, ddof=1)
+    trace = var.sum()
+    expected.update({"grad/norm": np.linalg.norm(mean), "grad_var/trace": trace,
+                     "grad_var/of_mean": trace / 16,
+                     "grad_snr/mean_gsnr": np.mean(mean[var > 0] ** 2 / var[var > 0]),
+                     # The EMAs start at 0: after one step the ratio is that step's own.
+                     "noise_scale/simple": trace / (mean @ mean - trace / 16)})
+    assert expected["noise_scale/simple"] > 0
+    for tag, value in expected.items():
+        assert written[tag] == pytest.approx(value, rel=1e-4), tag
