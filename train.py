@@ -37,9 +37,11 @@ def main(argv):
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as stopped:
+        resumable = stopped.run_dir or stopped.note is None     # None: the chief's directory has it
         where = stopped.run_dir or "<the chief's run directory> (on every worker)"
-        print(f"\ntrain.py: {stopped}. Continue with:\n  python train.py --resume={where}", file=sys.stderr)
-        return 128 + stop.signal_number
+        print(f"\ntrain.py: {stopped}." + (f" Continue with:\n  python train.py --resume={where}"
+                                            if resumable else ""), file=sys.stderr)
+        return 128 + (stop.signal_number or signal.SIGINT)
 
 
 def _quietly(start, config):

@@ -25,11 +25,16 @@ class SettingError(UserError):
 class Interrupted(Exception):
     """A run stopped on request after saving a checkpoint; `resume` continues it.
 
-    `run_dir` is None on a worker that is not the chief: the chief's directory holds the run.
+    `run_dir`: the run to resume, or None: on a worker that is not the chief (the chief's
+    directory holds the run), or when nothing can be resumed (`note` then says why).
+    `step`: the step the resumed run starts from. `note`: how it stopped, when not after a
+    compiled call with a new checkpoint.
     """
 
-    def __init__(self, run_dir, step):
-        where = (f"checkpoint saved in {run_dir}" if run_dir
-                 else "the chief's run directory holds the checkpoints")
-        super().__init__(f"stopped at step {step}; {where}")
-        self.run_dir, self.step = run_dir, step
+    def __init__(self, run_dir, step, note=None):
+        if note is None:
+            where = (f"checkpoint saved in {run_dir}" if run_dir
+                     else "the chief's run directory holds the checkpoints")
+            note = f"at step {step}; {where}"
+        super().__init__(f"stopped {note}")
+        self.run_dir, self.step, self.note = run_dir, step, note

@@ -18,10 +18,10 @@ class StepRunner:
     have no variance, and an epoch's remainder batch runs in a call of its own.
 
     Besides the step's own values it writes, on log steps, `loss_by/examples_seen` (the
-    x-axis is the number of examples used so far) and `loss_by/milliseconds` (time since
-    training began), so runs with different batch sizes compare on one chart. It keeps the
-    running sums of the finite values of the tags its instruments' `summaries` name, for
-    `means()`.
+    x-axis is the number of examples used so far) and `loss_by/milliseconds` (training time
+    since this process's first step, without the tracing of compiled calls), so runs with
+    different batch sizes compare on one chart. It keeps the running sums of the finite
+    values of the tags its instruments' `summaries` name, for `means()`.
     """
 
     def __init__(self, steps, writer, log_every, stats_every):
@@ -31,7 +31,19 @@ class StepRunner:
         self._sums = {tag: (tf.Variable(0.0, trainable=False, dtype=tf.float64),
                             tf.Variable(0, trainable=False, dtype=tf.int64)) for tag in averaged}
         self._compiled = {}
-        self.start_time = tf.constant(time.time(), tf.float64)   # for loss_by/milliseconds
+        # loss_by/milliseconds counts from the first step's write (set in the graph, so the
+        # first call's tracing and graph optimization do not count), less later tracing.
+        self._origin = tf.Variable(-1.0, trainable=False, dtype=tf.float64)
+
+    def compiles(self, batch):
+        """Whether the next call with batches of `batch` examples traces a new function."""
+        return batch not in self._compiled
+
+    def compile(self, x_all, y_all, batch):
+        """Traces and compiles the call for batches of `batch` examples by running it for no
+        step (nothing changes), so that the first real call runs at full speed."""
+        none = tf.constant(0, tf.int64)
+        self.run(x_all, y_all, tf.zeros([0, batch], tf.int32), none, none)
 
     def run(self, x_all, y_all, index, first_step, first_example):
         """Runs `len(index)` steps in one call: one compiled function per batch size, for
@@ -41,8 +53,12 @@ class StepRunner:
             spec = lambda t: tf.TensorSpec(t.shape, t.dtype)
             self._compiled[batch] = tf.function(self._run, input_signature=[
                 spec(x_all), spec(y_all), tf.TensorSpec([None, batch], tf.int32),
-                tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.float64)])
-        return self._compiled[batch](x_all, y_all, index, first_step, first_example, self.start_time)
+                tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64)])
+            began = time.time()
+            self._compiled[batch].get_concrete_function()
+            if self._origin.numpy() >= 0:
+                self._origin.assign_add(time.time() - began)
+        return self._compiled[batch](x_all, y_all, index, first_step, first_example)
 
     def variables(self):
         """The running sums behind `means()` (checkpointed with the run)."""
@@ -53,9 +69,9 @@ class StepRunner:
         return {tag: float(total.numpy()) / int(count.numpy()) if int(count.numpy()) else float("nan")
                 for tag, (total, count) in self._sums.items()}
 
-    def _run(self, x_all, y_all, index, first_step, first_example, start_time):
+    def _run(self, x_all, y_all, index, first_step, first_example):
         """Steps `first_step, first_step + 1, ...` on batches `x_all[index[i]]`; returns the
-        sum of their mean losses (float32). `start_time`: `time.time()` when the runner was made.
+        sum of their mean losses (float32; NaN if one was).
 
         No step sits in a `tf.cond`: a step wrapped in a cond costs about 8% more on a CPU
         (measured on the MLP), so choosing the step kind per step would make every step pay
@@ -68,11 +84,11 @@ class StepRunner:
 
         def one(i, with_stats):
             i64 = tf.cast(i, tf.int64)
-            where = (first_step + i64, first_example + i64 * batch, start_time)
+            where = (first_step + i64, first_example + i64 * batch)
             x, y = tf.gather(x_all, index[i]), tf.gather(y_all, index[i])
             self.steps.at_step(where[0])
             loss = self._with_stats(x, y, where) if with_stats else self._plain(x, y, where)
-            return tf.cast(tf.where(tf.math.is_finite(loss), loss, tf.zeros_like(loss)), tf.float32)
+            return tf.cast(loss, tf.float32)
 
         def plain_steps(start, stop, total):
             for i in tf.range(start, stop):
@@ -109,13 +125,14 @@ class StepRunner:
         return out["loss"]
 
     def _write(self, values, where):
-        step, examples, start_time = where
+        step, examples = where
         skipped = self.steps.skipped()
         if skipped is not None:
             values = {**values, "nonfinite/skipped": skipped}
         summaries.write_in_graph(self.writer, values, step, self.steps.finite_only)
         now = _clock()
-        elapsed_ms = tf.cast((now - start_time) * 1000.0, tf.int64)
+        origin = self._origin.assign(tf.where(self._origin < 0, now, self._origin))
+        elapsed_ms = tf.cast((now - origin) * 1000.0, tf.int64)
         summaries.write_in_graph(self.writer, {"loss_by/examples_seen": values["loss"]}, examples)
         summaries.write_in_graph(self.writer, {"loss_by/milliseconds": values["loss"]}, elapsed_ms)
         return tf.constant(True)

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import shutil
 import tempfile
 from typing import NamedTuple
 
@@ -22,6 +23,7 @@ from tfmbgd import checkpoints, data, distribute, instruments, layerwise, losses
 from tfmbgd import config as config_lib
 from tfmbgd.errors import Interrupted, UserError
 from tfmbgd.optimizers import make_optimizer
+from tfmbgd.progress import RunProgress
 from tfmbgd.runner import StepRunner, epoch_batches
 from tfmbgd.steps import NonFiniteGuard, Steps, make_update, optimizer_update
 
@@ -117,16 +119,53 @@ def train(config, verbose=1, run_dir=None, should_stop=None, dataset=None):
 
 
 def _train(config, verbose, run_dir, should_stop, strategy, dataset):
+    if config.resume:
+        _check_unfinished(config)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():      # model, optimizer and the steps' variables: one copy per replica
         parts = _build(config, strategy, dataset)
-    if run_dir is None and config.resume:
-        run_dir = config.resume
-    elif run_dir is None:
-        run_dir = summaries.new_run_dir(config.logdir, summaries.run_name(config))
-    if run_dir != config.resume:
+    if should_stop is not None and should_stop():
+        raise Interrupted(None, 0, "before training began; nothing was written")
+    new = not config.resume
+    made = run_dir is None and new
+    if run_dir is None:
+        run_dir = config.resume or summaries.new_run_dir(config.logdir, summaries.run_name(config))
+    try:
+        return _train_in(config, verbose, run_dir, should_stop, strategy, parts, new)
+    except KeyboardInterrupt:        # a second Ctrl-C: at once, keeping the last checkpoint
+        raise _stopped_at_once(run_dir, made) from None
+
+
+def _stopped_at_once(run_dir, made):
+    """The `Interrupted` of a run stopped between two checkpoints: what is kept. A directory
+    this process made that holds no checkpoint yet is removed (it could not be resumed)."""
+    latest = tf.train.latest_checkpoint(os.path.join(run_dir, config_lib.CHECKPOINTS))
+    if latest is None and made:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return Interrupted(None, 0, "at once, before the run's first checkpoint; nothing was kept")
+    if latest is None:
+        return Interrupted(None, 0, f"at once; {run_dir} holds no checkpoint yet")
+    step = int(latest.rsplit("-", 1)[-1])
+    return Interrupted(run_dir, step, f"at once; the checkpoint of step {step} in {run_dir} is kept")
+
+
+def _check_unfinished(config):
+    """A `UserError` if the run to resume has done all of `config.epochs` already."""
+    latest = tf.train.latest_checkpoint(os.path.join(config.resume, config_lib.CHECKPOINTS))
+    if latest is None:
+        raise UserError(f"no checkpoint in {config.resume}; nothing to resume")
+    done = int(tf.train.load_variable(latest, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    if done >= config.epochs:
+        raise UserError(f"the run in {config.resume} has finished its {done} epochs; nothing was "
+                        f"changed. Pass --epochs={done + 1} or more to train it further")
+
+
+def _train_in(config, verbose, run_dir, should_stop, strategy, parts, new):
+    """The run in `run_dir` (made, or resumed): config.json and a first checkpoint before
+    the first step, so that the directory can be resumed from the moment it holds a run."""
+    if new:
         config_lib.save(run_dir, config)
     rng = np.random.default_rng(config.seed)
     result = RunResult(run_dir, 0, 0, {})
@@ -137,23 +176,21 @@ def _train(config, verbose, run_dir, should_stop, strategy, dataset):
         # multi-worker strategy cannot broadcast the string that holds the rng state).
         state = checkpoints.RunState(run_dir, parts.model, parts.optimizer, runner.variables(),
                                      config.keep_checkpoints, instruments.state(parts.steps.instruments))
-        if config.resume:
+        if new:
+            state.remember_rng(rng)
+            state.save()
+            summaries.write_layout(writers.writer("train"), [v.path for v in parts.model.trainable_variables],
+                                   parts.steps.instruments)
+        else:
             latest = state.restore(config.resume)
             if verbose:
                 print(f"Resuming {run_dir} from {os.path.basename(latest)} (step {int(state.step.numpy())})")
-        else:
-            state.remember_rng(rng)
-            summaries.write_layout(writers.writer("train"), [v.path for v in parts.model.trainable_variables],
-                                   parts.steps.instruments)
-        if verbose and parts.steps.replicas is not None:
-            print(_replicas_line(parts.steps.replicas, parts.batch))
-        if verbose and config.stats_every and config.grad_method in ("auto", "layerwise"):
-            print(layerwise.describe(layerwise.coverage(parts.model, parts.ds.train[0][:2])))
+        _describe(config, parts, verbose)
+        progress, first_step = RunProgress(verbose, parts.steps.skipped()), int(state.step.numpy())
         for epoch in range(int(state.epoch.numpy()), config.epochs):
-            if verbose:
-                print(f"Epoch {epoch + 1}/{config.epochs}")
+            progress.epoch(epoch + 1, config.epochs)
             with strategy.scope():
-                loss = _train_epoch(config, parts, runner, state, rng, verbose, should_stop)
+                loss = _train_epoch(config, parts, runner, state, rng, progress, should_stop)
             result.train_history.append(loss)
             state.epoch.assign_add(1)
             state.in_epoch.assign(0)
@@ -162,14 +199,35 @@ def _train(config, verbose, run_dir, should_stop, strategy, dataset):
             result.test = evaluate(parts.model, parts.loss_fn, *parts.ds.test, parts.ds.num_classes > 0)
             writers.write("test", result.test, int(state.step.numpy()))
             state.save()
+            progress.end_epoch()
             if verbose:
                 print("  test " + "  ".join(f"{k} {v:.4f}" for k, v in result.test.items()))
         result.steps = int(state.step.numpy())
         result.means = runner.means()
+        # The batch size also at the last step: a run with one statistics step still draws a line.
+        writers.write("train", {"batch_size": float(parts.batch)}, result.steps)
     parts.model.save_weights(os.path.join(run_dir, FINAL_WEIGHTS))
-    if verbose:
-        print(f"Run written to {run_dir}\nSee it with:  tensorboard --logdir {config.logdir}")
+    _report_end(progress, result, config, verbose, result.steps - first_step)
     return result
+
+
+def _describe(config, parts, verbose):
+    if verbose and parts.steps.replicas is not None:
+        print(_replicas_line(parts.steps.replicas, parts.batch))
+    if verbose and config.stats_every and config.grad_method in ("auto", "layerwise"):
+        print(layerwise.describe(layerwise.coverage(parts.model, parts.ds.train[0][:2])))
+
+
+def _report_end(progress, result, config, verbose, updates):
+    """The last lines of a run; a `UserError` if every one of its `updates` was skipped."""
+    skipped = progress.skipped_in_run()
+    if verbose:
+        if skipped:
+            print(f"{skipped} updates were skipped as non-finite (nonfinite/skipped in TensorBoard)")
+        print(f"Run written to {result.run_dir}\nSee it with:  tensorboard --logdir {config.logdir}")
+    if skipped and skipped >= updates:
+        raise UserError(f"every update of the run ({skipped}) was skipped as non-finite: the weights did "
+                        "not change. Lower --learning_rate or check the data")
 
 
 def _replicas_line(replicas, batch):
@@ -219,26 +277,31 @@ def run_instruments(config):
             + instruments.create(config.instruments))
 
 
-def _train_epoch(config, parts, runner, state, rng, verbose, should_stop):
+def _train_epoch(config, parts, runner, state, rng, progress, should_stop):
     """Trains the rest of the current epoch (all of it, unless resumed mid-epoch); returns
     its mean train loss. Saves checkpoints on the way."""
     n = len(parts.ds.train[0])
     state.recall_rng(rng)
     done = int(state.in_epoch.numpy())
-    bar = keras.utils.Progbar(math.ceil(n / parts.batch), verbose=verbose, unit_name="batch")
+    calls = epoch_batches(rng, n, parts.batch, config.steps_per_call, skip=done,
+                          checkpoint_every=config.checkpoint_every, first_step=int(state.step.numpy()))
+    for batch in dict.fromkeys(index.shape[1] for index in calls):     # each size once, in order
+        if runner.compiles(batch):
+            progress.compiling(batch)
+            runner.compile(parts.x_all, parts.y_all, batch)
+    progress.start_bar(math.ceil(n / parts.batch))
     loss_sum, counted = 0.0, 0
-    for index in epoch_batches(rng, n, parts.batch, config.steps_per_call, skip=done,
-                               checkpoint_every=config.checkpoint_every, first_step=int(state.step.numpy())):
+    for index in calls:
         total = float(runner.run(parts.x_all, parts.y_all, tf.constant(index),
                                  tf.constant(int(state.step.numpy()), tf.int64),
                                  tf.constant(int(state.examples.numpy()), tf.int64)))
         if bool(parts.guard.tripped.numpy()):
-            raise UserError(_nonfinite_message(parts.guard, parts.model))
+            raise UserError(_nonfinite_message(parts.guard, parts.model, state.manager.latest_checkpoint))
         state.step.assign_add(len(index))
         state.in_epoch.assign_add(len(index))
         state.examples.assign_add(index.size)
         loss_sum, counted, done = loss_sum + total, counted + len(index), done + len(index)
-        bar.update(done, [("loss", total / len(index))])
+        progress.update(done, len(index), total)
         if config.checkpoint_every and int(state.step.numpy()) % config.checkpoint_every == 0:
             state.save()
         if should_stop is not None and should_stop():
@@ -247,9 +310,10 @@ def _train_epoch(config, parts, runner, state, rng, verbose, should_stop):
     return loss_sum / max(counted, 1)
 
 
-def _nonfinite_message(guard, model):
+def _nonfinite_message(guard, model, latest):
     which = int(guard.first_bad_variable.numpy())
     what = "the loss" if which < 0 else f"the gradient of {model.trainable_variables[which].path}"
+    kept = (f"the last good checkpoint (step {int(latest.rsplit('-', 1)[-1])}) is kept" if latest
+            else "no checkpoint was written")
     return (f"{what} was not finite at step {int(guard.first_bad_step.numpy())}; the update was "
-            "not applied and the last good checkpoint is kept. Lower "
-            "--learning_rate, check the data, or pass --on_nonfinite=skip")
+            f"not applied and {kept}. Lower --learning_rate, check the data, or pass --on_nonfinite=skip")
