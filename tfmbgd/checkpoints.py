@@ -19,6 +19,16 @@ from tfmbgd.config import CHECKPOINTS
 from tfmbgd.errors import UserError
 
 
+def latest(run_dir):
+    """The path of the latest checkpoint of the run in `run_dir`, or None if it has none."""
+    return tf.train.latest_checkpoint(os.path.join(run_dir, CHECKPOINTS))
+
+
+def step_of(path):
+    """The step a checkpoint path was saved at (`RunState.save` numbers them by step)."""
+    return int(path.rsplit("-", 1)[-1])
+
+
 class RunState:
     """The counters of a run and the checkpoint that holds them with model and optimizer."""
 
@@ -45,12 +55,11 @@ class RunState:
     def restore(self, run_dir=None):
         """Restores the latest checkpoint of `run_dir` (default: this run's own directory;
         a worker that is not the chief reads the chief's and writes its own elsewhere)."""
-        directory = self.manager.directory if run_dir is None else os.path.join(run_dir, CHECKPOINTS)
-        latest = tf.train.latest_checkpoint(directory)
-        if latest is None:
-            raise UserError(f"no checkpoint in {directory}; nothing to resume")
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
-        return latest
+        path = latest(run_dir if run_dir is not None else self.run_dir)
+        if path is None:
+            raise UserError(f"no checkpoint in {run_dir or self.run_dir}; nothing to resume")
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+        return path
 
     def remember_rng(self, rng):
         self.rng_state.assign(json.dumps(rng.bit_generator.state))

@@ -141,19 +141,19 @@ def _train(config, verbose, run_dir, should_stop, strategy, dataset):
 def _stopped_at_once(run_dir, made):
     """The `Interrupted` of a run stopped between two checkpoints: what is kept. A directory
     this process made that holds no checkpoint yet is removed (it could not be resumed)."""
-    latest = tf.train.latest_checkpoint(os.path.join(run_dir, config_lib.CHECKPOINTS))
+    latest = checkpoints.latest(run_dir)
     if latest is None and made:
         shutil.rmtree(run_dir, ignore_errors=True)
         return Interrupted(None, 0, "at once, before the run's first checkpoint; nothing was kept")
     if latest is None:
         return Interrupted(None, 0, f"at once; {run_dir} holds no checkpoint yet")
-    step = int(latest.rsplit("-", 1)[-1])
+    step = checkpoints.step_of(latest)
     return Interrupted(run_dir, step, f"at once; the checkpoint of step {step} in {run_dir} is kept")
 
 
 def _check_unfinished(config):
     """A `UserError` if the run to resume has done all of `config.epochs` already."""
-    latest = tf.train.latest_checkpoint(os.path.join(config.resume, config_lib.CHECKPOINTS))
+    latest = checkpoints.latest(config.resume)
     if latest is None:
         raise UserError(f"no checkpoint in {config.resume}; nothing to resume")
     done = int(tf.train.load_variable(latest, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))
@@ -313,7 +313,7 @@ def _train_epoch(config, parts, runner, state, rng, progress, should_stop):
 def _nonfinite_message(guard, model, latest):
     which = int(guard.first_bad_variable.numpy())
     what = "the loss" if which < 0 else f"the gradient of {model.trainable_variables[which].path}"
-    kept = (f"the last good checkpoint (step {int(latest.rsplit('-', 1)[-1])}) is kept" if latest
+    kept = (f"the last good checkpoint (step {checkpoints.step_of(latest)}) is kept" if latest
             else "no checkpoint was written")
     return (f"{what} was not finite at step {int(guard.first_bad_step.numpy())}; the update was "
             f"not applied and {kept}. Lower --learning_rate, check the data, or pass --on_nonfinite=skip")

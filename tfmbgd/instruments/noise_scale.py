@@ -54,9 +54,7 @@ class NoiseScaleEMA:
     """
 
     def __init__(self, decay=0.9, dtype=tf.float32):
-        if not 0 <= decay < 1:
-            raise UserError(f"noise scale decay must be in [0, 1); got {decay!r}")
-        self.decay = decay
+        self.decay = check_decay(decay)
         self.trace = tf.Variable(tf.zeros([], dtype), trainable=False, name="noise_scale_trace")
         self.grad_sq = tf.Variable(tf.zeros([], dtype), trainable=False, name="noise_scale_grad_sq")
 
@@ -68,6 +66,13 @@ class NoiseScaleEMA:
         return tf.where(self.grad_sq > 0, self.trace / self.grad_sq, float("inf"))
 
 
+def check_decay(decay):
+    """`decay` if it is a number in [0, 1), else a `UserError`."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        raise UserError(f"noise scale decay must be in [0, 1); got {decay!r}")
+    return decay
+
+
 _CATEGORY = "Noise scale and batch size"
 
 
@@ -77,9 +82,7 @@ class _Smoothed(Instrument):
     finite_only = True        # infinite while the averaged |G|^2 is not positive: undefined
 
     def __init__(self, decay=0.9):
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-            raise UserError(f"noise scale decay must be in [0, 1); got {decay!r}")
-        self.decay = decay
+        self.decay = check_decay(decay)        # now, not when built
         self.ema = None
 
     def build(self, variables):
