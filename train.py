@@ -7,7 +7,8 @@
 
 One flag per field of `tfmbgd.config.TrainConfig` (`tfmbgd.cli`); `tfmbgd.launch` does the
 work, as `tfmbgd.run(config)` does in a notebook. Here only what a command line needs:
-TensorFlow's start-up kept off stderr, and Ctrl-C ending a run with a checkpoint.
+TensorFlow's start-up kept off stderr, and Ctrl-C (`tfmbgd.signals`) ending a run
+with a checkpoint.
 """
 
 import os
@@ -16,6 +17,7 @@ import sys
 
 from tfmbgd import cli, launch
 from tfmbgd.errors import Interrupted, UserError
+from tfmbgd.signals import StopOnSignals
 
 FLAGS = cli.define_flags()
 
@@ -24,24 +26,35 @@ def main(argv):
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
         print(__doc__ + "\nFlags:\n" + FLAGS.module_help(cli))
         return 0
-    stop = _StopOnSignals()
+    with StopOnSignals() as stop:       # from the first moment: Ctrl-C is answered at once
+        status, last_words = _main(argv, stop)
+    if last_words:                      # after the acknowledgements of any signals
+        print(last_words, file=sys.stderr)
+    return status
+
+
+def _main(argv, stop):
+    """`(exit status, the line for stderr or None)` of the run `argv` asks for."""
     try:
         config = cli.config_from_argv(argv, FLAGS)
+        stop.at_once = not launch.trains(config)     # compare mode has nothing to save
         dataset = launch.check(config)
+        print("starting TensorFlow ...", flush=True)
         _quietly(launch.start_tensorflow, config)
-        if not launch.trains(config):       # compare mode and studies stop at Ctrl-C at once
-            return launch.dispatch(config, dataset=dataset)
-        with stop:
-            return launch.dispatch(config, should_stop=stop, dataset=dataset)
+        return launch.dispatch(config, should_stop=stop, dataset=dataset), None
     except UserError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
+        return 2, f"train.py: error: {err}"
     except Interrupted as stopped:
         resumable = stopped.run_dir or stopped.note is None     # None: the chief's directory has it
         where = stopped.run_dir or "<the chief's run directory> (on every worker)"
-        print(f"\ntrain.py: {stopped}." + (f" Continue with:\n  python train.py --resume={where}"
-                                            if resumable else ""), file=sys.stderr)
-        return 128 + (stop.signal_number or signal.SIGINT)
+        return _stopped(stop), (f"\ntrain.py: {stopped}." + (
+            f" Continue with:\n  python train.py --resume={where}" if resumable else ""))
+    except KeyboardInterrupt:           # before a run directory existed, or in compare mode
+        return _stopped(stop), "\ntrain.py: stopped at once; nothing was written."
+
+
+def _stopped(stop):
+    return 128 + (stop.signal_number or signal.SIGINT)
 
 
 def _quietly(start, config):
@@ -59,28 +72,6 @@ def _quietly(start, config):
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-class _StopOnSignals:
-    """SIGINT or SIGTERM: stop after the current compiled call, with a checkpoint; a second
-    SIGINT stops at once."""
-
-    def __enter__(self):
-        self.signal_number = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, number, frame):
-        if self.signal_number == signal.SIGINT and number == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_number = number
-
-    def __call__(self):
-        return self.signal_number is not None
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """A Keras user's model, trained with model.fit and a subclassed optimizer, with gradient
 variance in TensorBoard.
 
-    python examples/keras_fit.py                 # writes logs/keras-fit-example/
-    tensorboard --logdir logs/keras-fit-example
+    python examples/keras_fit.py      # a new run each time: logs/keras-fit-example-<time>/
+    tensorboard --logdir logs
 
 Copy what you need: the optimizer subclass (a few lines), `with_statistics` (or the mixin
 for a subclassed model) and `configure_statistics`.
 """
+
+import time
 
 import keras
 from keras import ops
@@ -31,7 +33,10 @@ class ClippedSGD(tfmbgd.optimizers.MiniBatchSGD):
         return {**super().get_config(), "max_step": self.max_step}
 
 
-def main(logdir="logs/keras-fit-example", epochs=5):
+def main(logdir="logs", epochs=5):
+    """Trains the example model in a new run directory under `logdir`; returns the model
+    and that directory."""
+    run_dir = tfmbgd.summaries.new_run_dir(logdir, time.strftime("keras-fit-example-%Y%m%d-%H%M%S"))
     data = tfmbgd.data.load("digits")
     (x, y), (x_test, y_test) = data.train, data.test
 
@@ -47,12 +52,12 @@ def main(logdir="logs/keras-fit-example", epochs=5):
     model.compile(optimizer=ClippedSGD(learning_rate=0.1, max_step=0.02),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], steps_per_execution=8)
-    model.configure_statistics(f"{logdir}/train", stats_every=5, elementwise=True)
+    model.configure_statistics(f"{run_dir}/train", stats_every=5, elementwise=True)
     model.fit(x, y, batch_size=32, epochs=epochs, validation_data=(x_test, y_test),
-              callbacks=[keras.callbacks.TensorBoard(logdir)], verbose=2)
+              callbacks=[keras.callbacks.TensorBoard(run_dir)], verbose=2)
     model.flush_statistics()
-    print(f"tensorboard --logdir {logdir}")
-    return model
+    print(f"Run written to {run_dir}\nSee it with:  tensorboard --logdir {logdir}")
+    return model, run_dir
 
 
 if __name__ == "__main__":

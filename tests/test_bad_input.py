@@ -46,6 +46,12 @@ def world(tmp_path_factory):
     (root / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
     files["corrupt"] = f"--dataset=npz:{root / 'corrupt.npz'}"
     (root / "a_file").write_text("not a directory")
+    (root / "dir.npz").mkdir()
+    (root / "words.npz").write_text("x_train,y_train\n1,2\n")
+    (root / "loop_a").symlink_to(root / "loop_b")
+    (root / "loop_b").symlink_to(root / "loop_a")
+    (root / "started").mkdir()                            # a run killed before its first checkpoint
+    (root / "started" / "config.json").write_text("{}")
     logdir = root / "logs"
     done = _train(files["good"], "--hidden=4", "--batch_size=5", "--epochs=1", f"--logdir={logdir}")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -81,6 +87,14 @@ CASES = [  # (id, args built from the world, words the one line must contain)
     ("logdir below a file", lambda w: [w["files"]["good"], "--batch_size=5",
                                        f"--logdir={w['root'] / 'a_file' / 'sub'}"], "cannot create logdir"),
     ("resume a directory with no run", lambda w: [f"--resume={w['root']}"], "holds no run"),
+    # issue 16: messages that said something else
+    ("npz that is a directory", lambda w: [f"--dataset=npz:{w['root'] / 'dir.npz'}"], "is a directory"),
+    ("npz that is a text file", lambda w: [f"--dataset=npz:{w['root'] / 'words.npz'}"],
+     "cannot be read: it is not a zip archive of arrays"),
+    ("logdir that is a loop of links", lambda w: [w["files"]["good"], "--batch_size=5",
+                                                  f"--logdir={w['root'] / 'loop_a'}"], "loop of links"),
+    ("resume a run without a checkpoint", lambda w: [f"--resume={w['root'] / 'started'}"],
+     "stopped before its first checkpoint"),
     ("resume with another model", lambda w: [f"--resume={w['run']}", "--model=linear"], "contradicts"),
     ("resume with another data set", lambda w: [f"--resume={w['run']}", "--dataset=digits"], "contradicts"),
     ("cpu devices without mirrored", lambda w: ["--cpu_devices=2"], "--strategy=mirrored"),

@@ -27,7 +27,9 @@ def test_train_writes_the_documented_tags(tmp_path):
     wall_ms = (time.time() - before) * 1000
     assert proc.returncode == 0, proc.stderr
     assert f"tensorboard --logdir {logdir}" in proc.stdout
-    assert proc.stdout.startswith("gradient statistics: 4 of 4 variables by the layer-wise rules\n")
+    assert proc.stdout.startswith("starting TensorFlow ...\n"
+                                  "gradient statistics: 4 of 4 variables by the layer-wise rules\n")
+    assert "compiling the train step for batches of 64" in proc.stdout
     assert "Traceback" not in proc.stderr
     (run_dir,) = logdir.iterdir()
     train, test = read_scalars(run_dir / "train"), read_scalars(run_dir / "test")
@@ -45,6 +47,7 @@ def test_train_writes_the_documented_tags(tmp_path):
     # The milliseconds axis (tf.timestamp, as without --deterministic): one point per logged
     # loss, in order, within the process's wall time.
     ms = [s for s, _ in train["loss_by/milliseconds"]]
+    assert "compile the train step is left out" in _description(run_dir / "train", "loss_by/milliseconds")
     assert len(ms) == len(train["loss"]) and ms == sorted(ms) and 0 <= ms[0] < ms[-1] <= wall_ms
     trace = dict(train["grad_var/trace"])
     of_mean = dict(train["grad_var/of_mean"])
@@ -55,6 +58,13 @@ def test_train_writes_the_documented_tags(tmp_path):
     assert [s for s, _ in histograms] == list(range(0, 46, 5))
     assert all(h.num == (29 if s == 45 else 64) and h.min > 0 for s, h in histograms)
     assert 0.5 < test["accuracy"][-1][1] <= 1.0
+
+
+def _description(event_dir, tag):
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    return acc.SummaryMetadata(tag).summary_description
 
 
 def test_mirrored_on_two_cpu_devices_from_the_command_line(tmp_path):
@@ -73,9 +83,15 @@ def test_mirrored_on_two_cpu_devices_from_the_command_line(tmp_path):
 
 
 def test_compare_mode_passes_every_row():
-    proc = run_train("--mode=compare", "--batch_size=8", "--model=cnn")
+    # --epochs does nothing in compare mode: one warning line says so (issue 16)
+    proc = run_train("--mode=compare", "--batch_size=8", "--model=cnn", "--epochs=3")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == ("warning: --epochs has no effect with --mode=compare (one batch, "
+                                   "nothing trained or written); ignored")
     out = proc.stdout
+    # progress while it traces: one line per computation, before the table
+    assert "  [1/11] the gradient of the mean loss ..." in out and "  [11/11] one update by the keras" in out
+    assert out.index("[11/11]") < out.index("computed ")
     for row in ("mean of per-example gradients (jacobian)", "mean of per-example gradients (loop)",
                 "mean of per-example gradients (auto)", "per-parameter gradient variance (auto)",
                 "B x gradient of the mean loss (B=8)", "8 single-example backprops, summed",
@@ -123,6 +139,11 @@ BAD_FLAGS = [
     (["--lr_scaling=cubic"], "--lr_scaling"),
     (["--accumulate=0"], "--accumulate"),
     (["--steps_per_call=0"], "--steps_per_call"),
+    # issue 16: flags that would do nothing, and the flag shown as typed
+    (["--lr_scaling=linear"], "--lr_scaling=linear: scales the learning rate across the batch sizes"),
+    (["--mode=compare", "--batch_sizes=1,2"], "--batch_sizes=1,2: is a study of training runs"),
+    (["--epochs=1.5"], "--epochs=1.5: must be an integer"),
+    (["--hidden=64,,32"], "--hidden=64,,32: must be positive integers"),
 ]
 
 

@@ -142,10 +142,18 @@ def test_jit_compiled_model_is_refused(tmp_path):
               "m.compile(optimizer='sgd', loss='mse', jit_compile=True)\n"
               "assert m.jit_compile is True\n"
               "try:\n    m.configure_statistics('unused')\n"
-              "except ValueError as e:\n    print('refused:', e)\n")
+              "except ValueError as e:\n    print('refused:', e)\n"
+              # XLA asked for after configure_statistics: a UserError, not XLA's own (issue 16)
+              "m.compile(optimizer='sgd', loss='mse', jit_compile=False)\n"
+              "m.configure_statistics('later')\n"
+              "m.compile(optimizer='sgd', loss='mse', jit_compile=True)\n"
+              "import numpy as np\n"
+              "try:\n    m.fit(np.zeros((8, 6)), np.zeros((8, 3)), verbose=0)\n"
+              "except tfmbgd.errors.UserError as e:\n    print('refused later:', e)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert "refused:" in proc.stdout and "jit_compile=False" in proc.stdout, proc.stderr[-2000:]
+    assert "refused later:" in proc.stdout and "XLA cannot compile" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_unbuilt_model_is_a_clear_error(tmp_path):

@@ -1,16 +1,21 @@
 """Runs that say truthfully how they went (issue 16): resumable from the first moment,
-a finished run left alone, skipped updates counted, a diverging loss named."""
+a finished run left alone, skipped updates counted, a diverging loss named, settings that
+do nothing named, library calls that check what they are given, charts of one quantity.
+The interrupts of a real process are in test_interrupts.py."""
 
 import os
+import warnings
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import read_scalars, tree_hash
-from tfmbgd import training
-from tfmbgd.config import CHECKPOINTS, TrainConfig, resume
+from conftest import make_problem, oracle_per_example, read_scalars, tree_hash
+from tfmbgd import compare, fit, gradients, losses, models, summaries, training, zoo
+from tfmbgd.config import CHECKPOINTS, TrainConfig, ignored, resume
 from tfmbgd.errors import UserError
+from tfmbgd.moments import gradient_moments
 
 SMALL = dict(dataset="linear", model="linear", batch_size=16, stats_every=5, log_every=5)
 
@@ -70,3 +75,168 @@ def test_batch_size_is_also_written_at_the_last_step(tmp_path):
                          verbose=0)
     points = read_scalars(f"{run.run_dir}/train")["batch_size"]
     assert [s for s, _ in points] == [0, 1] and np.allclose([v for _, v in points], points[0][1])
+
+
+def test_a_new_run_appears_under_its_name_with_config_and_first_checkpoint(tmp_path, monkeypatch):
+    seen = {}
+    real = summaries.publish
+
+    def spy(staged, path):
+        seen["logdir before"] = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+        seen["staged"] = sorted(os.listdir(staged))
+        seen["checkpoint"] = tf.train.latest_checkpoint(os.path.join(staged, CHECKPOINTS))
+        return real(staged, path)
+    monkeypatch.setattr(summaries, "publish", spy)
+    run = training.train(TrainConfig(**SMALL, epochs=1, logdir=str(tmp_path)), verbose=0)
+    assert seen["logdir before"] == []                 # no directory under the run's name until then
+    assert seen["staged"] == ["checkpoints", "config.json"]     # no event file before the checkpoint
+    assert seen["checkpoint"].endswith("ckpt-0")
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(run.run_dir)]    # staging removed
+    assert tf.train.latest_checkpoint(os.path.join(run.run_dir, CHECKPOINTS)).endswith(f"ckpt-{run.steps}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(run.run_dir).st_mode & 0o777 == 0o777 & ~umask     # as mkdir makes it, not 0700
+
+
+def test_a_run_interrupted_while_it_compiles_takes_no_step(tmp_path):
+    asked = iter([False, True])          # no when it starts, yes once the first call has compiled
+    with pytest.raises(training.Interrupted) as stopped:
+        training.train(TrainConfig(**SMALL, epochs=1, logdir=str(tmp_path)), verbose=0,
+                       should_stop=lambda: next(asked, True))
+    assert stopped.value.step == 0 and stopped.value.run_dir
+    assert tf.train.latest_checkpoint(os.path.join(stopped.value.run_dir, CHECKPOINTS)).endswith("ckpt-0")
+
+
+IGNORED = [  # (settings, the names `ignored` must give)
+    (dict(mode="compare"), []),
+    (dict(mode="compare", epochs=3, stats_every=4, logdir="elsewhere"), ["epochs", "stats_every", "logdir"]),
+    (dict(mode="compare", optimizer="adam", reduction="sum"), ["optimizer", "reduction"]),
+    (dict(stats_every=0, elementwise_stats=True, grad_method="loop"), ["elementwise_stats", "grad_method"]),
+    (dict(stats_every=0, epochs=2), []),
+    (dict(stats_every=5, elementwise_stats=True, epochs=2), []),
+]
+
+
+@pytest.mark.parametrize("settings,names", IGNORED, ids=[str(s) for s, _ in IGNORED])
+def test_settings_that_do_nothing_are_named(settings, names):
+    assert ignored(TrainConfig(**settings)) == names
+
+
+@pytest.mark.parametrize("settings,words", [
+    (dict(lr_scaling="sqrt"), "lr_scaling scales the learning rate across the batch sizes of a study"),
+    (dict(mode="compare", batch_sizes=(1, 2)), "batch_sizes is a study of training runs"),
+], ids=["lr_scaling without a study", "compare with a study"])
+def test_settings_that_would_be_dropped_are_errors(settings, words):
+    with pytest.raises(UserError, match=words):
+        TrainConfig(**settings)
+
+
+def _mlp():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(4, activation="tanh")(inputs)))
+
+
+class _Unbuilt(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+X = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+Y = np.arange(6, dtype=np.int32) % 3
+CE = losses.per_example("crossentropy")
+REDUCED = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+FROZEN = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, trainable=False)])
+
+
+def _siamese_with_a_short_input():
+    model, x, y = zoo.make("siamese", batch=4)
+    return model, {**x, "right": x["right"][:3]}, y
+
+
+LIBRARY_CASES = [  # (id, the call, words of the UserError)
+    ("no trainable variables", lambda: gradient_moments(FROZEN, CE, X, Y), "has no trainable variables"),
+    ("a subclassed model not built yet", lambda: gradient_moments(_Unbuilt(), CE, X, Y),
+     "a subclassed model is built by calling it once"),
+    ("a reduced Keras loss, moments", lambda: gradient_moments(_mlp(), REDUCED, X, Y),
+     r"SparseCategoricalCrossentropy\(reduction=None\)"),
+    ("a reduced Keras loss, batch gradients", lambda: gradients.batch_gradients(_mlp(), REDUCED, X, Y),
+     "returns one number for the whole batch"),
+    ("a reduced Keras loss, per-example gradients",
+     lambda: gradients.per_example_gradients(_mlp(), keras.losses.MeanSquaredError(), X, Y),
+     r"MeanSquaredError\(reduction=None\)"),
+    *[(f"x and y of different lengths, {method}", lambda method=method: gradient_moments(
+        _mlp(), CE, X, Y[:4], method), "x has 6 examples but y has 4")
+      for method in ("auto", "layerwise", "vectorized", "jacobian", "loop")],
+    ("x and y of different lengths, batch gradients",
+     lambda: gradients.batch_gradients(_mlp(), CE, X[:5], Y), "x has 5 examples but y has 6"),
+    ("inputs of different lengths", lambda: gradient_moments(*_siamese_with_a_short_input()[:1], CE,
+                                                             *_siamese_with_a_short_input()[1:]),
+     "the inputs in x have different batch sizes"),
+    ("an empty batch, moments", lambda: gradient_moments(_mlp(), CE, X[:0], Y[:0]), "the batch is empty"),
+    ("an empty batch, per-example gradients",
+     lambda: gradients.per_example_gradients(_mlp(), CE, X[:0], Y[:0], "jacobian"), "the batch is empty"),
+    ("an unknown method", lambda: gradient_moments(_mlp(), CE, X, Y, "magic"), "must be one of"),
+    ("a subclassed model given to with_statistics", lambda: fit.with_statistics(_Unbuilt()), "subclassed model"),
+]
+
+
+@pytest.mark.parametrize("case", LIBRARY_CASES, ids=[c[0] for c in LIBRARY_CASES])
+def test_library_calls_name_what_is_wrong(case):
+    _, call, words = case
+    with pytest.raises(UserError, match=words):
+        call()
+
+
+def test_a_keras_loss_without_reduction_gives_the_oracles_moments():
+    model, _, x, y = make_problem(dict(id="mlp", layers=[4], inputs=5, outputs=3, loss="crossentropy",
+                                       batch=6))
+    m = gradient_moments(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None),
+                         x, y, "auto")
+    per_example = oracle_per_example(model, losses.per_example("crossentropy"), x, y)
+    for mean, sum_sq, g in zip(m.mean, m.sum_sq, per_example):
+        np.testing.assert_allclose(mean, g.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(sum_sq, (g ** 2).sum(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["functional mlp", "siamese", "every_rule"])
+def test_tfmbgds_own_calls_print_no_warning_on_a_correct_model(name):
+    if name == "functional mlp":
+        model = models.build("mlp", (5,), 3, hidden=(4,), seed=0)
+        x, y = X, Y
+    else:
+        model, x, y = zoo.make(name, batch=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for method in ("auto", "vectorized"):
+            gradient_moments(model, CE, x, y, method)
+        gradients.batch_gradients(model, CE, x, y)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_compare_says_what_a_batch_of_one_is():
+    model, loss_fn, x, y = make_problem(dict(id="mlp", layers=[4], inputs=5, outputs=3,
+                                             loss="crossentropy", batch=6))
+    one = compare.describe_batch(model, loss_fn, x[:1], y[:1])
+    assert "one example: the mean gradient is its gradient" in one[2] and "cancel" not in " ".join(one)
+    several = compare.describe_batch(model, loss_fn, x, y)
+    assert "partly cancel" in several[2]
+
+
+def test_each_chart_shows_one_quantity():
+    # One tag per chart, so that the runs of a study are its only lines (B_simple's two
+    # estimators, one of them only written under replicas, share one chart).
+    layout = summaries.layout(["dense/kernel", "dense/bias"])
+    for category in layout.category:
+        for chart in category.chart:
+            tags = list(chart.multiline.tag)
+            assert len(tags) == 1 or tags == ["^noise_scale/simple$", "^noise_scale/two_batch$"], (
+                category.title, chart.title, tags)
+    per_variable = {c.title: [ch.title for ch in c.chart] for c in layout.category}
+    assert per_variable["Norm of the mean gradient"] == ["all variables", "dense/kernel", "dense/bias"]
+    assert per_variable["Variance of the mean gradient, tr(Sigma)/B"] == ["all variables", "dense/kernel",
+                                                                          "dense/bias"]

@@ -35,7 +35,6 @@ class RunState:
     def __init__(self, run_dir, model, optimizer, extra_variables, keep, instruments=None):
         """`extra_variables`: more variables to save; `instruments`: `{name: {name: variable}}`
         (`tfmbgd.instruments.state`)."""
-        self.run_dir = run_dir
         counter = lambda: tf.Variable(0, dtype=tf.int64, trainable=False)
         self.step, self.epoch, self.in_epoch, self.examples = counter(), counter(), counter(), counter()
         self.rng_state = tf.Variable("", dtype=tf.string, trainable=False)
@@ -46,8 +45,15 @@ class RunState:
         if optimizer is not None:
             items["optimizer"] = optimizer
         self.checkpoint = tf.train.Checkpoint(**items)
+        self._keep = keep
+        self.moved_to(run_dir)
+
+    def moved_to(self, run_dir):
+        """The run's directory was renamed to `run_dir` (the manager records checkpoints by
+        relative paths, so the ones saved before the move are found there)."""
+        self.run_dir = run_dir
         self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(run_dir, CHECKPOINTS),
-                                                  max_to_keep=keep)
+                                                  max_to_keep=self._keep)
 
     def save(self):
         return self.manager.save(checkpoint_number=int(self.step.numpy()))

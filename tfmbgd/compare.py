@@ -7,6 +7,7 @@ round-off (`TOLERANCE`, or `TOLERANCE_FLOAT64` for float64 models).
 """
 
 import dataclasses
+import functools
 import statistics as pystats
 import time
 
@@ -61,8 +62,10 @@ def accumulate_single_examples(model, loss_fn, x, y):
     return total
 
 
-def contrast(model, loss_fn, x, y, learning_rate):
-    """All rows of the comparison for the batch `(x, y)`; leaves the weights unchanged."""
+def contrast(model, loss_fn, x, y, learning_rate, note=lambda what: None):
+    """All rows of the comparison for the batch `(x, y)`; leaves the weights unchanged.
+    `note(what)` is called before each computation (`run` prints it: tracing makes some
+    take seconds)."""
     variables = model.trainable_variables
     tol = TOLERANCE_FLOAT64 if variables[0].dtype == "float64" else TOLERANCE
     b = len(x)
@@ -72,9 +75,11 @@ def contrast(model, loss_fn, x, y, learning_rate):
         max_abs, rel = difference(a, ref)
         rows.append(Row(what, reference, max_abs, rel, seconds, rel <= tol))
 
+    note("the gradient of the mean loss")
     (_, g_mean), t_mean = timed(lambda: gradients.batch_gradients(model, loss_fn, x, y, "mean"))
     moments = {}
     for method in METHODS:
+        note(f"the gradient moments by {method}")
         moments[method], t = timed(lambda method=method: gradient_moments(model, loss_fn, x, y, method))
         row(f"mean of per-example gradients ({method})", "gradient of the mean loss",
             moments[method].mean, g_mean, t)
@@ -84,9 +89,11 @@ def contrast(model, loss_fn, x, y, learning_rate):
     if b > 1:
         row("per-parameter gradient variance (auto)", "the same from the loop", variance(fast),
             variance(slow), None)
+    note("the gradient of the sum loss")
     (_, g_sum), t_sum = timed(lambda: gradients.batch_gradients(model, loss_fn, x, y, "sum"))
     row("gradient of the sum loss", f"B x gradient of the mean loss (B={b})",
         g_sum, [b * g for g in g_mean], t_sum)
+    note(f"{b} single-example backprops")
     start = time.perf_counter()
     acc = accumulate_single_examples(model, loss_fn, x, y)
     row(f"{b} single-example backprops, summed (eager loop)", "gradient of the sum loss",
@@ -96,6 +103,7 @@ def contrast(model, loss_fn, x, y, learning_rate):
     initial = [v.numpy() for v in variables]
     after = {}
     for rule in ("manual", "custom", "keras"):
+        note(f"one update by the {rule} rule")
         for v, w in zip(variables, initial):
             v.assign(w)
         start = time.perf_counter()
@@ -117,11 +125,17 @@ def describe_batch(model, loss_fn, x, y):
     norms = np.sqrt(m.norms_sq.numpy())
     mean_norm = float(np.sqrt(sum(float(tf.reduce_sum(tf.square(g))) for g in m.mean)))
     spread = lambda a: f"min {a.min():.4f}  mean {a.mean():.4f}  max {a.max():.4f}"
+    ratio = mean_norm / norms.mean()
+    if len(x) == 1:
+        why = "one example: the mean gradient is its gradient"
+    elif ratio < 0.995:        # the triangle inequality: equal only when all point one way
+        why = f"{ratio:.2f} x the mean per-example norm: the examples' gradients partly cancel"
+    else:
+        why = f"{ratio:.2f} x the mean per-example norm: the examples' gradients point the same way"
     lines = [
         f"per-example losses:          {spread(losses)}",
         f"per-example gradient norms:  {spread(norms)}",
-        (f"norm of the mean gradient:   {mean_norm:.4f}  (= {mean_norm / norms.mean():.2f} x the mean "
-         "per-example norm: the examples' gradients partly cancel)"),
+        f"norm of the mean gradient:   {mean_norm:.4f}  ({why})",
     ]
     if len(x) > 1:
         trace = float(tf.add_n(variance_traces(m)))
@@ -130,14 +144,25 @@ def describe_batch(model, loss_fn, x, y):
     return lines
 
 
-def run(config, out=print):
-    """Prints the comparison for the first batch of `config`; True if every row passed."""
+STEPS = 3 + len(METHODS) + 3     # the computations `contrast` notes, for the progress lines
+
+
+def run(config, out=None):
+    """Prints the comparison for the first batch of `config` (through `out`, default a
+    flushed print); True if every row passed."""
+    out = out or functools.partial(print, flush=True)
     ds = data.load(config.dataset, config.seed)
     model, loss_fn, batch, _ = training.setup(config, ds)
     x, y = next(iter(data.batches(*ds.train, batch, config.seed)))
-    rows, tol, t_plain = contrast(model, loss_fn, x, y, config.learning_rate)
+    tol = TOLERANCE_FLOAT64 if model.trainable_variables[0].dtype == "float64" else TOLERANCE
     out(f"One mini-batch of {ds.name}: model {config.model}, B={len(x)}, "
         f"{model.trainable_variables[0].dtype}; PASS when relative difference <= {tol:g}")
+    done = [0]
+
+    def note(what):
+        done[0] += 1
+        out(f"  [{done[0]}/{STEPS}] {what} ...")
+    rows, tol, t_plain = contrast(model, loss_fn, x, y, config.learning_rate, note)
     out(f"times: median of {TIMING_CALLS} calls of a tf.function after tracing "
         f"(one plain backprop took {t_plain * 1e3:.2f} ms); the eager loop and updates once")
     for line in describe_batch(model, loss_fn, x, y):

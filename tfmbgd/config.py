@@ -142,6 +142,13 @@ class TrainConfig:
                                self.batch_sizes)
         if len(set(self.batch_sizes)) != len(self.batch_sizes):
             raise SettingError("batch_sizes", "has repeats", self.batch_sizes)
+        if self.batch_sizes and self.mode == "compare":
+            raise SettingError("batch_sizes", "is a study of training runs; --mode=compare takes one "
+                               "batch of --batch_size: drop one of the two",
+                               ",".join(map(str, self.batch_sizes)))
+        if self.lr_scaling != "none" and not self.batch_sizes:
+            raise SettingError("lr_scaling", "scales the learning rate across the batch sizes of a study; "
+                               "add --batch_sizes=..., or drop it", self.lr_scaling)
         if not isinstance(self.hidden, tuple) or not self.hidden or any(not _is_int(h) or h < 1
                                                                         for h in self.hidden):
             raise SettingError("hidden", "must be positive layer widths, e.g. 64,32", self.hidden)
@@ -165,6 +172,27 @@ class TrainConfig:
             raise SettingError("logdir", "must be a directory path", self.logdir)
 
 
+# What each kind of run leaves unused: a setting changed from its default there is named in
+# a warning (`ignored`), not silently dropped.
+_TRAINING_ONLY = ("epochs", "log_every", "steps_per_call", "stats_every", "elementwise_stats",
+                  "noise_scale_decay", "instruments", "logdir", "checkpoint_every", "keep_checkpoints",
+                  "deterministic", "on_nonfinite", "optimizer", "update", "reduction", "grad_method")
+_STATISTICS_ONLY = ("elementwise_stats", "noise_scale_decay", "instruments", "grad_method")
+
+
+def ignored(config):
+    """The settings of `config` that differ from their defaults but do nothing in the run it
+    asks for: training settings in compare mode, statistics settings with `stats_every=0`."""
+    if config.mode == "compare":
+        unused = _TRAINING_ONLY
+    elif config.stats_every == 0:
+        unused = _STATISTICS_ONLY
+    else:
+        return []
+    defaults = TrainConfig.__dataclass_fields__
+    return [name for name in unused if getattr(config, name) != defaults[name].default]
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -184,6 +212,10 @@ def check_logdir(logdir):
     """Creates `logdir` if needed; a `UserError` if it is a file or cannot be created."""
     if os.path.exists(logdir) and not os.path.isdir(logdir):
         raise UserError(f"logdir {logdir!r} is a file, not a directory; pass another --logdir")
+    if os.path.islink(logdir) and not os.path.exists(logdir):
+        # makedirs would say "File exists": the link is there, what it names is not
+        raise UserError(f"logdir {logdir!r} is a symbolic link to {os.readlink(logdir)!r}, which does not "
+                        "resolve to a directory (missing, or a loop of links); pass another --logdir")
     try:
         os.makedirs(logdir, exist_ok=True)
     except OSError as err:
@@ -233,9 +265,12 @@ def save(run_dir, config):
 def load(run_dir):
     """The `TrainConfig` a run was started with; `UserError` if `run_dir` holds no run."""
     path = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.isfile(path) or not os.path.isdir(os.path.join(run_dir, CHECKPOINTS)):
-        raise UserError(f"{run_dir!r} holds no run to resume (no {CONFIG_FILE} and {CHECKPOINTS}/); "
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir!r} holds no run to resume (no {CONFIG_FILE}); "
                         "pass a directory that train.py wrote")
+    if not os.path.isdir(os.path.join(run_dir, CHECKPOINTS)):
+        raise UserError(f"{run_dir!r} holds {CONFIG_FILE} but no {CHECKPOINTS}/: the run stopped before its "
+                        "first checkpoint, so there is nothing to resume; start it again")
     try:
         with open(path) as f:
             values = json.load(f)

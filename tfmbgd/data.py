@@ -139,8 +139,13 @@ def _keras_images(name):
 
 
 def _npz(path):
+    if os.path.isdir(path):
+        raise UserError(f"npz file {path!r} is a directory; pass --dataset=npz:PATH with a file")
     if not os.path.isfile(path):
         raise UserError(f"npz file {path!r} does not exist; pass --dataset=npz:PATH with an existing file")
+    if not zipfile.is_zipfile(path):        # else numpy takes it for a pickle and advises allow_pickle
+        raise UserError(f"npz file {path!r} cannot be read: it is not a zip archive of arrays; "
+                        "write it with numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in NPZ_KEYS if k not in f.files]

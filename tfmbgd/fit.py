@@ -76,9 +76,7 @@ class GradientStatisticsMixin:
           more_instruments: `tfmbgd.instruments.Instrument`s to add to the default ones
             (`tfmbgd.instruments.default(elementwise, noise_scale_decay)`).
         """
-        if getattr(self, "jit_compile", False) is True:
-            raise UserError("gradient statistics write summaries, which XLA cannot compile: "
-                            "compile the model with jit_compile=False")
+        _refuse_xla(self)
         if not self.trainable_variables:
             raise UserError("the model has no weights yet: build it first, e.g. by calling it "
                             "on one batch, then configure_statistics")
@@ -101,6 +99,7 @@ class GradientStatisticsMixin:
     def train_step(self, data):
         if self._statistics is None:
             return super().train_step(data)
+        _refuse_xla(self)        # compiled with XLA after configure_statistics: say so, not XLA's error
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         variables = self.trainable_variables
         self.optimizer.build(variables)                # slots exist before the branches
@@ -150,6 +149,12 @@ class GradientStatisticsMixin:
         values["loss"] = data_loss = tf.reduce_mean(m.losses)
         summaries.write_in_graph(rec.writer, values, step, rec.finite_only)
         return data_loss + (tf.add_n(self.losses) if self.losses else 0.0), m.outputs
+
+
+def _refuse_xla(model):
+    if getattr(model, "jit_compile", False) is True:
+        raise UserError("gradient statistics write summaries, which XLA cannot compile: "
+                        "compile the model with jit_compile=False")
 
 
 class GradientStatisticsModel(GradientStatisticsMixin, keras.Model):

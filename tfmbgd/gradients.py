@@ -17,6 +17,7 @@ affect the loss gets zeros, never None.
 
 from typing import NamedTuple
 
+import keras
 import tensorflow as tf
 
 from tfmbgd import losses as losses_lib
@@ -33,6 +34,37 @@ class PerExample(NamedTuple):
     gradients: list        # per variable, [B, *variable.shape]
 
 
+def check_call(model, loss_fn, x, y):
+    """What every public function checks of its arguments before it traces anything.
+
+    Raises:
+      UserError: naming the argument and the fix: a model without trainable variables (or
+        not built yet), a Keras loss object that reduces over the batch, inputs and
+        targets of different batch sizes (static shapes), an empty batch.
+    """
+    if not model.trainable_variables:
+        raise UserError(f"model {model.name!r} has no trainable variables: nothing to differentiate "
+                        "(a subclassed model is built by calling it once on a batch; frozen layers have "
+                        "trainable=False)")
+    if isinstance(loss_fn, keras.losses.Loss) and loss_fn.reduction not in (None, "none"):
+        raise UserError(f"loss_fn {type(loss_fn).__name__}(reduction={loss_fn.reduction!r}) returns one "
+                        f"number for the whole batch; pass {type(loss_fn).__name__}(reduction=None), "
+                        "which returns the per-example losses [B] tfmbgd needs")
+    sizes = {}
+    for name, tensors in (("x", x), ("y", y)):
+        for t in tf.nest.flatten(tensors):
+            shape = getattr(t, "shape", None)
+            if shape is not None and len(shape) and shape[0] is not None:
+                sizes.setdefault(name, int(shape[0]))
+                if int(shape[0]) != sizes[name]:
+                    raise UserError(f"the inputs in {name} have different batch sizes ({sizes[name]} and "
+                                    f"{int(shape[0])}); give every input one row per example")
+    if len(set(sizes.values())) > 1:
+        raise UserError(f"x has {sizes['x']} examples but y has {sizes['y']}; pass one target per example")
+    if 0 in sizes.values():
+        raise UserError("the batch is empty (0 examples); gradients and their statistics need at least one")
+
+
 def batch_gradients(model, loss_fn, x, y, reduction="mean"):
     """The batch loss and its gradient by one ordinary backward pass.
 
@@ -42,7 +74,11 @@ def batch_gradients(model, loss_fn, x, y, reduction="mean"):
     Returns:
       `(loss, grads)`: the scalar batch loss, and a list aligned with
       `model.trainable_variables` of gradients shaped like the variables.
+
+    Raises:
+      UserError: arguments that cannot work (`check_call`).
     """
+    check_call(model, loss_fn, x, y)
     with tf.GradientTape() as tape:
         loss = losses_lib.reduce(loss_fn(y, model(x, training=True)), reduction)
     return loss, _gradient(tape, loss, model.trainable_variables)
@@ -95,7 +131,11 @@ def per_example(model, loss_fn, x, y, method="vectorized", variables=None):
 
     Args:
       variables: the variables to differentiate; default `model.trainable_variables`.
+
+    Raises:
+      UserError: an unknown method, or arguments that cannot work (`check_call`).
     """
+    check_call(model, loss_fn, x, y)
     variables = model.trainable_variables if variables is None else variables
     if method == "jacobian":
         return _jacobian(model, loss_fn, x, y, variables)

@@ -11,6 +11,7 @@ then the run the config asks for. Importing this module imports no TensorFlow.
 """
 
 import os
+import sys
 
 from tfmbgd import config as cfg
 
@@ -23,6 +24,7 @@ def check(config):
     Raises:
       UserError: what is wrong, and what to do.
     """
+    _warn_ignored(config)
     if config.strategy == "multi_worker":
         cfg.check_tf_config(os.environ.get("TF_CONFIG"))
     if config.mode != "train" or config.batch_sizes or config.dataset in ("mnist", "fashion_mnist"):
@@ -33,6 +35,16 @@ def check(config):
     if not config.resume:
         cfg.check_logdir(config.logdir)
     return ds
+
+
+def _warn_ignored(config):
+    """One line on stderr naming the settings that do nothing in this run, if any."""
+    names = cfg.ignored(config)
+    if names:
+        why = "with --mode=compare (one batch, nothing trained or written)" if config.mode == "compare" \
+            else "with --stats_every=0 (no statistics)"
+        print(f"warning: {', '.join('--' + n for n in names)} {'has' if len(names) == 1 else 'have'} no "
+              f"effect {why}; ignored", file=sys.stderr)
 
 
 def start_tensorflow(config):
@@ -48,9 +60,9 @@ def start_tensorflow(config):
 
 
 def trains(config):
-    """Whether `config` is one training run (not compare mode, not a study): the kind of run
-    that stops cleanly at a signal (`dispatch`'s `should_stop`)."""
-    return config.mode == "train" and not config.batch_sizes
+    """Whether `config` trains (one run or a study): work that stops cleanly at a signal,
+    with a checkpoint (`dispatch`'s `should_stop`). Compare mode has nothing to save."""
+    return config.mode == "train"
 
 
 def dispatch(config, should_stop=None, dataset=None):
@@ -58,7 +70,8 @@ def dispatch(config, should_stop=None, dataset=None):
     status: 0, or 1 when compare mode finds a contrast that fails.
 
     Args:
-      should_stop: `() -> bool`, asked between compiled calls of a training run.
+      should_stop: `() -> bool`, asked between compiled calls of a training run (compare
+        mode does not ask).
       dataset: the data set `check` returned, so it is not read twice.
 
     Raises:
@@ -70,7 +83,7 @@ def dispatch(config, should_stop=None, dataset=None):
         return 0 if compare.run(config) else 1
     if config.batch_sizes:
         from tfmbgd import study
-        study.run(config)
+        study.run(config, should_stop=should_stop)
         return 0
     from tfmbgd import training
     training.train(config, should_stop=should_stop, dataset=dataset)

@@ -41,11 +41,13 @@ def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
       A `GradientMoments`.
 
     Raises:
-      UserError: an unknown method, or a model with BatchNormalization (its training mode
-        mixes the examples of a batch, so per-example gradients are not defined).
+      UserError: an unknown method, a model with BatchNormalization (its training mode
+        mixes the examples of a batch, so per-example gradients are not defined), or
+        arguments that cannot work (`tfmbgd.gradients.check_call`).
     """
     if method not in METHODS:
         raise UserError(f"gradient method must be one of {', '.join(METHODS)}; got {method!r}")
+    gradients.check_call(model, loss_fn, x, y)
     _refuse_batch_norm(model)
     if method in ("auto", "layerwise"):
         m = layerwise.moments(model, loss_fn, x, y, elementwise, strict=method == "layerwise")

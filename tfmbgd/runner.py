@@ -7,6 +7,10 @@ import tensorflow as tf
 
 from tfmbgd import instruments, summaries
 
+MILLISECONDS = ("The mini-batch loss against milliseconds of training since this process's first step: "
+                "the time to trace and compile the train step is left out, so runs compare by the "
+                "time their steps take.")
+
 
 class StepRunner:
     """Runs many train steps per `tf.function` call and writes their summaries from inside.
@@ -25,7 +29,9 @@ class StepRunner:
     """
 
     def __init__(self, steps, writer, log_every, stats_every):
-        self.steps, self.writer = steps, writer
+        """`writer`: a `tf.summary` writer, or a function that returns one, called when the
+        first call is traced (a new run's event files appear once its directory is in place)."""
+        self.steps, self._writer = steps, writer
         self.log_every, self.stats_every = log_every, stats_every
         averaged = [s.tag for s in instruments.summaries(steps.instruments)]
         self._sums = {tag: (tf.Variable(0.0, trainable=False, dtype=tf.float64),
@@ -59,6 +65,12 @@ class StepRunner:
             if self._origin.numpy() >= 0:
                 self._origin.assign_add(time.time() - began)
         return self._compiled[batch](x_all, y_all, index, first_step, first_example)
+
+    @property
+    def writer(self):
+        if callable(self._writer):
+            self._writer = self._writer()
+        return self._writer
 
     def variables(self):
         """The running sums behind `means()` (checkpointed with the run)."""
@@ -134,7 +146,8 @@ class StepRunner:
         origin = self._origin.assign(tf.where(self._origin < 0, now, self._origin))
         elapsed_ms = tf.cast((now - origin) * 1000.0, tf.int64)
         summaries.write_in_graph(self.writer, {"loss_by/examples_seen": values["loss"]}, examples)
-        summaries.write_in_graph(self.writer, {"loss_by/milliseconds": values["loss"]}, elapsed_ms)
+        summaries.write_in_graph(self.writer, {"loss_by/milliseconds": values["loss"]}, elapsed_ms,
+                                 description=MILLISECONDS)
         return tf.constant(True)
 
 

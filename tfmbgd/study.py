@@ -21,7 +21,7 @@ from tensorboard.plugins.hparams import api as hp
 
 from tfmbgd import config as config_lib
 from tfmbgd import data, instruments, summaries, training
-from tfmbgd.errors import UserError
+from tfmbgd.errors import Interrupted, UserError
 
 HPARAMS = {
     "batch_size": hp.HParam("batch_size", hp.IntInterval(1, 2 ** 31 - 1), "examples per update"),
@@ -57,8 +57,13 @@ def scaled_learning_rate(learning_rate, batch, reference, rule):
     raise UserError(f"lr_scaling must be none, linear or sqrt; got {rule!r}")
 
 
-def run(config, verbose=1):
-    """Trains one run per batch size of `config.batch_sizes`; returns `{name: RunResult}`."""
+def run(config, verbose=1, should_stop=None):
+    """Trains one run per batch size of `config.batch_sizes`; returns `{name: RunResult}`.
+
+    Raises:
+      tfmbgd.errors.Interrupted: `should_stop` said so (see `training.train`); the run of
+        the batch size in progress can be resumed on its own, the finished ones are kept.
+    """
     ds = data.load(config.dataset, config.seed)     # read once, shared by every run
     n = len(ds.train[0])
     reference = n if config.batch_size is None else config.batch_size
@@ -71,13 +76,17 @@ def run(config, verbose=1):
     for batch_size in config.batch_sizes:
         batch = n if batch_size is None else batch_size
         lr = scaled_learning_rate(config.learning_rate, batch, reference, config.lr_scaling)
-        one = dataclasses.replace(config, batch_size=batch_size, learning_rate=lr, batch_sizes=())
+        one = dataclasses.replace(config, batch_size=batch_size, learning_rate=lr, batch_sizes=(),
+                                  lr_scaling="none")     # the run's rate is scaled already
         name = "bfull" if batch_size is None else f"b{batch_size}"
-        run_dir = os.path.join(study_dir, name)
-        os.mkdir(run_dir)
+        if should_stop is not None and should_stop():
+            raise Interrupted(None, 0, f"between the runs of the study; the finished ones are in {study_dir}")
+        run_dir = os.path.join(study_dir, name)        # made once it holds its first checkpoint
         if verbose:
             print(f"== batch size {batch} (learning rate {lr:g}) -> {run_dir}")
-        results[name] = result = training.train(one, verbose=verbose, run_dir=run_dir, dataset=ds)
+        results[name] = result = training.train(one, verbose=verbose, run_dir=run_dir, dataset=ds,
+                                                 should_stop=should_stop)
+        run_dir = result.run_dir
         _write_session(run_dir, one, batch, result, averaged)
     if verbose:
         print(table(results, averaged))

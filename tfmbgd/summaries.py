@@ -5,8 +5,10 @@ step of every summary is the optimizer step. A new run never reuses a directory.
 """
 
 import datetime
+import errno
 import os
 import re
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -48,8 +50,41 @@ def new_run_dir(logdir, name):
     raise UserError(f"too many runs named {name!r} in {logdir!r}")
 
 
+def staging_dir(logdir):
+    """A new hidden directory in `logdir` where a run is set up before it gets its name
+    (`publish`): config.json and the first checkpoint, so that a run directory is
+    resumable from the moment it exists under its own name."""
+    check_logdir(logdir)
+    try:
+        path = tempfile.mkdtemp(prefix=".starting-", dir=logdir)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o777 & ~umask)          # as os.mkdir would make it, not mkdtemp's 0700
+        return path
+    except OSError as err:
+        raise UserError(f"cannot write in logdir {logdir!r} ({err.strerror}); pass another --logdir") from err
+
+
+def publish(staged, path):
+    """Renames the directory `staged` to `path`, or `path-2`, `path-3`, ... if that is
+    taken; returns the name it got. A rename is atomic: the run appears whole."""
+    for attempt in range(1, 1000):
+        target = path if attempt == 1 else f"{path}-{attempt}"
+        if os.path.lexists(target):
+            continue
+        try:
+            os.rename(staged, target)     # onto a name another run took meanwhile: it fails
+            return target
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise UserError(f"cannot name the run {target!r} ({err.strerror})") from err
+    raise UserError(f"too many runs named {os.path.basename(path)!r} in {os.path.dirname(path)!r}")
+
+
 class RunWriters:
-    """One `tf.summary` writer per split, created on first use and closed by `close()`."""
+    """One `tf.summary` writer per split, created on first use and closed by `close()`.
+    `run_dir` may change until the first writer is made (a new run's directory is renamed
+    into place first)."""
 
     def __init__(self, run_dir):
         self.run_dir = run_dir
@@ -83,14 +118,15 @@ class RunWriters:
         self.close()
 
 
-def write_in_graph(writer, values, step, finite_only=()):
+def write_in_graph(writer, values, step, finite_only=(), description=None):
     """Writes a dict of tensors at `step` from inside a `tf.function`.
 
     Scalars become scalar summaries and vectors (the per-example gradient norms)
     histograms; a scalar whose tag is in `finite_only` is written only when finite (the
     noise scale is undefined while the noise hides the signal). The writes usually sit in
     a `tf.cond` branch: `name_scope(None)` keeps its "cond/" scope out of the tags, so they
-    read as when written eagerly.
+    read as when written eagerly. `description`: TensorBoard's text for every scalar of
+    `values` (shown beside the chart).
     """
     with writer.as_default(step=step), tf.compat.v1.name_scope(None):
         for tag, value in values.items():
@@ -100,7 +136,7 @@ def write_in_graph(writer, values, step, finite_only=()):
                 tf.cond(tf.math.is_finite(value), lambda t=tag, v=value: _scalar(t, v),
                         lambda: tf.constant(False))
             else:
-                tf.summary.scalar(tag, value)
+                tf.summary.scalar(tag, value, description=description)
 
 
 _HISTOGRAM_METADATA = histogram_metadata.create_summary_metadata(display_name=None, description=None)
@@ -144,7 +180,8 @@ def _scalar(tag, value):
 LOSS_CHARTS = (
     Chart("Loss (train and test)", "loss by step", ("^loss$",)),
     Chart("Loss (train and test)", "loss by examples seen", ("^loss_by/examples_seen$",)),
-    Chart("Loss (train and test)", "loss by milliseconds of training", ("^loss_by/milliseconds$",)),
+    Chart("Loss (train and test)", "loss by milliseconds of training (compiling left out)",
+          ("^loss_by/milliseconds$",)),
     Chart("Loss (train and test)", "accuracy", ("^accuracy$",)),
 )
 

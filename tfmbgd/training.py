@@ -77,9 +77,12 @@ def train(config, verbose=1, run_dir=None, should_stop=None, dataset=None):
     """Runs the training of `config` and logs it to TensorBoard; returns a `RunResult`.
 
     Args:
-      run_dir: an existing, empty directory to write to; default a new one named by
-        `summaries.run_name` under `config.logdir`. With `config.resume` the run continues
-        in that directory from its last checkpoint.
+      run_dir: where to write: a path that does not exist yet, or by default a new name
+        (`summaries.run_name`) under `config.logdir`; the directory appears there, renamed
+        from a hidden one, once it holds config.json and the first checkpoint (`-2`, `-3`,
+        ... is added to a name taken meanwhile). An existing empty directory is written
+        directly. With `config.resume` the run continues in that directory from its last
+        checkpoint.
       should_stop: polled between compiled calls; when it returns True the run saves a
         checkpoint and raises `Interrupted` (train.py sets it on SIGINT / SIGTERM).
       dataset: `data.load(config.dataset, config.seed)` if the caller has it already.
@@ -129,26 +132,47 @@ def _train(config, verbose, run_dir, should_stop, strategy, dataset):
     if should_stop is not None and should_stop():
         raise Interrupted(None, 0, "before training began; nothing was written")
     new = not config.resume
-    made = run_dir is None and new
-    if run_dir is None:
-        run_dir = config.resume or summaries.new_run_dir(config.logdir, summaries.run_name(config))
+    if not new:
+        run_dir = config.resume
+    # A new run is set up in a hidden directory and renamed to its own name once it holds
+    # config.json and its first checkpoint: a run directory is resumable from the moment it
+    # exists. (A worker's temporary directory, which exists already, is written directly.)
+    staged = None
+    if new and (run_dir is None or not os.path.exists(run_dir)):
+        staged = summaries.staging_dir(config.logdir if run_dir is None else os.path.dirname(run_dir))
+        run_dir = run_dir or os.path.join(config.logdir, summaries.run_name(config))
+    where = _Where(run_dir, staged)
     try:
-        return _train_in(config, verbose, run_dir, should_stop, strategy, parts, new)
+        return _train_in(config, verbose, where, should_stop, strategy, parts, new)
     except KeyboardInterrupt:        # a second Ctrl-C: at once, keeping the last checkpoint
-        raise _stopped_at_once(run_dir, made) from None
+        raise _stopped_at_once(where) from None
+    finally:
+        if staged is not None and os.path.exists(staged):       # never published: nothing to keep
+            shutil.rmtree(staged, ignore_errors=True)
 
 
-def _stopped_at_once(run_dir, made):
-    """The `Interrupted` of a run stopped between two checkpoints: what is kept. A directory
-    this process made that holds no checkpoint yet is removed (it could not be resumed)."""
-    latest = checkpoints.latest(run_dir)
-    if latest is None and made:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        return Interrupted(None, 0, "at once, before the run's first checkpoint; nothing was kept")
+class _Where:
+    """Where a run is written: `staged` (a hidden directory, until `publish`), then `run_dir`."""
+
+    def __init__(self, run_dir, staged):
+        self.run_dir, self.staged, self.published = run_dir, staged, staged is None
+
+    def publish(self):
+        if not self.published:
+            self.run_dir, self.published = summaries.publish(self.staged, self.run_dir), True
+        return self.run_dir
+
+
+def _stopped_at_once(where):
+    """The `Interrupted` of a run stopped between two checkpoints: what is kept."""
+    if not where.published:
+        return Interrupted(None, 0, "at once, before the run had its first checkpoint; nothing was kept")
+    latest = checkpoints.latest(where.run_dir)
     if latest is None:
-        return Interrupted(None, 0, f"at once; {run_dir} holds no checkpoint yet")
+        return Interrupted(None, 0, f"at once; {where.run_dir} holds no checkpoint yet")
     step = checkpoints.step_of(latest)
-    return Interrupted(run_dir, step, f"at once; the checkpoint of step {step} in {run_dir} is kept")
+    return Interrupted(where.run_dir, step, f"at once; the checkpoint of step {step} in {where.run_dir} "
+                       "is kept")
 
 
 def _check_unfinished(config):
@@ -162,29 +186,35 @@ def _check_unfinished(config):
                         f"changed. Pass --epochs={done + 1} or more to train it further")
 
 
-def _train_in(config, verbose, run_dir, should_stop, strategy, parts, new):
-    """The run in `run_dir` (made, or resumed): config.json and a first checkpoint before
+def _train_in(config, verbose, where, should_stop, strategy, parts, new):
+    """The run `where` says (made, or resumed): config.json and a first checkpoint before
     the first step, so that the directory can be resumed from the moment it holds a run."""
+    home = where.staged or where.run_dir
     if new:
-        config_lib.save(run_dir, config)
+        config_lib.save(home, config)
     rng = np.random.default_rng(config.seed)
-    result = RunResult(run_dir, 0, 0, {})
-    with summaries.RunWriters(run_dir) as writers:
-        with strategy.scope():
-            runner = StepRunner(parts.steps, writers.writer("train"), config.log_every, config.stats_every)
+    with summaries.RunWriters(where.run_dir) as writers:
+        with strategy.scope():          # the writer is made once the directory has its name
+            runner = StepRunner(parts.steps, lambda: writers.writer("train"), config.log_every,
+                                config.stats_every)
         # The run's counters are this process's own (outside the strategy's scope: a
         # multi-worker strategy cannot broadcast the string that holds the rng state).
-        state = checkpoints.RunState(run_dir, parts.model, parts.optimizer, runner.variables(),
+        state = checkpoints.RunState(home, parts.model, parts.optimizer, runner.variables(),
                                      config.keep_checkpoints, instruments.state(parts.steps.instruments))
         if new:
             state.remember_rng(rng)
             state.save()
+            writers.run_dir = where.publish()
+            state.moved_to(where.run_dir)
             summaries.write_layout(writers.writer("train"), [v.path for v in parts.model.trainable_variables],
                                    parts.steps.instruments)
         else:
             latest = state.restore(config.resume)
             if verbose:
-                print(f"Resuming {run_dir} from {os.path.basename(latest)} (step {int(state.step.numpy())})")
+                print(f"Resuming {where.run_dir} from {os.path.basename(latest)} "
+                      f"(step {int(state.step.numpy())})")
+        run_dir = where.run_dir
+        result = RunResult(run_dir, 0, 0, {})
         _describe(config, parts, verbose)
         progress, first_step = RunProgress(verbose, parts.steps.skipped()), int(state.step.numpy())
         for epoch in range(int(state.epoch.numpy()), config.epochs):
@@ -289,6 +319,7 @@ def _train_epoch(config, parts, runner, state, rng, progress, should_stop):
         if runner.compiles(batch):
             progress.compiling(batch)
             runner.compile(parts.x_all, parts.y_all, batch)
+            _stop_if_asked(state, should_stop)      # Ctrl-C while it compiled: no step taken
     progress.start_bar(math.ceil(n / parts.batch))
     loss_sum, counted = 0.0, 0
     for index in calls:
@@ -304,10 +335,15 @@ def _train_epoch(config, parts, runner, state, rng, progress, should_stop):
         progress.update(done, len(index), total)
         if config.checkpoint_every and int(state.step.numpy()) % config.checkpoint_every == 0:
             state.save()
-        if should_stop is not None and should_stop():
-            state.save()
-            raise Interrupted(state.run_dir, int(state.step.numpy()))
+        _stop_if_asked(state, should_stop)
     return loss_sum / max(counted, 1)
+
+
+def _stop_if_asked(state, should_stop):
+    """Saves a checkpoint and raises `Interrupted` if `should_stop` says so."""
+    if should_stop is not None and should_stop():
+        state.save()
+        raise Interrupted(state.run_dir, int(state.step.numpy()))
 
 
 def _nonfinite_message(guard, model, latest):

@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from tfmbgd.instruments.base import Instrument, mean_norms_sq, per_variable
+from tfmbgd.instruments.base import Chart, Instrument, mean_norms_sq, per_variable
 
 
 def gradient_norms(m):
@@ -19,6 +19,11 @@ class GradientNorm(Instrument):
     def tags(self, names):
         return {"grad/norm": "norm of the mean gradient, all variables",
                 **{f"grad/norm/{n}": f"norm of the mean gradient of {n}" for n in names}}
+
+    def charts(self, names):
+        category = "Norm of the mean gradient"
+        return [Chart(category, "all variables", ("^grad/norm$",))] + [
+            Chart(category, n, (f"^grad/norm/{n}$",)) for n in names]
 
     def compute(self, measurement):
         mean_sq = measurement.mean_sq

@@ -74,11 +74,11 @@ class VarianceTrace(Instrument):
         return out
 
     def charts(self, names):
-        category = "Gradient signal and noise per variable"
-        return [Chart(category, "all variables: norm of the mean gradient, variance of the mean",
-                      ("^grad/norm$", "^grad_var/of_mean$"))] + [
-            Chart(category, f"{n}: norm of the mean gradient and variance of the mean",
-                  (f"^grad/norm/{n}$", f"^grad_var/of_mean/{n}$")) for n in names]
+        # One quantity per chart: the runs of a study are then its only series, each in its
+        # run's colour (the norm of the mean is GradientNorm's, in a category of its own).
+        category = "Variance of the mean gradient, tr(Sigma)/B"
+        return [Chart(category, "all variables", ("^grad_var/of_mean$",))] + [
+            Chart(category, n, (f"^grad_var/of_mean/{n}$",)) for n in names]
 
     def compute(self, measurement):
         vector, trace = traces(measurement)
