@@ -15,6 +15,8 @@ Gradient lists are aligned with `model.trainable_variables`; a variable that doe
 affect the loss gets zeros, never None.
 """
 
+import contextlib
+import logging
 from typing import NamedTuple
 
 import keras
@@ -140,10 +142,25 @@ def per_example(model, loss_fn, x, y, method="vectorized", variables=None):
     if method == "jacobian":
         return _jacobian(model, loss_fn, x, y, variables)
     if method == "vectorized":
-        return PerExample(*tf.vectorized_map(_example_fn(model, loss_fn, variables), (x, y)))
+        with _quiet_tensorflow_logger():
+            return PerExample(*tf.vectorized_map(_example_fn(model, loss_fn, variables), (x, y)))
     if method == "loop":
         return _loop(model, loss_fn, x, y, variables)
     raise UserError(f"per-example method must be one of {', '.join(METHODS)}; got {method!r}")
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow_logger():
+    """TensorFlow's logger at ERROR for a while: `vectorized_map` warns, for some ops it
+    loops over (e.g. "Conv2DBackpropFilter uses a while_loop. Fix that!"), about its own
+    internals, which a user can do nothing about."""
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _example_fn(model, loss_fn, variables):
