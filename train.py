@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from tfmbgd import cli, launch
+from tfmbgd import cli, launch, signals
 from tfmbgd.errors import Interrupted, UserError
 from tfmbgd.signals import StopOnSignals
 
@@ -37,9 +37,10 @@ def _main(argv, stop):
     """`(exit status, the line for stderr or None)` of the run `argv` asks for."""
     try:
         config = cli.config_from_argv(argv, FLAGS)
-        stop.at_once = not launch.trains(config)     # compare mode has nothing to save
+        stop.first = signals.TRAINING if launch.trains(config) else signals.COMPARING
         dataset = launch.check(config)
-        print("starting TensorFlow ...", flush=True)
+        if launch.reports(config):
+            print("starting TensorFlow ...", flush=True)
         _quietly(launch.start_tensorflow, config)
         return launch.dispatch(config, should_stop=stop, dataset=dataset), None
     except UserError as err:

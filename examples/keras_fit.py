@@ -5,7 +5,8 @@ variance in TensorBoard.
     tensorboard --logdir logs
 
 Copy what you need: the optimizer subclass (a few lines), `with_statistics` (or the mixin
-for a subclassed model) and `configure_statistics`.
+for a subclassed model) and the `GradientStatistics` callback beside Keras' TensorBoard
+callback. The compile is Keras' default (`jit_compile="auto"`: XLA on a GPU).
 """
 
 import time
@@ -49,13 +50,12 @@ def main(logdir="logs", epochs=5):
         keras.layers.Dense(data.num_classes),
     ])
     model = tfmbgd.fit.with_statistics(model)          # same layers, statistics in fit
-    model.compile(optimizer=ClippedSGD(learning_rate=0.1, max_step=0.02),
+    model.compile(optimizer=ClippedSGD(learning_rate=0.1, max_step=0.02),     # jit_compile="auto"
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], steps_per_execution=8)
-    model.configure_statistics(f"{run_dir}/train", stats_every=5, elementwise=True)
-    model.fit(x, y, batch_size=32, epochs=epochs, validation_data=(x_test, y_test),
-              callbacks=[keras.callbacks.TensorBoard(run_dir)], verbose=2)
-    model.flush_statistics()
+    model.fit(x, y, batch_size=32, epochs=epochs, validation_data=(x_test, y_test), verbose=2,
+              callbacks=[tfmbgd.callbacks.GradientStatistics(run_dir, freq=5, elementwise=True),
+                         keras.callbacks.TensorBoard(run_dir)])
     print(f"Run written to {run_dir}\nSee it with:  tensorboard --logdir {logdir}")
     return model, run_dir
 

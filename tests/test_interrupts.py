@@ -15,6 +15,7 @@ from conftest import user_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ACK = "Ctrl-C: stopping after the current call, with a checkpoint; press Ctrl-C again to stop now"
+COMPARING = "Ctrl-C: stopping after the current computation; press Ctrl-C again to stop now"
 NOW = "Ctrl-C: stopping now"
 SMALL = ["--hidden=8", "--epochs=2", "--stats_every=5"]
 
@@ -64,14 +65,17 @@ class _Run:
 CASES = [  # (id, extra flags, the line after which to press, presses, last words, a run left)
     ("once while TensorFlow starts", [], "starting TensorFlow", 1,
      "train.py: stopped before training began; nothing was written.", False),
+    # (The second press may land in code that catches everything, deep in an import, and
+    # be lost; the run then stops at the first safe point instead. Both write nothing.)
     ("twice while TensorFlow starts", [], "starting TensorFlow", 2,
-     "train.py: stopped at once; nothing was written.", False),
+     ("train.py: stopped at once; nothing was written.",
+      "train.py: stopped before training began; nothing was written."), False),
     ("once while the step compiles", [], "compiling the train step", 1,
      "train.py: stopped at step 0; checkpoint saved in", True),
     ("twice while the step compiles", [], "compiling the train step", 2,
      "train.py: stopped at once; the checkpoint of step 0 in", True),
     ("once in compare mode", ["--mode=compare", "--batch_size=4"], "[2/11]", 1,
-     "train.py: stopped at once; nothing was written.", False),
+     "train.py: stopped in compare mode; nothing was written.", False),
 ]
 
 
@@ -83,7 +87,7 @@ def test_ctrl_c_at_any_moment(tmp_path, case):
     run.wait_for("out", after)
     sent = time.monotonic()
     run.proc.send_signal(signal.SIGINT)
-    first = NOW if "compare" in case[0] else ACK
+    first = COMPARING if "compare" in case[0] else ACK
     # Acknowledged at once, even while Python waits on TensorFlow's C++ (import, tracing).
     assert run.wait_for("err", first) - sent < 1.0
     if presses == 2:
@@ -92,7 +96,8 @@ def test_ctrl_c_at_any_moment(tmp_path, case):
         assert run.wait_for("err", NOW) - again < 1.0
     assert run.finish() == 130
     err = run.text("err")
-    assert "Traceback" not in err and last_words in err, err
+    last_words = (last_words,) if isinstance(last_words, str) else last_words
+    assert "Traceback" not in err and any(words in err for words in last_words), err
     runs = [p for p in logdir.iterdir()] if logdir.exists() else []
     assert all(not p.name.startswith(".") for p in runs), "a staging directory was left behind"
     if not kept:

@@ -181,7 +181,8 @@ LIBRARY_CASES = [  # (id, the call, words of the UserError)
     ("an empty batch, per-example gradients",
      lambda: gradients.per_example_gradients(_mlp(), CE, X[:0], Y[:0], "jacobian"), "the batch is empty"),
     ("an unknown method", lambda: gradient_moments(_mlp(), CE, X, Y, "magic"), "must be one of"),
-    ("a subclassed model given to with_statistics", lambda: fit.with_statistics(_Unbuilt()), "subclassed model"),
+    ("a subclassed model given to with_statistics", lambda: fit.with_statistics(_Unbuilt()),
+     "subclassed model"),
 ]
 
 
@@ -218,6 +219,7 @@ def test_tfmbgds_own_calls_print_no_warning_on_a_correct_model(name):
         for method in methods:
             gradient_moments(model, CE, x, y, method)
         gradients.batch_gradients(model, CE, x, y)
+        fit.with_statistics(model)(x)          # the same model, for fit: takes x as the model does
     assert [str(w.message) for w in caught] == []
 
 

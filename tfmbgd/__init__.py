@@ -12,9 +12,9 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "checkpoints", "compare", "config", "data", "distribute", "errors", "fit", "forms", "gradients",
-    "launch", "layerwise", "losses", "models", "moments", "optimizers", "rules", "runner", "stats",
-    "steps", "study", "summaries", "training", "zoo", "fields", "instruments",
+    "buffer", "callbacks", "checkpoints", "compare", "config", "data", "distribute", "errors", "fit",
+    "forms", "gradients", "launch", "layerwise", "losses", "models", "moments", "optimizers", "rules",
+    "runner", "signals", "stats", "steps", "study", "summaries", "training", "zoo", "fields", "instruments",
 )
 
 __all__ = list(_SUBMODULES) + ["run"]

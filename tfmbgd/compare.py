@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmbgd import data, gradients, steps, training
+from tfmbgd.errors import Interrupted
 from tfmbgd.moments import METHODS, gradient_moments
 from tfmbgd.stats import variance, variance_traces
 
@@ -147,9 +148,13 @@ def describe_batch(model, loss_fn, x, y):
 STEPS = 3 + len(METHODS) + 3     # the computations `contrast` notes, for the progress lines
 
 
-def run(config, out=None):
+def run(config, out=None, should_stop=None):
     """Prints the comparison for the first batch of `config` (through `out`, default a
-    flushed print); True if every row passed."""
+    flushed print); True if every row passed.
+
+    Raises:
+      tfmbgd.errors.Interrupted: `should_stop` said so, asked before each computation.
+    """
     out = out or functools.partial(print, flush=True)
     ds = data.load(config.dataset, config.seed)
     model, loss_fn, batch, _ = training.setup(config, ds)
@@ -160,6 +165,8 @@ def run(config, out=None):
     done = [0]
 
     def note(what):
+        if should_stop is not None and should_stop():
+            raise Interrupted(None, 0, "in compare mode; nothing was written")
         done[0] += 1
         out(f"  [{done[0]}/{STEPS}] {what} ...")
     rows, tol, t_plain = contrast(model, loss_fn, x, y, config.learning_rate, note)

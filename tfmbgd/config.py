@@ -252,6 +252,18 @@ def check_tf_config(text):
                         "task in it, see the README") from None
 
 
+def reports(config, tf_config_text):
+    """Whether this process prints the run: always, but in a multi-worker cluster only the
+    chief (a task "chief", or worker 0 of a cluster without one), as `distribute.is_chief`
+    decides once TensorFlow runs."""
+    if config.strategy != "multi_worker":
+        return True
+    spec = json.loads(tf_config_text)         # checked by check_tf_config
+    task = spec["task"]
+    return task["type"] == "chief" or (task["type"] == "worker" and int(task["index"]) == 0
+                                       and "chief" not in spec["cluster"])
+
+
 # Saving a run's settings and resuming it (no TensorFlow needed).
 
 CONFIG_FILE = "config.json"

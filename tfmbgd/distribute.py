@@ -217,6 +217,40 @@ class Replicas:
         return m, (self.mean(parts["mean_sq"]) if two_sizes else None)
 
 
+# Moments merged inside a replica (Keras' train_step): one all-reduce of the sums, one
+# all-gather of the per-example rows. Outputs are not merged: no statistic reads them.
+
+def flat_for_merge(m):
+    """One replica's `GradientMoments` as `(sums, rows)`: the fields that add up over the
+    replicas (`tfmbgd.fields.pack`: B_r * mean, sum_sq) in one vector, and the per-example
+    squared norms and losses as the columns of `[B_r, V + 1]` rows."""
+    added, _ = moments_lib.pack(m)
+    sums = _flat([tf.cast(t, tf.float32) for t in added["mean"] + (added.get("sum_sq") or [])])
+    rows = tf.stack([tf.cast(t, tf.float32) for t in [*m.var_norms_sq, m.losses]], axis=1)
+    return sums, rows
+
+
+def zeros_for_merge(variables, elementwise, batch):
+    """`flat_for_merge`'s shapes, all zeros: what a plain step sends to the merge."""
+    size = sum(math.prod(tuple(v.shape)) for v in variables) * (2 if elementwise else 1)
+    return tf.zeros([size], tf.float32), tf.zeros([batch, len(variables) + 1], tf.float32)
+
+
+def merge_flat(ctx, sums, rows, variables, elementwise):
+    """In replica context `ctx`: the `GradientMoments` of the global batch (outputs None)
+    from every replica's `flat_for_merge`, the same in every replica."""
+    count = len(variables)
+    sums = ctx.all_reduce("SUM", sums)
+    rows = tf.reshape(ctx.all_gather(rows, axis=0), [-1, count + 1])     # the gather loses the width
+    batch = tf.shape(rows)[0]
+    shapes = list(variables) * (2 if elementwise else 1)
+    parts = [tf.cast(t, v.dtype) for t, v in zip(_unflat(sums, shapes), shapes)]
+    return moments_lib.GradientMoments(
+        mean=[p / tf.cast(batch, p.dtype) for p in parts[:count]], sum_sq=parts[count:] or None,
+        var_norms_sq=tf.unstack(rows[:, :count], axis=1), losses=rows[:, count], outputs=None,
+        batch_size=batch)
+
+
 def _flat(tensors):
     return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
 

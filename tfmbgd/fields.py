@@ -40,6 +40,20 @@ WEIGHTED_MEAN, SUM, CONCAT = "weighted mean", "sum", "concat"
 MERGES = dict(mean=WEIGHTED_MEAN, sum_sq=SUM, var_norms_sq=CONCAT, losses=CONCAT, outputs=CONCAT)
 
 
+# The power of a loss scale s in each field, when every per-example loss is multiplied by s
+# (mixed precision's loss scaling): gradients scale by s, their squares by s^2.
+SCALE_POWERS = dict(mean=1, sum_sq=2, var_norms_sq=2, losses=1, outputs=0)
+
+
+def unscaled(m, scale):
+    """The moments of the losses `l_n`, from those of the scaled losses `scale * l_n`."""
+    def divide(value, power):
+        if value is None or power == 0:
+            return value
+        return tf.nest.map_structure(lambda t: t / tf.cast(scale, t.dtype) ** power, value)
+    return m._replace(**{name: divide(getattr(m, name), power) for name, power in SCALE_POWERS.items()})
+
+
 def pack(m):
     """One part's fields, ready to merge: `(added, joined)`, dicts of the fields that add up
     over the parts (a weighted mean as `batch_size * mean`) and of those that concatenate.

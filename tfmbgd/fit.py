@@ -1,34 +1,40 @@
-"""The same gradient statistics inside `model.fit`.
+"""The same gradient statistics inside `model.fit`, as Keras runs it: XLA, several
+replicas, mixed precision, `steps_per_execution`, save and load.
 
 Keras 3 offers two places to add work to `fit`: callbacks, which never see the gradients
 or the batch, and `Model.train_step`, which does. Statistics need both, so tfmbgd
 overrides `train_step` (the way the Keras guide "Customizing what happens in fit()"
-shows) in a mixin:
+shows) in a mixin, and a callback writes what the step measured:
 
     model = tfmbgd.fit.with_statistics(functional_or_sequential_model)   # shares its layers
     # or, for a subclassed model:  class MyModel(tfmbgd.fit.GradientStatisticsMixin, keras.Model)
     model.compile(optimizer=tfmbgd.optimizers.Adam(1e-3), loss=..., metrics=[...])
-    model.configure_statistics("logs/my-run/train", stats_every=10)
-    model.fit(x, y, batch_size=32, epochs=5)
-    model.flush_statistics()
+    model.fit(x, y, epochs=5, callbacks=[tfmbgd.callbacks.GradientStatistics("logs/my-run", freq=10)])
 
-Every `stats_every` optimizer steps the step computes the gradient moments of its batch
+(`model.configure_statistics("logs/my-run", freq=10)` instead keeps the settings with the
+model, saved in its `.keras` file, and `fit` adds the callback itself.)
+
+Every `freq` optimizer steps the step computes the gradient moments of its batch
 (`tfmbgd.stats.gradient_moments`, any method), applies their mean (plus the gradient of
-weight regularization penalties) and writes the tags of the custom loop at the optimizer
-step, counted from 0 as there. Other steps are Keras' own step. The choice is made inside
-the compiled step (`tf.cond`), so it works with `steps_per_execution > 1`.
-
-Summary writes cannot run under XLA: a model compiled with `jit_compile=True` is refused
-(compile with `jit_compile=False`). Sample weights and activity regularizers are refused
-on statistics steps: the moments are of the unweighted per-example data loss.
+weight regularization penalties) and computes the tags of the custom loop at the optimizer
+step, counted from 0 as there; other steps are Keras' own step. The choice is made inside
+the compiled step (`tf.cond`), so it works with `steps_per_execution > 1` and under XLA:
+the values go into a `tfmbgd.buffer.StatisticsBuffer`, and the callback writes them after
+each execution. Under a `tf.distribute` strategy each replica measures its share and the
+moments are merged into those of the global batch (`distribute.merge_in_replica`). With a
+`LossScaleOptimizer` (Keras' `mixed_float16`) the moments are taken of the scaled loss, as
+Keras' own step takes its gradient, and divided by the scale before any statistic. Sample
+weights and activity regularizers are refused on statistics steps: the moments are of the
+unweighted per-example data loss.
 """
 
 import keras
 import tensorflow as tf
 
-from tfmbgd import gradients, instruments, layerwise, steps, summaries
+from tfmbgd import buffer, distribute, fields, gradients, instruments, layerwise, steps
 from tfmbgd.errors import UserError
 from tfmbgd.models import all_layers
+from tfmbgd.moments import METHODS
 
 
 def per_example_loss(compiled_loss):
@@ -42,125 +48,228 @@ def per_example_loss(compiled_loss):
     return fn
 
 
-class _Recorder:
-    """Settings and state of the statistics of one model: writer, method, instruments."""
+def check_settings(freq, method):
+    if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
+        raise UserError(f"freq (statistics every N optimizer steps) must be an integer >= 1; got {freq!r}")
+    if method not in METHODS:
+        raise UserError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
 
-    def __init__(self, log_dir, stats_every, method, active, variables, loss):
-        if not isinstance(stats_every, int) or stats_every < 1:
-            raise UserError(f"stats_every must be an integer >= 1; got {stats_every!r}")
-        self.writer = tf.summary.create_file_writer(log_dir)
-        self.stats_every, self.method = stats_every, method
-        self.instruments = instruments.build(active, variables)
+
+class _Recorder:
+    """What the statistics step of one model needs: settings, built instruments, buffer."""
+
+    def __init__(self, model, settings):
+        self.settings = settings
+        self.freq, self.method, self.loss = settings.freq, settings.method, settings.loss
+        variables = model.trainable_variables
+        names = [v.path for v in variables]
+        active = instruments.default(settings.elementwise, settings.noise_scale_decay) + list(
+            settings.more_instruments)
+        scalar_tags, histogram_tags = instruments.tag_kinds(active, names)
+        with model.distribute_strategy.scope(), buffer.first_replica_variables():
+            self.instruments = instruments.build(active, variables)
+            self.buffer = buffer.StatisticsBuffer(["loss", *scalar_tags], histogram_tags,
+                                                  buffer.capacity(model.steps_per_execution, self.freq))
         self.needs = instruments.needs(active)
-        self.finite_only = instruments.finite_only(active, [v.path for v in variables])
-        self.loss = loss
-        self.described = False        # the coverage line is printed once per configuration
+        self.finite_only = instruments.finite_only(active, names)
+        self.described = False        # the coverage line is printed once per recorder
 
 
 class GradientStatisticsMixin:
     """Adds tfmbgd's gradient statistics to `fit`; put it before `keras.Model` in the bases."""
 
-    _statistics = None
+    _statistics_settings = None     # from configure_statistics: kept with the model
+    _statistics_settings_on = None  # the settings of the fit in progress (its callback's)
+    _statistics = None              # their _Recorder: instruments, buffer
 
-    def configure_statistics(self, log_dir, stats_every=10, method="auto", elementwise=False,
+    def configure_statistics(self, log_dir, freq=10, method="auto", elementwise=False,
                              noise_scale_decay=0.9, loss=None, more_instruments=()):
-        """Turns statistics on for the next `fit` calls (call after `compile`).
+        """Keeps statistics settings with the model: every later `fit` writes them to
+        `log_dir/train` (a `tfmbgd.callbacks.GradientStatistics` callback that `fit` adds,
+        unless one is given), and a `.keras` save keeps them (but `loss` and
+        `more_instruments`, which are code). Arguments as for that callback."""
+        from tfmbgd.callbacks import Settings
+        check_settings(freq, method)
+        self._statistics_settings = Settings(log_dir, freq, method, elementwise, noise_scale_decay, loss,
+                                             tuple(more_instruments))
 
-        Args:
-          log_dir: directory of the TensorBoard event files, e.g. `logs/run/train`.
-          stats_every: compute and write statistics every N optimizer steps.
-          method, elementwise: as for `tfmbgd.stats.gradient_moments`.
-          noise_scale_decay: smoothing of `noise_scale/simple`.
-          loss: per-example loss `(y_true, y_pred) -> [B]`; default: derived from the
-            compiled loss.
-          more_instruments: `tfmbgd.instruments.Instrument`s to add to the default ones
-            (`tfmbgd.instruments.default(elementwise, noise_scale_decay)`).
-        """
-        _refuse_xla(self)
-        if not self.trainable_variables:
-            raise UserError("the model has no weights yet: build it first, e.g. by calling it "
-                            "on one batch, then configure_statistics")
-        strategy = getattr(self, "distribute_strategy", None)
-        if strategy is not None and strategy.num_replicas_in_sync > 1:
-            # fit's train_step runs in each replica on its share: its moments would be the
-            # share's, not the global batch's. The custom loop merges them (tfmbgd.distribute).
-            raise UserError("gradient statistics in model.fit describe one device's batch; with "
-                            f"{strategy.num_replicas_in_sync} replicas use train.py --strategy=... instead")
-        active = instruments.default(elementwise, noise_scale_decay) + list(more_instruments)
-        self._statistics = _Recorder(log_dir, stats_every, method, active, self.trainable_variables, loss)
-        if getattr(self, "train_function", None) is not None:
-            self.make_train_function(force=True)     # the old trace has no statistics
+    def fit(self, *args, callbacks=None, **kwargs):
+        from tfmbgd.callbacks import GradientStatistics
+        callbacks = list(callbacks or [])
+        settings = self._statistics_settings
+        if settings is not None and not any(isinstance(c, GradientStatistics) for c in callbacks):
+            callbacks.append(GradientStatistics.from_settings(settings))
+        return super().fit(*args, callbacks=callbacks, **kwargs)
 
-    def flush_statistics(self):
-        """Writes buffered statistics to disk."""
-        if self._statistics is not None:
-            self._statistics.writer.flush()
+    def get_config(self):
+        config = super().get_config()
+        settings = self._statistics_settings
+        if settings is not None:
+            config["statistics"] = settings.serializable()
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        statistics = config.pop("statistics", None)
+        model = super().from_config(config, custom_objects=custom_objects)
+        if statistics is not None:
+            model.configure_statistics(**statistics)
+        return model
+
+    def _start_statistics(self, settings):
+        """Called by the callback as `fit` begins: statistics of `settings` on. The recorder
+        is that of the last `fit` when the settings are the same (the noise scale's
+        averages go on); a new one is made now, or, for a model that `fit` has yet to
+        build, when the step is first traced."""
+        if self._statistics is not None and self._statistics.settings != settings:
+            self._statistics = None
+        self._statistics_settings_on = settings
+        if self._statistics is None and self.trainable_variables:
+            self._statistics = _Recorder(self, settings)
+
+    def _stop_statistics(self):
+        self._statistics_settings_on = None
 
     def train_step(self, data):
-        if self._statistics is None:
+        settings = self._statistics_settings_on
+        if settings is None:
             return super().train_step(data)
-        _refuse_xla(self)        # compiled with XLA after configure_statistics: say so, not XLA's error
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self._statistics is None:      # a subclassed model, built by this first trace
+            self(x, training=False)       # its variables, as Keras' own first step makes them
+            with tf.init_scope():         # the recorder's variables, outside the trace
+                self._statistics = _Recorder(self, settings)
+        rec = self._statistics
         variables = self.trainable_variables
-        self.optimizer.build(variables)                # slots exist before the branches
+        if not self.optimizer.built:                   # slots exist before the branches
+            with tf.init_scope():
+                self.optimizer.build(variables)
         step = self.optimizer.iterations + 0           # read once, before this update
-        loss, y_pred = tf.cond(
-            step % self._statistics.stats_every == 0,
-            lambda: self._statistics_step(x, y, sample_weight, step),
-            lambda: self._plain_step(x, y, sample_weight))
-        for metric in self.metrics:                    # as the Keras guide does it
-            if metric.name == "loss":
-                metric.update_state(loss)
-            else:
-                metric.update_state(y, y_pred, sample_weight=sample_weight)
-        return {m.name: m.result() for m in self.metrics}
+        due = step % rec.freq == 0
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas == 1:     # all in the branch: a plain step does nothing for the statistics
+            loss, y_pred = tf.cond(due, lambda: self._statistics_step(x, y, sample_weight, step),
+                                   lambda: self._plain_step(x, y, sample_weight))
+        else:
+            loss, y_pred = self._replicated_step(x, y, sample_weight, step, due)
+        # As Keras' own train_step: the loss tracker takes the loss unscaled for
+        # distribution, weighted by the batch; compute_metrics the rest.
+        batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+        tracker = next(m for m in self.metrics if m.name == "loss")
+        tracker.update_state(loss * replicas, sample_weight=batch)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def _plain_step(self, x, y, sample_weight):
+    def _plain_gradients(self, x, y, sample_weight):
+        """Keras' own step, but the update: the loss scaled for the optimizer (a
+        LossScaleOptimizer's scale) and its gradient; `(loss, y_pred, grads)`."""
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
-        grads = tape.gradient(loss, self.trainable_variables)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            scaled = self.optimizer.scale_loss(loss)
+        variables = self.trainable_variables
+        return loss, y_pred, gradients.dense_gradients(variables, tape.gradient(scaled, variables))
+
+    def _plain_step(self, x, y, sample_weight):
+        loss, y_pred, grads = self._plain_gradients(x, y, sample_weight)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         return loss, y_pred
 
     def _statistics_step(self, x, y, sample_weight, step):
+        """One device: measure, apply the mean gradient, record the statistics."""
+        local, scale = self._measure(x, y, sample_weight)
+        self.optimizer.apply_gradients(zip(self._update(local, 1.0, scale), self.trainable_variables))
+        self._record(local, scale, step)
+        return self._tracked_loss(local, scale), local.outputs
+
+    def _replicated_step(self, x, y, sample_weight, step, due):
+        """Several replicas: a branch of `tf.cond` in a replica cannot hold a synchronization
+        point (an all-reduce, the optimizer's sum of the gradients), so the branch only
+        measures (or takes the plain gradient), and the update and the merge of the moments
+        follow it; on plain steps the merge carries zeros."""
+        ctx = tf.distribute.get_replica_context()
+        variables = self.trainable_variables
+        elementwise = instruments.ELEMENTWISE in self._statistics.needs
+        batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+        share = tf.cast(batch, tf.float32) / ctx.all_reduce("SUM", tf.cast(batch, tf.float32))
+
+        def measured():
+            local, scale = self._measure(x, y, sample_weight)
+            sums, rows = distribute.flat_for_merge(local)
+            grads = self._update(local, share, scale)
+            return self._tracked_loss(local, scale), local.outputs, grads, sums, rows, scale
+
+        def plain():
+            loss, y_pred, grads = self._plain_gradients(x, y, sample_weight)
+            sums, rows = distribute.zeros_for_merge(variables, elementwise, batch)
+            return loss, y_pred, grads, sums, rows, tf.constant(1.0)
+        loss, y_pred, grads, sums, rows, scale = tf.cond(due, measured, plain)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        merged = distribute.merge_flat(ctx, sums, rows, variables, elementwise)
+        tf.cond(due, lambda: self._record(merged, scale, step), lambda: tf.constant(False))
+        return loss, y_pred
+
+    def _measure(self, x, y, sample_weight):
+        """The moments of this replica's batch, of the loss times the optimizer's loss scale
+        (a LossScaleOptimizer's, 1 otherwise: as Keras takes its gradient, so that float16
+        gradients do not underflow); `(moments, scale)`."""
         rec = self._statistics
         if sample_weight is not None:
             raise UserError("gradient statistics take no sample weights")
         if any(getattr(layer, "activity_regularizer", None) for layer in all_layers(self)):
             raise UserError("gradient statistics do not support activity regularizers")
-        loss_fn = rec.loss or per_example_loss(self.loss)
-        variables = self.trainable_variables
-
-        def penalties():      # called only when there are penalties
-            with tf.GradientTape() as tape:
-                total = tf.add_n(self.losses)
-            return gradients.dense_gradients(variables, tape.gradient(total, variables))
-
-        measured = steps.measure(self, loss_fn, x, y, needs=rec.needs, method=rec.method,
-                                 extra_gradients=penalties if self.losses else None)
-        self.optimizer.apply_gradients(zip(measured.grads, variables))
-        m = measured.moments
-        values = steps.statistics(measured, variables, rec.instruments)
+        data_loss = rec.loss or per_example_loss(self.loss)
+        scale = tf.cast(self.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
+        # float32 before the scale (2^15 at first): 16-bit losses times it would overflow
+        loss_fn = lambda y_true, y_pred: tf.cast(data_loss(y_true, y_pred), tf.float32) * scale
+        measured = steps.measure(self, loss_fn, x, y, needs=rec.needs - {instruments.REPLICA_NORMS},
+                                 method=rec.method)
         cover = layerwise.traced_coverage(self)
         if cover is not None and not rec.described:      # once, when the step is first traced
             print(layerwise.describe(cover))
             rec.described = True
-        values["loss"] = data_loss = tf.reduce_mean(m.losses)
-        summaries.write_in_graph(rec.writer, values, step, rec.finite_only)
-        return data_loss + (tf.add_n(self.losses) if self.losses else 0.0), m.outputs
+        return measured.moments, scale
+
+    def _update(self, local, share, scale):
+        """What this replica gives the optimizer, which sums over the replicas (and divides
+        by a loss scale): its `share` of the global batch's mean gradient, and 1/R of the
+        penalties' gradient, both times the loss scale."""
+        grads = [g * tf.cast(share, g.dtype) for g in local.mean]
+        if self.losses:
+            replicas = self.distribute_strategy.num_replicas_in_sync
+            penalty = self._penalty_gradients()
+            grads = [g + p * tf.cast(scale / replicas, p.dtype) for g, p in zip(grads, penalty)]
+        return grads
+
+    def _record(self, moments, scale, step):
+        """The statistics of the (merged) moments, without the loss scale, into the buffer."""
+        rec = self._statistics
+        m = fields.unscaled(moments, scale)
+        values = steps.statistics(steps.Measured(m, m.mean, None), self.trainable_variables, rec.instruments)
+        values["loss"] = tf.reduce_mean(m.losses)
+        with tf.control_dependencies([rec.buffer.record(values, step)]):
+            return tf.constant(True)
+
+    def _tracked_loss(self, local, scale):
+        """The loss Keras' compute_loss gives: the batch's mean data loss plus the penalties,
+        divided by the replicas (the tracker multiplies back)."""
+        penalty = tf.add_n(self.losses) if self.losses else 0.0
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        return (tf.reduce_mean(tf.cast(local.losses, tf.float32)) / scale + penalty) / replicas
+
+    def _penalty_gradients(self):
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            total = tf.add_n(self.losses)
+        return gradients.dense_gradients(variables, tape.gradient(total, variables))
 
 
-def _refuse_xla(model):
-    if getattr(model, "jit_compile", False) is True:
-        raise UserError("gradient statistics write summaries, which XLA cannot compile: "
-                        "compile the model with jit_compile=False")
-
-
+@keras.saving.register_keras_serializable(package="tfmbgd")
 class GradientStatisticsModel(GradientStatisticsMixin, keras.Model):
     """A functional `keras.Model` with gradient statistics in `fit`."""
 
 
+@keras.saving.register_keras_serializable(package="tfmbgd")
 class GradientStatisticsSequential(GradientStatisticsMixin, keras.Sequential):
     """A `keras.Sequential` with gradient statistics in `fit`."""
 
@@ -175,8 +284,14 @@ def with_statistics(model):
     if isinstance(model, GradientStatisticsMixin):
         return model
     if getattr(model, "inputs", None) is not None:        # functional, or a built Sequential
-        return GradientStatisticsModel(model.inputs, model.outputs, name=model.name)
+        # The inputs as the model takes them (one tensor, a list, a dict): given `inputs`,
+        # always a list, a one-input model would warn at every call that its input's
+        # structure does not match.
+        try:
+            structure = model.input
+        except AttributeError:                            # a Sequential never called
+            structure = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        return GradientStatisticsModel(structure, model.outputs[0] if len(model.outputs) == 1
+                                       else model.outputs, name=model.name)
     raise UserError(f"{type(model).__name__} is a subclassed model: add "
                     "tfmbgd.fit.GradientStatisticsMixin before keras.Model in its bases")
-
-

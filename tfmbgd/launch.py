@@ -37,6 +37,12 @@ def check(config):
     return ds
 
 
+def reports(config):
+    """Whether this process prints what the run does (not a multi-worker cluster's other
+    workers); after `check`."""
+    return cfg.reports(config, os.environ.get("TF_CONFIG"))
+
+
 def _warn_ignored(config):
     """One line on stderr naming the settings that do nothing in this run, if any."""
     names = cfg.ignored(config)
@@ -60,8 +66,8 @@ def start_tensorflow(config):
 
 
 def trains(config):
-    """Whether `config` trains (one run or a study): work that stops cleanly at a signal,
-    with a checkpoint (`dispatch`'s `should_stop`). Compare mode has nothing to save."""
+    """Whether `config` trains (one run or a study), and stops at a signal with a checkpoint;
+    compare mode has nothing to save."""
     return config.mode == "train"
 
 
@@ -70,8 +76,8 @@ def dispatch(config, should_stop=None, dataset=None):
     status: 0, or 1 when compare mode finds a contrast that fails.
 
     Args:
-      should_stop: `() -> bool`, asked between compiled calls of a training run (compare
-        mode does not ask).
+      should_stop: `() -> bool`, asked between compiled calls of a training run, and
+        between the computations of compare mode.
       dataset: the data set `check` returned, so it is not read twice.
 
     Raises:
@@ -80,7 +86,7 @@ def dispatch(config, should_stop=None, dataset=None):
     """
     if config.mode == "compare":
         from tfmbgd import compare
-        return 0 if compare.run(config) else 1
+        return 0 if compare.run(config, should_stop=should_stop) else 1
     if config.batch_sizes:
         from tfmbgd import study
         study.run(config, should_stop=should_stop)

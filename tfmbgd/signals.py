@@ -1,9 +1,13 @@
 """Ctrl-C and SIGTERM for a command-line run: acknowledged at once, obeyed where it is safe.
 
 The first SIGINT or SIGTERM asks the run to stop after its current compiled call, with a
-checkpoint (`training.train` polls the object as `should_stop`); a second SIGINT stops
-now (`KeyboardInterrupt`, which `training` turns into "stopped at once" with what was
-kept). Python runs signal handlers only between bytecodes of the main thread, so while
+checkpoint (`training.train` polls the object as `should_stop`; compare mode between its
+computations); a second SIGINT stops now (`KeyboardInterrupt`, which `training` turns
+into "stopped at once" with what was kept). The first does not raise: Python code that
+catches everything (Keras has a bare `except:`) would swallow a `KeyboardInterrupt` and
+go on with a wrong result; the second is for a person who will not wait.
+
+Python runs signal handlers only between bytecodes of the main thread, so while
 TensorFlow imports, traces or runs a long compiled call a handler may wait seconds. The
 acknowledgement therefore comes from a thread woken through `signal.set_wakeup_fd`,
 which the interpreter writes to from the C-level handler the moment a signal arrives.
@@ -16,15 +20,16 @@ import socket
 import sys
 import threading
 
-_FIRST = "stopping after the current call, with a checkpoint; press Ctrl-C again to stop now"
+TRAINING = "stopping after the current call, with a checkpoint; press Ctrl-C again to stop now"
+COMPARING = "stopping after the current computation; press Ctrl-C again to stop now"
 _NOW = "stopping now"
 
 
 class StopOnSignals:
     """A context manager; inside it, SIGINT and SIGTERM ask for a stop, said at once.
 
-    Call the object to ask whether a stop was asked for (`should_stop`). Set `at_once`
-    for work that has nothing to save (compare mode): then the first SIGINT stops now.
+    Call the object to ask whether a stop was asked for (`should_stop`). `first`: what the
+    first signal's line says will happen (`TRAINING`, or `COMPARING` in compare mode).
 
     Args:
       out: where the acknowledgements go; default a copy of this process's stderr (a copy,
@@ -33,7 +38,7 @@ class StopOnSignals:
 
     def __init__(self, out=None):
         self._out = out
-        self.at_once = False
+        self.first = TRAINING
         self.signal_number = None
 
     def __call__(self):
@@ -54,10 +59,10 @@ class StopOnSignals:
 
     def _handle(self, number, frame):
         """In the main thread, between bytecodes: remember the signal; stop now on a second
-        SIGINT (or the first, `at_once`)."""
+        SIGINT."""
         again = self.signal_number is not None
         self.signal_number = self.signal_number or number
-        if number == signal.SIGINT and (again or self.at_once):
+        if number == signal.SIGINT and again:
             raise KeyboardInterrupt
 
     def _acknowledge(self):
@@ -72,10 +77,10 @@ class StopOnSignals:
                 return
             for number in data:
                 seen += 1
-                now = number == signal.SIGINT and (seen > 1 or self.at_once)
+                now = number == signal.SIGINT and seen > 1
                 name = "Ctrl-C" if number == signal.SIGINT else signal.Signals(number).name
                 try:
-                    self._out.write(f"\n{name}: {_NOW if now else _FIRST}\n")
+                    self._out.write(f"\n{name}: {_NOW if now else self.first}\n")
                     self._out.flush()
                 except (OSError, ValueError):
                     return

@@ -139,37 +139,48 @@ def write_in_graph(writer, values, step, finite_only=(), description=None):
                 tf.summary.scalar(tag, value, description=description)
 
 
-_HISTOGRAM_METADATA = histogram_metadata.create_summary_metadata(display_name=None, description=None)
+HISTOGRAM_METADATA = histogram_metadata.create_summary_metadata(display_name=None, description=None)
 
 
 def histogram(tag, values, buckets=30):
     """Writes the histogram `tf.summary.histogram` writes for the finite `values`, in fewer
-    ops (to the default writer, at its default step).
+    ops (to the default writer, at its default step): `histogram_rows`."""
+    return tf.summary.write(tag, histogram_rows(values, buckets), metadata=HISTOGRAM_METADATA)
 
-    The same `[buckets, 3]` float64 rows (left edge, right edge, count): equal-width
-    buckets from the minimum to the maximum, a value's bucket `floor((v - min) / width)`
-    with the maximum in the last; all values equal: zero-width buckets at that value, all
-    counted in the last. TensorBoard's version branches with two `tf.cond`s and counts by
-    a `[size, buckets]` one-hot matrix, about 0.1 ms per write on a CPU; a statistics step
-    writes the per-example norms every time. Here `tf.histogram_fixed_width` counts (its
-    bucket rule is the same) and a single value needs no branch. Values are counted in
-    float64: from float32 (or narrower) inputs the range `max - min` cannot overflow.
+
+def histogram_rows(values, buckets=30):
+    """The `[buckets, 3]` float64 rows (left edge, right edge, count) of TensorBoard's
+    histogram of the finite `values`; ops that XLA compiles, of fixed shapes.
+
+    The rows `tf.summary.histogram` writes: equal-width buckets from the minimum to the
+    maximum, a value's bucket `floor((v - min) / width)` with the maximum in the last; all
+    values equal: zero-width buckets at that value, all counted in the last. TensorBoard's
+    version branches with two `tf.cond`s and counts by a `[size, buckets]` one-hot matrix,
+    about 0.1 ms per write on a CPU; a statistics step writes the per-example norms every
+    time. Here the bucket index is that of `tf.histogram_fixed_width` (which XLA cannot
+    compile), counted by a segment sum, and a single value needs no branch. Values are
+    counted in float64: from float32 (or narrower) inputs the range `max - min` cannot
+    overflow. Non-finite values are left out (a NaN would crash the bucketing and give
+    meaningless buckets in TensorBoard's version); with none finite the buckets are empty,
+    at 0.
     """
     data = tf.cast(tf.reshape(values, [-1]), tf.float64)
-    # Only finite values are counted: a NaN crashes `histogram_fixed_width` (and gives
-    # meaningless buckets in TensorBoard's version). None finite: empty buckets at 0.
-    data = tf.boolean_mask(data, tf.math.is_finite(data))
-    low, high = tf.reduce_min(data), tf.reduce_max(data)      # +inf, -inf when empty
+    finite = tf.math.is_finite(data)
+    inf = tf.constant(float("inf"), tf.float64)
+    low = tf.reduce_min(tf.where(finite, data, inf))
+    high = tf.reduce_max(tf.where(finite, data, -inf))
     empty = low > high
     low, high = tf.where(empty, tf.zeros_like(low), low), tf.where(empty, tf.zeros_like(high), high)
     single = tf.equal(low, high)
     # One value v: the range [v - max(1, |v|), v] puts it in the last bucket, as TensorBoard
     # does (v - 1 would round to v for large v).
     below = tf.where(single, low - tf.maximum(tf.abs(low), 1.0), low)
-    counts = tf.histogram_fixed_width(data, tf.stack([below, high]), buckets)
+    step = (high - below) / buckets
+    data = tf.where(finite, data, below)              # counted with weight 0 below
+    index = tf.cast(tf.minimum((data - below) / step, buckets - 1.0), tf.int32)
+    counts = tf.math.unsorted_segment_sum(tf.cast(finite, tf.float64), index, buckets)
     edges = tf.concat([tf.linspace(low, high, buckets + 1)[:-1], [high]], 0)
-    rows = tf.stack([edges[:-1], edges[1:], tf.cast(counts, tf.float64)], axis=1)
-    return tf.summary.write(tag, rows, metadata=_HISTOGRAM_METADATA)
+    return tf.stack([edges[:-1], edges[1:], counts], axis=1)
 
 
 def _scalar(tag, value):

@@ -319,7 +319,8 @@ def _train_epoch(config, parts, runner, state, rng, progress, should_stop):
         if runner.compiles(batch):
             progress.compiling(batch)
             runner.compile(parts.x_all, parts.y_all, batch)
-            _stop_if_asked(state, should_stop)      # Ctrl-C while it compiled: no step taken
+            if config.strategy != "multi_worker":   # workers stop in step, after a call
+                _stop_if_asked(state, should_stop)  # Ctrl-C while it compiled: no step taken
     progress.start_bar(math.ceil(n / parts.batch))
     loss_sum, counted = 0.0, 0
     for index in calls:

@@ -109,6 +109,15 @@ def finite_only(active, names):
     return frozenset(tag for i in active if i.finite_only for tag in i.tags(names))
 
 
+def tag_kinds(active, names):
+    """`(scalar tags, histogram tags)` that the instruments can write, each in order."""
+    scalars, histograms = [], []
+    for instrument in active:
+        for tag in instrument.tags(names):
+            (histograms if tag in instrument.histograms else scalars).append(tag)
+    return scalars, histograms
+
+
 def summaries(active):
     """The `Summary` entries of all instruments, in order."""
     return [s for instrument in active for s in instrument.summaries]

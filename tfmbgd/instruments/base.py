@@ -61,6 +61,9 @@ class Instrument:
         static batch size below it the instrument is not computed.
       finite_only: values that are not finite are not written (undefined, not diverged).
       summaries: `Summary` entries of the tags a study averages.
+      histograms: the tags whose values are vectors, written as histograms (the others
+        are scalars). A compiled step keeps both kinds in buffers of fixed shapes until
+        Python writes them (`tfmbgd.buffer`), so it needs to know which is which.
     """
 
     name = None
@@ -68,6 +71,7 @@ class Instrument:
     min_batch = 1
     finite_only = False
     summaries = ()
+    histograms = frozenset()
 
     def build(self, variables):
         """Makes the instrument's state (tf.Variables), once, under the run's strategy scope."""

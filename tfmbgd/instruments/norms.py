@@ -37,6 +37,7 @@ class PerExampleNorms(Instrument):
     `||g_n||` over all variables (unscaled: the gradient of example n's own loss)."""
 
     name = "per_example_norms"
+    histograms = frozenset({"per_example_grad_norm"})
 
     def tags(self, names):
         return {"per_example_grad_norm": "histogram of the B per-example gradient norms"}
