@@ -108,3 +108,14 @@ def tree_hash(path):
         if file.is_file():
             digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+def final_weights(run_dir):
+    """The arrays of a run's `final.weights.h5`, in file order."""
+    import h5py
+
+    from tfmbgd import training
+    weights = []
+    with h5py.File(os.path.join(run_dir, training.FINAL_WEIGHTS)) as f:
+        f.visititems(lambda _, obj: weights.append(np.array(obj)) if isinstance(obj, h5py.Dataset) else None)
+    return weights

@@ -13,12 +13,11 @@ import subprocess
 import sys
 import time
 
-import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import make_problem, oracle_per_example, read_scalars, user_env
+from conftest import final_weights, make_problem, oracle_per_example, read_scalars, user_env
 from tfmbgd import config as cfg
 from tfmbgd import data, distribute, losses, models, stats, training
 from tfmbgd.instruments.noise_scale import two_batch_terms
@@ -28,13 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def mirrored(count=2):
     return distribute.make_strategy("mirrored", count)
-
-
-def final_weights(run_dir):
-    weights = []
-    with h5py.File(os.path.join(run_dir, training.FINAL_WEIGHTS)) as f:
-        f.visititems(lambda _, obj: weights.append(np.array(obj)) if isinstance(obj, h5py.Dataset) else None)
-    return weights
 
 
 def assert_same_run(one_dir, many_dir, weight_tol=1e-6, rel=1e-4):

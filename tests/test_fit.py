@@ -282,3 +282,19 @@ def test_per_example_loss_from_compiled_losses():
     np.testing.assert_allclose(fit.per_example_loss(CE)(y, logits).numpy(), want, rtol=1e-6)
     mse = fit.per_example_loss("mean_squared_error")(tf.ones((2, 1)), tf.zeros((2, 1)))
     np.testing.assert_allclose(mse.numpy(), [1.0, 1.0])
+
+
+def test_fit_called_epoch_by_epoch_traces_once_and_a_fit_without_statistics_writes_none(tmp_path):
+    x, y = _data()
+    model = fit.with_statistics(models.build("mlp", (6,), 3, hidden=(8,), seed=5))
+    model.compile(optimizer=optimizers.MiniBatchSGD(0.1), loss=CE)
+    statistics = tfmbgd_callbacks.GradientStatistics(str(tmp_path), freq=3)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[statistics])   # steps 0-3
+    function = model.train_function
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[statistics])   # steps 4-7
+    assert model.train_function is function                     # not made (nor traced) again
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)                           # steps 8-11
+    assert model.train_function is not function
+    assert [s for s, _ in read_scalars(tmp_path / "train")["grad/norm"]] == [0, 3, 6]
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[statistics])   # 12-15
+    assert [s for s, _ in read_scalars(tmp_path / "train")["grad/norm"]] == [0, 3, 6, 12, 15]

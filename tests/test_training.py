@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import read_scalars
+from conftest import final_weights, read_histograms, read_scalars
 from tfmbgd import layerwise, losses, models, steps, summaries, training
 from tfmbgd.config import TrainConfig
 from tfmbgd.errors import UserError
@@ -242,3 +242,31 @@ def test_custom_loop_family_matches_keras_builtins(optimizer):
         weights[rule] = [v.numpy() for v in model.trainable_variables]
     for a, b in zip(weights["custom"], weights["keras"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+XLA_RUNS = [dict(model="mlp", dataset="digits", batch_size=64, elementwise_stats=True),
+            dict(model="linear", dataset="linear", batch_size=16, on_nonfinite="skip")]
+
+
+@pytest.mark.parametrize("settings", XLA_RUNS, ids=["mlp digits", "linear, skip"])
+def test_xla_compiled_calls_write_what_the_plain_loop_writes(tmp_path, settings):
+    # --jit_compile: the steps record into a buffer that Python writes after each call; the
+    # same tags at the same steps with the same values (float32 round-off: XLA fuses), and
+    # the same weights. Calls of 8 steps with statistics every 3 and the loss every 2: rows
+    # of both kinds inside one call.
+    common = dict(**settings, epochs=2, stats_every=3, log_every=2, steps_per_call=8)
+    runs = {jit: training.train(TrainConfig(**common, jit_compile=jit, logdir=str(tmp_path / str(jit))),
+                                verbose=0) for jit in (False, True)}
+    plain, xla = (read_scalars(f"{runs[jit].run_dir}/train") for jit in (False, True))
+    assert set(xla) == set(plain)
+    for tag, points in plain.items():
+        if tag == "loss_by/milliseconds":       # another clock; the same number of points
+            assert len(xla[tag]) == len(points)
+            continue
+        assert [s for s, _ in xla[tag]] == [s for s, _ in points], tag
+        np.testing.assert_allclose([v for _, v in xla[tag]], [v for _, v in points], rtol=2e-4,
+                                   atol=1e-6, err_msg=tag)
+    hist = {jit: read_histograms(f"{runs[jit].run_dir}/train")["per_example_grad_norm"] for jit in runs}
+    assert [(s, h.num) for s, h in hist[True]] == [(s, h.num) for s, h in hist[False]]
+    for a, b in zip(final_weights(runs[True].run_dir), final_weights(runs[False].run_dir)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

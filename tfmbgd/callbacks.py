@@ -71,7 +71,7 @@ class GradientStatistics(keras.callbacks.Callback):
                             f"{type(model).__name__} has none: wrap it with tfmbgd.fit.with_statistics "
                             "(functional, Sequential) or add the mixin to its bases (subclassed)")
         super().set_model(model)
-        model.make_train_function(force=True)        # a trace of the step with statistics
+        model._use_statistics(self.settings)
 
     def on_train_begin(self, logs=None):
         self.model._start_statistics(self.settings)
@@ -82,7 +82,6 @@ class GradientStatistics(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self._write()
         self.model._stop_statistics()
-        self.model.make_train_function(force=True)   # a later fit without statistics traces anew
         if self._writer is not None:
             self._writer.close()
             self._writer = None

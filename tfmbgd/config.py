@@ -27,7 +27,8 @@ ON_NONFINITE = ("stop", "skip")
 # Settings that may differ when a run is resumed; every other one must match the run's.
 # (resume and logdir last: the help of --resume lists the others.)
 CHANGEABLE_ON_RESUME = ("epochs", "log_every", "steps_per_call", "checkpoint_every", "keep_checkpoints",
-                        "deterministic", "on_nonfinite", "strategy", "cpu_devices", "resume", "logdir")
+                        "deterministic", "on_nonfinite", "strategy", "cpu_devices", "jit_compile", "resume",
+                        "logdir")
 
 
 def _setting(default, help, choices=None, minimum=None, parse=None, form=None):
@@ -108,6 +109,9 @@ class TrainConfig:
     on_nonfinite: str = _setting("stop", "A non-finite loss or gradient: stop (keep the last good "
                                  "checkpoint, exit 2) or skip that update and count it in "
                                  "nonfinite/skipped.", ON_NONFINITE)
+    jit_compile: bool = _setting(False, "XLA-compile each call of train steps (as fit's jit_compile); "
+                                 "statistics are written after the call. Off by default: on a CPU it "
+                                 "measured slower for small models.")
     seed: int = _setting(0, "Seed of initial weights, shuffling and synthetic data.", minimum=0)
     strategy: str = _setting("default", "default: one device. mirrored: one replica per local GPU (or "
                              "per --cpu_devices). multi_worker: one replica per process of the TF_CONFIG "
@@ -134,6 +138,9 @@ class TrainConfig:
         if self.strategy != "default" and self.accumulate > 1:
             raise UserError(f"accumulate={self.accumulate} is not supported with --strategy={self.strategy}: "
                             "raise --batch_size instead (it is the global batch, split across replicas)")
+        if self.jit_compile and self.strategy != "default":
+            raise UserError(f"jit_compile compiles the calls of one device; drop it, or "
+                            f"--strategy={self.strategy}")
         if self.strategy != "default" and self.mode == "compare":
             raise UserError("--mode=compare contrasts gradients on one device; drop --strategy")
         if not isinstance(self.batch_sizes, tuple) or any(
@@ -161,8 +168,9 @@ class TrainConfig:
         d = self.noise_scale_decay
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
             raise SettingError("noise_scale_decay", "must be in [0, 1)", d)
-        if not isinstance(self.elementwise_stats, bool):
-            raise SettingError("elementwise_stats", "must be True or False", self.elementwise_stats)
+        for name in ("elementwise_stats", "jit_compile", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingError(name, "must be True or False", getattr(self, name))
         names = self.instruments
         if not isinstance(names, tuple) or not all(n and isinstance(n, str) for n in names):
             raise SettingError("instruments", "must be instrument names", self.instruments)
@@ -176,7 +184,8 @@ class TrainConfig:
 # a warning (`ignored`), not silently dropped.
 _TRAINING_ONLY = ("epochs", "log_every", "steps_per_call", "stats_every", "elementwise_stats",
                   "noise_scale_decay", "instruments", "logdir", "checkpoint_every", "keep_checkpoints",
-                  "deterministic", "on_nonfinite", "optimizer", "update", "reduction", "grad_method")
+                  "deterministic", "on_nonfinite", "optimizer", "update", "reduction", "grad_method",
+                  "jit_compile")
 _STATISTICS_ONLY = ("elementwise_stats", "noise_scale_decay", "instruments", "grad_method")
 
 

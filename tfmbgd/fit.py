@@ -81,6 +81,7 @@ class GradientStatisticsMixin:
     _statistics_settings = None     # from configure_statistics: kept with the model
     _statistics_settings_on = None  # the settings of the fit in progress (its callback's)
     _statistics = None              # their _Recorder: instruments, buffer
+    _statistics_traced = None       # the settings the current train function was made for
 
     def configure_statistics(self, log_dir, freq=10, method="auto", elementwise=False,
                              noise_scale_decay=0.9, loss=None, more_instruments=()):
@@ -97,9 +98,21 @@ class GradientStatisticsMixin:
         from tfmbgd.callbacks import GradientStatistics
         callbacks = list(callbacks or [])
         settings = self._statistics_settings
-        if settings is not None and not any(isinstance(c, GradientStatistics) for c in callbacks):
+        given = any(isinstance(c, GradientStatistics) for c in callbacks)
+        if settings is not None and not given:
             callbacks.append(GradientStatistics.from_settings(settings))
+        elif settings is None and not given:
+            self._use_statistics(None)
         return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    def _use_statistics(self, settings):
+        """Before `fit` makes its train function: a new one (traced at its first call) when
+        the statistics settings differ from those the current one was traced with; the
+        same one, not traced again, when they are the same (a fit called epoch by epoch)."""
+        if self._statistics_traced != settings:
+            self._statistics_settings_on = settings
+            self.make_train_function(force=True)
+            self._statistics_traced = settings
 
     def get_config(self):
         config = super().get_config()

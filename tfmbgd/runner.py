@@ -5,7 +5,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfmbgd import instruments, summaries
+from tfmbgd import buffer, instruments, summaries
 
 MILLISECONDS = ("The mini-batch loss against milliseconds of training since this process's first step: "
                 "the time to trace and compile the train step is left out, so runs compare by the "
@@ -81,9 +81,10 @@ class StepRunner:
         return {tag: float(total.numpy()) / int(count.numpy()) if int(count.numpy()) else float("nan")
                 for tag, (total, count) in self._sums.items()}
 
-    def _run(self, x_all, y_all, index, first_step, first_example):
-        """Steps `first_step, first_step + 1, ...` on batches `x_all[index[i]]`; returns the
-        sum of their mean losses (float32; NaN if one was).
+    def _run(self, x_all, y_all, index, first_step, first_example, n=None):
+        """Steps `first_step, first_step + 1, ...` on batches `x_all[index[i]]` (the first
+        `n` rows of `index`, default all); returns the sum of their mean losses (float32;
+        NaN if one was).
 
         No step sits in a `tf.cond`: a step wrapped in a cond costs about 8% more on a CPU
         (measured on the MLP), so choosing the step kind per step would make every step pay
@@ -91,7 +92,7 @@ class StepRunner:
         alone: the plain steps before the first of them run in a loop, then each statistics
         step is followed by a loop of the plain steps up to the next one.
         """
-        n = tf.shape(index)[0]
+        n = tf.shape(index)[0] if n is None else n
         batch = tf.cast(tf.shape(index)[1], tf.int64)
 
         def one(i, with_stats):
@@ -102,22 +103,25 @@ class StepRunner:
             loss = self._with_stats(x, y, where) if with_stats else self._plain(x, y, where)
             return tf.cast(loss, tf.float32)
 
+        def steps_from(start, stop, step, total, body):
+            # An explicit while loop, not autograph's `for i in tf.range(...)`: nested in
+            # another loop, that builds a Range op whose bounds XLA requires to be constants.
+            return tf.while_loop(lambda i, total: i < stop, lambda i, total: (i + step, body(i, total)),
+                                 (start, total))[1]
+
         def plain_steps(start, stop, total):
-            for i in tf.range(start, stop):
-                total += one(i, False)
-            return total
+            return steps_from(start, stop, 1, total, lambda i, total: total + one(i, False))
 
         if not self.stats_every:
             return plain_steps(0, n, tf.constant(0.0))
         every = self.stats_every
+
+        def stats_then_plain(i, total):
+            total += one(i, True)
+            return plain_steps(i + 1, tf.minimum(n, i + every), total) if every > 1 else total
         # The call's first statistics step: the first i with (first_step + i) % every == 0.
         first = tf.minimum(n, tf.cast(tf.math.floormod(-first_step, every), tf.int32))
-        total = plain_steps(0, first, tf.constant(0.0))
-        for i in tf.range(first, n, every):
-            total += one(i, True)
-            if every > 1:
-                total = plain_steps(i + 1, tf.minimum(n, i + every), total)
-        return total
+        return steps_from(first, n, every, plain_steps(0, first, tf.constant(0.0)), stats_then_plain)
 
     def _plain(self, x, y, where):
         out = self.steps.plain_step(x, y)
@@ -149,6 +153,77 @@ class StepRunner:
         summaries.write_in_graph(self.writer, {"loss_by/milliseconds": values["loss"]}, elapsed_ms,
                                  description=MILLISECONDS)
         return tf.constant(True)
+
+
+EXAMPLES = "_examples"      # a buffered row's examples seen: the x of loss_by/examples_seen
+
+
+class XlaStepRunner(StepRunner):
+    """A `StepRunner` whose calls XLA compiles (`--jit_compile`, like `fit`'s
+    `jit_compile=True`).
+
+    Nothing inside an XLA-compiled function can write a summary, so the steps record their
+    values in a `tfmbgd.buffer.StatisticsBuffer` and Python writes them after each call.
+    Every call runs `steps_per_call` rows of indices, the unused ones padding, and takes the
+    number of steps as a tensor: XLA compiles once per batch size, not once per call length.
+    The time axis of `loss_by/milliseconds` is the host clock around each call, shared
+    evenly among the call's steps (a compiled call has no clock inside), compiling left
+    out.
+    """
+
+    def __init__(self, steps, writer, log_every, stats_every, steps_per_call):
+        super().__init__(steps, writer, log_every, stats_every)
+        self.steps_per_call = steps_per_call
+        names = [v.path for v in steps.model.trainable_variables]
+        scalars, histograms = instruments.tag_kinds(steps.instruments, names)
+        base = ["loss"] + ["accuracy"] * steps.classification + \
+            ["nonfinite/skipped"] * (steps.skipped() is not None) + [EXAMPLES]
+        rows = buffer.capacity(steps_per_call, log_every) + (
+            buffer.capacity(steps_per_call, stats_every) if stats_every else 0)
+        self._buffer = buffer.StatisticsBuffer(base + scalars, histograms, rows)
+        self._began, self._paused = None, 0.0      # the first call's start; compiling since
+
+    def compile(self, x_all, y_all, batch):
+        began = time.time()
+        super().compile(x_all, y_all, batch)
+        if self._began is not None:
+            self._paused += time.time() - began
+
+    def run(self, x_all, y_all, index, first_step, first_example):
+        n, batch = int(index.shape[0]), int(index.shape[1])
+        if batch not in self._compiled:
+            spec = lambda t: tf.TensorSpec(t.shape, t.dtype)
+            self._compiled[batch] = tf.function(self._run, jit_compile=True, input_signature=[
+                spec(x_all), spec(y_all), tf.TensorSpec([self.steps_per_call, batch], tf.int32),
+                tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int32)])
+        padded = tf.concat([index, tf.zeros([self.steps_per_call - n, batch], tf.int32)], 0)
+        began = time.time()
+        total = self._compiled[batch](x_all, y_all, padded, first_step, first_example, tf.constant(n))
+        total = total.numpy()                   # the call has run: its rows are in the buffer
+        if n:
+            self._write_rows(int(first_step), n, began, time.time())
+        return total
+
+    def _write(self, values, where):
+        step, examples = where
+        skipped = self.steps.skipped()
+        if skipped is not None:
+            values = {**values, "nonfinite/skipped": skipped}
+        with tf.control_dependencies([self._buffer.record({**values, EXAMPLES: examples}, step)]):
+            return tf.constant(True)
+
+    def _write_rows(self, first_step, n, began, ended):
+        if self._began is None:
+            self._began = began
+        rows = self._buffer.drain()
+        buffer.write(self.writer, [(step, {k: v for k, v in values.items() if k != EXAMPLES}, hists)
+                                   for step, values, hists in rows], self.steps.finite_only)
+        with self.writer.as_default():
+            for step, values, _ in rows:
+                done = (step - first_step + 1) / n          # the share of the call before this row
+                ms = int(1000 * (began - self._began - self._paused + done * (ended - began)))
+                tf.summary.scalar("loss_by/examples_seen", values["loss"], step=int(values[EXAMPLES]))
+                tf.summary.scalar("loss_by/milliseconds", values["loss"], step=ms, description=MILLISECONDS)
 
 
 def _clock():

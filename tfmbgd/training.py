@@ -24,7 +24,7 @@ from tfmbgd import config as config_lib
 from tfmbgd.errors import Interrupted, UserError
 from tfmbgd.optimizers import make_optimizer
 from tfmbgd.progress import RunProgress
-from tfmbgd.runner import StepRunner, epoch_batches
+from tfmbgd.runner import StepRunner, XlaStepRunner, epoch_batches
 from tfmbgd.steps import NonFiniteGuard, Steps, make_update, optimizer_update
 
 FINAL_WEIGHTS = "final.weights.h5"
@@ -195,8 +195,10 @@ def _train_in(config, verbose, where, should_stop, strategy, parts, new):
     rng = np.random.default_rng(config.seed)
     with summaries.RunWriters(where.run_dir) as writers:
         with strategy.scope():          # the writer is made once the directory has its name
-            runner = StepRunner(parts.steps, lambda: writers.writer("train"), config.log_every,
-                                config.stats_every)
+            train_writer = lambda: writers.writer("train")
+            runner = (XlaStepRunner(parts.steps, train_writer, config.log_every, config.stats_every,
+                                    config.steps_per_call) if config.jit_compile else
+                      StepRunner(parts.steps, train_writer, config.log_every, config.stats_every))
         # The run's counters are this process's own (outside the strategy's scope: a
         # multi-worker strategy cannot broadcast the string that holds the rng state).
         state = checkpoints.RunState(home, parts.model, parts.optimizer, runner.variables(),
