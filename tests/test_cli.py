@@ -144,6 +144,9 @@ BAD_FLAGS = [
     (["--mode=compare", "--batch_sizes=1,2"], "--batch_sizes=1,2: is a study of training runs"),
     (["--epochs=1.5"], "--epochs=1.5: must be an integer"),
     (["--hidden=64,,32"], "--hidden=64,,32: must be positive integers"),
+    # issue 17: what the loop cannot do, said
+    (["--mixed_precision=mixed_float16"], "--mixed_precision=mixed_float16: needs loss scaling"),
+    (["--jit_compile", "--strategy=mirrored"], "jit_compile compiles the calls of one device"),
 ]
 
 

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import final_weights, read_histograms, read_scalars
+from tfmbgd import data as tfmbgd_data
 from tfmbgd import layerwise, losses, models, steps, summaries, training
 from tfmbgd.config import TrainConfig
 from tfmbgd.errors import UserError
@@ -270,3 +271,21 @@ def test_xla_compiled_calls_write_what_the_plain_loop_writes(tmp_path, settings)
     assert [(s, h.num) for s, h in hist[True]] == [(s, h.num) for s, h in hist[False]]
     for a, b in zip(final_weights(runs[True].run_dir), final_weights(runs[False].run_dir)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_bfloat16_run_computes_in_bfloat16_and_measures_like_float32(tmp_path):
+    # tolerance: 5% relative, a few times bfloat16's epsilon (2^-7) for gradients whose
+    # activations are rounded to it; a leaked cast or a 16-bit accumulation would be far off
+    common = dict(epochs=1, batch_size=64, stats_every=5, log_every=5, logdir=str(tmp_path))
+    bf16 = training.train(TrainConfig(**common, mixed_precision="mixed_bfloat16"), verbose=0)
+    f32 = training.train(TrainConfig(**common), verbose=0)
+    assert keras.mixed_precision.global_policy().name == "float32"        # left as it was
+    half, full = read_scalars(f"{bf16.run_dir}/train"), read_scalars(f"{f32.run_dir}/train")
+    for tag in ("loss", "grad/norm", "grad_var/trace", "grad/norm/hidden_1/kernel"):
+        assert half[tag][0][0] == full[tag][0][0] == 0
+        assert half[tag][0][1] == pytest.approx(full[tag][0][1], rel=5e-2), tag      # same initial weights
+    assert bf16.test["loss"] == pytest.approx(f32.test["loss"], rel=5e-2)
+    model, _, _, _ = training.setup(TrainConfig(mixed_precision="mixed_bfloat16"),
+                                    tfmbgd_data.load("digits"))
+    assert {layer.compute_dtype for layer in model.layers[1:]} == {"bfloat16"}
+    assert {v.dtype for v in model.trainable_variables} == {"float32"}

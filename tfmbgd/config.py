@@ -23,6 +23,7 @@ GRAD_METHODS = ("auto", "layerwise", "vectorized", "jacobian", "loop")
 MODES = ("train", "compare")
 LR_SCALINGS = ("none", "linear", "sqrt")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+PRECISIONS = ("none", "mixed_bfloat16", "mixed_float16")      # Keras dtype policies
 ON_NONFINITE = ("stop", "skip")
 # Settings that may differ when a run is resumed; every other one must match the run's.
 # (resume and logdir last: the help of --resume lists the others.)
@@ -109,6 +110,9 @@ class TrainConfig:
     on_nonfinite: str = _setting("stop", "A non-finite loss or gradient: stop (keep the last good "
                                  "checkpoint, exit 2) or skip that update and count it in "
                                  "nonfinite/skipped.", ON_NONFINITE)
+    mixed_precision: str = _setting("none", "Keras' mixed-precision policy: layers compute in 16 bits, "
+                                    "variables and the gradient moments stay float32 (mixed_float16 needs "
+                                    "loss scaling: model.fit's LossScaleOptimizer).", PRECISIONS)
     jit_compile: bool = _setting(False, "XLA-compile each call of train steps (as fit's jit_compile); "
                                  "statistics are written after the call. Off by default: on a CPU it "
                                  "measured slower for small models.")
@@ -138,6 +142,11 @@ class TrainConfig:
         if self.strategy != "default" and self.accumulate > 1:
             raise UserError(f"accumulate={self.accumulate} is not supported with --strategy={self.strategy}: "
                             "raise --batch_size instead (it is the global batch, split across replicas)")
+        if self.mixed_precision == "mixed_float16" and self.mode == "train":
+            raise SettingError("mixed_precision", "needs loss scaling (float16 gradients underflow), which "
+                               "the custom loop does not do: use mixed_bfloat16 here, or model.fit with "
+                               "tfmbgd.callbacks.GradientStatistics (Keras' LossScaleOptimizer)",
+                               self.mixed_precision)
         if self.jit_compile and self.strategy != "default":
             raise UserError(f"jit_compile compiles the calls of one device; drop it, or "
                             f"--strategy={self.strategy}")
@@ -185,7 +194,7 @@ class TrainConfig:
 _TRAINING_ONLY = ("epochs", "log_every", "steps_per_call", "stats_every", "elementwise_stats",
                   "noise_scale_decay", "instruments", "logdir", "checkpoint_every", "keep_checkpoints",
                   "deterministic", "on_nonfinite", "optimizer", "update", "reduction", "grad_method",
-                  "jit_compile")
+                  "jit_compile", "mixed_precision")
 _STATISTICS_ONLY = ("elementwise_stats", "noise_scale_decay", "instruments", "grad_method")
 
 

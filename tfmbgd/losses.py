@@ -14,12 +14,19 @@ from tfmbgd.errors import UserError
 
 def crossentropy(y_true, logits):
     """Softmax cross-entropy of integer labels `[B]` against logits `[B, C]` -> `[B]`."""
-    return keras.losses.sparse_categorical_crossentropy(y_true, logits, from_logits=True)
+    return keras.losses.sparse_categorical_crossentropy(y_true, _wide(logits), from_logits=True)
 
 
 def mse(y_true, y_pred):
     """Squared error averaged over the output units `[B, K]` -> `[B]` (not over the batch)."""
-    return keras.losses.mean_squared_error(y_true, y_pred)
+    y_pred = _wide(y_pred)
+    return keras.losses.mean_squared_error(tf.cast(y_true, y_pred.dtype), y_pred)
+
+
+def _wide(outputs):
+    """16-bit outputs (mixed precision) in float32: the loss is computed in float32, as Keras
+    recommends for the last layer; other dtypes as they are."""
+    return tf.cast(outputs, tf.float32) if outputs.dtype in (tf.float16, tf.bfloat16) else outputs
 
 
 _LOSSES = {"crossentropy": crossentropy, "mse": mse}

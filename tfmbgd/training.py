@@ -69,8 +69,24 @@ def setup(config, ds):
         update, micro = n, -(-n // k)
     else:
         update, micro = config.batch_size * k, config.batch_size
-    model = models.build(config.model, ds.input_shape, ds.num_classes, config.hidden, config.seed)
+    with _policy(config.mixed_precision):
+        model = models.build(config.model, ds.input_shape, ds.num_classes, config.hidden, config.seed)
     return model, losses.per_example(losses.for_task(ds.num_classes)), update, (micro if k > 1 else None)
+
+
+@contextlib.contextmanager
+def _policy(name):
+    """Keras' global dtype policy `name` ("none": as it is) while a model is built; its
+    layers keep it."""
+    if name == "none":
+        yield
+        return
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
 
 
 def train(config, verbose=1, run_dir=None, should_stop=None, dataset=None):
