@@ -42,6 +42,7 @@ def _main(argv, stop):
         if launch.reports(config):
             print("starting TensorFlow ...", flush=True)
         _quietly(launch.start_tensorflow, config)
+        stop.reinstall()
         return launch.dispatch(config, should_stop=stop, dataset=dataset), None
     except UserError as err:
         return 2, f"train.py: error: {err}"

@@ -1,6 +1,6 @@
 """Samples per second: tfmbgd's custom loop against model.fit, with and without statistics.
 
-    python benchmarks/fit_vs_loop.py            # about four minutes on 2 cores
+    python benchmarks/fit_vs_loop.py            # about six minutes on 2 cores
     python benchmarks/fit_vs_loop.py --quick
 
 Same model (MLP 784-256-256-10, ReLU), same synthetic data (8192 examples), batch 128,
@@ -47,8 +47,9 @@ def fit_epoch(steps_per_execution, stats_every=None, jit_compile=False):
     return lambda: model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=True, verbose=0, callbacks=extra)
 
 
-def loop_epoch(steps_per_call, stats_every=0):
-    """One epoch of `train.py`'s loop per call (`runner.StepRunner`, summaries written)."""
+def loop_epoch(steps_per_call, stats_every=0, jit_compile=False):
+    """One epoch of `train.py`'s loop per call (`runner.StepRunner`, summaries written;
+    `XlaStepRunner` with `jit_compile`)."""
     import numpy as np
     import tensorflow as tf
 
@@ -58,8 +59,13 @@ def loop_epoch(steps_per_call, stats_every=0):
     model, x, y = make()
     apply = steps.make_update("custom", model.trainable_variables, 0.01)
     writers = summaries.RunWriters(tempfile.mkdtemp())
-    runner = runner_lib.StepRunner(steps.Steps(model, losses.crossentropy, apply),
-                                   writers.writer("train"), log_every=10, stats_every=stats_every)
+    the_steps = steps.Steps(model, losses.crossentropy, apply)
+    if jit_compile:
+        runner = runner_lib.XlaStepRunner(the_steps, writers.writer("train"), log_every=10,
+                                          stats_every=stats_every, steps_per_call=steps_per_call)
+    else:
+        runner = runner_lib.StepRunner(the_steps, writers.writer("train"), log_every=10,
+                                       stats_every=stats_every)
     x_all, y_all = tf.constant(x), tf.constant(y)
     rng = np.random.default_rng(0)
     step = [0]
@@ -88,6 +94,8 @@ def main():
         "custom loop, 1 step per call": loop_epoch(1),
         "custom loop, 32 steps per call": loop_epoch(32),
         "custom loop, 32 per call, statistics every 16": loop_epoch(32, 16),
+        "custom loop, 32 per call, XLA": loop_epoch(32, jit_compile=True),
+        "custom loop, 32 per call, XLA, statistics every 16": loop_epoch(32, 16, jit_compile=True),
     }
     times = {name: [] for name in rows}
     for round_ in range(epochs + 1):         # round 0 traces; rows take turns epoch by epoch
@@ -107,7 +115,8 @@ def main():
     print("\nTime per epoch, statistics every 16 steps against none, in the same setting:")
     pairs = (("model.fit, steps_per_execution=32", "model.fit, spe=32, statistics every 16 steps"),
              ("model.fit, spe=32, XLA", "model.fit, spe=32, XLA, statistics every 16 steps"),
-             ("custom loop, 32 steps per call", "custom loop, 32 per call, statistics every 16"))
+             ("custom loop, 32 steps per call", "custom loop, 32 per call, statistics every 16"),
+             ("custom loop, 32 per call, XLA", "custom loop, 32 per call, XLA, statistics every 16"))
     for plain, stats in pairs:
         print(f"  {stats}: {rates[plain] / rates[stats]:.3f}x")
     best_loop = max(rates[k] for k in rates if k.startswith("custom loop"))

@@ -57,6 +57,12 @@ class StopOnSignals:
         self._watcher.start()
         return self
 
+    def reinstall(self):
+        """Takes SIGINT and SIGTERM back once TensorFlow has started: a multi-worker strategy
+        installs a SIGTERM handler of its own (a preemption notifier) over Python's."""
+        for sig in self._previous:
+            signal.signal(sig, self._handle)
+
     def _handle(self, number, frame):
         """In the main thread, between bytecodes: remember the signal; stop now on a second
         SIGINT."""
