@@ -1,16 +1,15 @@
-"""Statistics that compile: a step records its values in variables, Python writes them.
+"""Statistics that compile: a step records its values in variables, written after the call.
 
 Nothing inside an XLA-compiled function can write a summary, and a compiled call of many
 steps (`steps_per_execution`, `--steps_per_call`) returns to Python only at its end. So
 the statistics step records each statistics step's values in a `StatisticsBuffer` (rows
 of fixed-shape, non-trainable variables; XLA compiles the assignments), and after the call
-Python `drain`s it and writes every row at its own step. Scalars are kept in float64 with
-a mask of the tags a step wrote (an instrument can skip a step: a batch of one has no
-variance); histograms as TensorBoard's `[30, 3]` rows (`summaries.histogram_rows`), so a
-batch of any size fits.
+a `writer_function` (an ordinary `tf.function`) writes every row at its own step.
+Scalars are kept in float64 with a mask of the tags a step wrote (an instrument can skip
+a step: a batch of one has no variance); histograms as TensorBoard's `[30, 3]` rows
+(`summaries.histogram_rows`), so a batch of any size fits.
 """
 
-import numpy as np
 import tensorflow as tf
 
 from tfmbgd import summaries
@@ -38,7 +37,8 @@ class StatisticsBuffer:
     """Room for `capacity` statistics steps of the tags `scalar_tags` and `histogram_tags`.
 
     Make it under the strategy's scope (replicas record the same merged values: the first
-    replica's are read). `record` runs in the compiled step, `drain` in Python after it.
+    replica's are read). `record` runs in the compiled step, `writer_function`'s function
+    after it.
     """
 
     def __init__(self, scalar_tags, histogram_tags, capacity):
@@ -57,7 +57,7 @@ class StatisticsBuffer:
 
     def record(self, values, step):
         """Records `values` (`{tag: tensor}`, tags among this buffer's) at `step`, in the
-        next free row; a full buffer counts the row as lost (`drain` then says so)."""
+        next free row; a full buffer counts the row as lost (the writer then says so)."""
         unknown = set(values) - set(self.scalar_tags) - set(self.histogram_tags)
         if unknown:
             raise UserError(f"the step wrote tags its instruments did not declare: {sorted(unknown)}")
@@ -72,7 +72,7 @@ class StatisticsBuffer:
                                else tf.zeros([BUCKETS, 3], tf.float64) for tag in self.histogram_tags]) \
             if self.histogram_tags else tf.zeros([0, BUCKETS, 3], tf.float64)
         # Scatters, not slice assignments: XLA compiles a row index that is known only at
-        # run time in a scatter. (A full buffer overwrites its last row; drain then fails.)
+        # run time in a scatter. (A full buffer overwrites its last row; the writer fails.)
         def put(variable, value):
             return variable.assign(tf.tensor_scatter_nd_update(variable, [[row]], value[None]))
         updates = [put(self.scalars, scalars), put(self.written, written), put(self.histograms, histograms),
@@ -81,44 +81,59 @@ class StatisticsBuffer:
             return tf.group(self.count.assign(tf.where(full, self.count, self.count + 1)),
                             self.lost.assign_add(tf.cast(full, tf.int32)))
 
-    def drain(self):
-        """The recorded rows, oldest first, as `(step, {tag: float}, {tag: [30, 3] rows})`,
-        and empties the buffer (eagerly, between compiled calls).
+    def writer_function(self, writer, finite_only=(), skip=(), extra=None):
+        """A `tf.function` (not XLA-compiled) that writes the recorded rows with `writer`,
+        each at its step, and empties the buffer; it returns the number of rows written.
 
-        Raises:
-          UserError: rows were lost to a full buffer (a bug: the capacity is sized from
-            the calls' steps and the statistics schedule).
+        In one call, not one eager write per value: eager `tf.summary.scalar` calls cost
+        about 0.1 ms each, which for some thirty tags per statistics step is most of what
+        the statistics cost `fit`. Tags in `finite_only` are written only when finite, tags
+        in `skip` not at all; `extra(values, step, *args)` (traced once per row, `values`
+        `{tag: scalar tensor}`) writes more from a row, with the function's `*args`.
+
+        Raises (when called):
+          tf.errors.InvalidArgumentError: rows were lost to a full buffer (a bug: the
+            capacity is sized from the calls' steps and the schedule).
         """
-        count, lost = int(self.count.numpy()), int(self.lost.numpy())
-        if lost:
-            self.lost.assign(0)
-            raise UserError(f"{lost} statistics steps did not fit in a buffer of {self.capacity}; "
-                            "this is a bug in tfmbgd, please report it")
-        if not count:
-            return []
-        scalars, written = self.scalars.numpy()[:count], self.written.numpy()[:count]
-        histograms, steps = self.histograms.numpy()[:count], self.steps.numpy()[:count]
-        self.count.assign(0)
-        rows = []
-        for i in range(count):
-            values = {tag: float(scalars[i, j]) for j, tag in enumerate(self.scalar_tags) if written[i, j]}
-            t = len(self.scalar_tags)
-            hists = {tag: histograms[i, j] for j, tag in enumerate(self.histogram_tags) if written[i, t + j]}
-            rows.append((int(steps[i]), values, hists))
-        return rows
+        t = len(self.scalar_tags)
+        only_finite = [tag in finite_only for tag in self.scalar_tags]
+
+        @tf.function
+        def write(*args):
+            count = tf.convert_to_tensor(self.count)
+            tf.debugging.assert_equal(tf.convert_to_tensor(self.lost), 0, message=(
+                f"statistics steps did not fit in a buffer of {self.capacity} rows; this is a bug in "
+                "tfmbgd, please report it"))
+            scalars, written = tf.convert_to_tensor(self.scalars), tf.convert_to_tensor(self.written)
+            histograms, steps = tf.convert_to_tensor(self.histograms), tf.convert_to_tensor(self.steps)
+            with writer.as_default():
+                for i in tf.range(count):
+                    step, row, wrote = steps[i], scalars[i], written[i]
+                    values = {tag: row[j] for j, tag in enumerate(self.scalar_tags)}
+                    for j, tag in enumerate(self.scalar_tags):
+                        if tag in skip:
+                            continue
+                        ok = wrote[j] & tf.math.is_finite(row[j]) if only_finite[j] else wrote[j]
+                        tf.cond(ok, lambda tag=tag, value=row[j], step=step: _unscoped(
+                            tf.summary.scalar, tag, value, step=step), lambda: tf.constant(False))
+                    for k, tag in enumerate(self.histogram_tags):
+                        tf.cond(wrote[t + k],
+                                lambda tag=tag, rows=histograms[i, k], step=step: _unscoped(
+                                    tf.summary.write, tag, rows, step=step,
+                                    metadata=summaries.HISTOGRAM_METADATA),
+                                lambda: tf.constant(False))
+                    if extra is not None:
+                        _unscoped(extra, values, step, *args)
+            with tf.control_dependencies([count]):
+                self.count.assign(0)
+            return count
+        return write
 
 
-def write(writer, rows, finite_only=()):
-    """Writes drained `rows` with `writer`: scalars (those in `finite_only` only when
-    finite) and histograms, each at its row's step."""
-    with writer.as_default():
-        for step, values, hists in rows:
-            for tag, value in values.items():
-                if tag in finite_only and not np.isfinite(value):
-                    continue
-                tf.summary.scalar(tag, value, step=step)
-            for tag, rows_ in hists.items():
-                tf.summary.write(tag, tf.constant(rows_), step=step, metadata=summaries.HISTOGRAM_METADATA)
+def _unscoped(write, *args, **kwargs):
+    """`write(...)` outside the loop's and branches' name scopes, which would prefix the tags."""
+    with tf.compat.v1.name_scope(None):
+        return write(*args, **kwargs)
 
 
 def capacity(steps_per_call, stats_every):

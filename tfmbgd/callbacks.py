@@ -5,9 +5,10 @@
 
 The model must have `tfmbgd.fit.GradientStatisticsMixin` (`tfmbgd.fit.with_statistics`
 gives one): its `train_step` measures, this callback owns the writer. Like Keras'
-TensorBoard callback it writes to `log_dir/train`, opens its writer lazily and closes it
-when `fit` ends; after every execution (`steps_per_execution` steps) it drains what the
-compiled steps recorded (`tfmbgd.buffer`) and writes each statistics step at its own step.
+TensorBoard callback it writes to `log_dir/train` and opens its writer lazily; it flushes it
+when `fit` ends (nothing to flush by hand), and TensorFlow closes it with the callback. After every
+execution (`steps_per_execution` steps) one compiled function writes what the compiled
+steps recorded (`tfmbgd.buffer`), each statistics step at its own step.
 """
 
 from typing import NamedTuple
@@ -15,7 +16,6 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-from tfmbgd import buffer
 from tfmbgd.errors import UserError
 
 
@@ -59,6 +59,7 @@ class GradientStatistics(keras.callbacks.Callback):
         self.settings = Settings(log_dir, freq, method, elementwise, noise_scale_decay, loss,
                                  tuple(more_instruments))
         self._writer = None
+        self._write_rows = None         # (recorder, its buffer's writer function)
 
     @classmethod
     def from_settings(cls, settings):
@@ -83,13 +84,16 @@ class GradientStatistics(keras.callbacks.Callback):
         self._write()
         self.model._stop_statistics()
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            # Flushed, not closed: a fit called again (epoch by epoch) writes with the same
+            # writer and the same compiled writing function, not one traced again per fit.
+            self._writer.flush()
 
     def _write(self):
         recorder = self.model._statistics        # None until the first statistics step is traced
-        rows = recorder.buffer.drain() if recorder is not None else []
-        if rows:
-            if self._writer is None:
-                self._writer = tf.summary.create_file_writer(f"{self.settings.log_dir}/train")
-            buffer.write(self._writer, rows, recorder.finite_only)
+        if recorder is None or not int(recorder.buffer.count.numpy()):
+            return
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(f"{self.settings.log_dir}/train")
+        if self._write_rows is None or self._write_rows[0] is not recorder:
+            self._write_rows = (recorder, recorder.buffer.writer_function(self._writer, recorder.finite_only))
+        self._write_rows[1]()

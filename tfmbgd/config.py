@@ -114,8 +114,8 @@ class TrainConfig:
                                     "variables and the gradient moments stay float32 (mixed_float16 needs "
                                     "loss scaling: model.fit's LossScaleOptimizer).", PRECISIONS)
     jit_compile: bool = _setting(False, "XLA-compile each call of train steps (as fit's jit_compile); "
-                                 "statistics are written after the call. Off by default: on a CPU it "
-                                 "measured slower for small models.")
+                                 "statistics are written after the call. Off by default: compiling takes "
+                                 "longer (see benchmarks/fit_vs_loop.py for the speed).")
     seed: int = _setting(0, "Seed of initial weights, shuffling and synthetic data.", minimum=0)
     strategy: str = _setting("default", "default: one device. mirrored: one replica per local GPU (or "
                              "per --cpu_devices). multi_worker: one replica per process of the TF_CONFIG "

@@ -99,8 +99,11 @@ class GradientStatisticsMixin:
         callbacks = list(callbacks or [])
         settings = self._statistics_settings
         given = any(isinstance(c, GradientStatistics) for c in callbacks)
-        if settings is not None and not given:
-            callbacks.append(GradientStatistics.from_settings(settings))
+        if settings is not None and not given:     # the same callback while the settings are
+            if getattr(self, "_statistics_callback", None) is None or \
+                    self._statistics_callback.settings != settings:
+                self._statistics_callback = GradientStatistics.from_settings(settings)
+            callbacks.append(self._statistics_callback)
         elif settings is None and not given:
             self._use_statistics(None)
         return super().fit(*args, callbacks=callbacks, **kwargs)

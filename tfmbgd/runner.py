@@ -182,6 +182,7 @@ class XlaStepRunner(StepRunner):
             buffer.capacity(steps_per_call, stats_every) if stats_every else 0)
         self._buffer = buffer.StatisticsBuffer(base + scalars, histograms, rows)
         self._began, self._paused = None, 0.0      # the first call's start; compiling since
+        self._write_rows = None                    # the buffer's writer function, made at first use
 
     def compile(self, x_all, y_all, batch):
         began = time.time()
@@ -201,7 +202,15 @@ class XlaStepRunner(StepRunner):
         total = self._compiled[batch](x_all, y_all, padded, first_step, first_example, tf.constant(n))
         total = total.numpy()                   # the call has run: its rows are in the buffer
         if n:
-            self._write_rows(int(first_step), n, began, time.time())
+            ended = time.time()
+            if self._began is None:
+                self._began = began
+            if self._write_rows is None:
+                self._write_rows = self._buffer.writer_function(self.writer, self.steps.finite_only,
+                                                                skip=(EXAMPLES,), extra=self._write_by)
+            since = began - self._began - self._paused
+            self._write_rows(first_step, tf.constant(n, tf.int64), tf.constant(since * 1000, tf.float64),
+                             tf.constant((ended - began) * 1000, tf.float64))
         return total
 
     def _write(self, values, where):
@@ -212,18 +221,14 @@ class XlaStepRunner(StepRunner):
         with tf.control_dependencies([self._buffer.record({**values, EXAMPLES: examples}, step)]):
             return tf.constant(True)
 
-    def _write_rows(self, first_step, n, began, ended):
-        if self._began is None:
-            self._began = began
-        rows = self._buffer.drain()
-        buffer.write(self.writer, [(step, {k: v for k, v in values.items() if k != EXAMPLES}, hists)
-                                   for step, values, hists in rows], self.steps.finite_only)
-        with self.writer.as_default():
-            for step, values, _ in rows:
-                done = (step - first_step + 1) / n          # the share of the call before this row
-                ms = int(1000 * (began - self._began - self._paused + done * (ended - began)))
-                tf.summary.scalar("loss_by/examples_seen", values["loss"], step=int(values[EXAMPLES]))
-                tf.summary.scalar("loss_by/milliseconds", values["loss"], step=ms, description=MILLISECONDS)
+    @staticmethod
+    def _write_by(values, step, first_step, n, since_ms, call_ms):
+        """A row's loss against examples seen and milliseconds (the call's time shared evenly
+        among its steps)."""
+        done = tf.cast(step - first_step + 1, tf.float64) / tf.cast(n, tf.float64)
+        ms = tf.cast(since_ms + done * call_ms, tf.int64)
+        tf.summary.scalar("loss_by/examples_seen", values["loss"], step=tf.cast(values[EXAMPLES], tf.int64))
+        tf.summary.scalar("loss_by/milliseconds", values["loss"], step=ms, description=MILLISECONDS)
 
 
 def _clock():
