@@ -136,3 +136,20 @@ def test_noise_scale_is_infinite_while_noise_hides_the_signal():
         var_norms_sq = [tf.constant([1.0, 1.0])]
         batch_size = 2
     assert np.isinf(float(stats.NoiseScaleEMA(decay=0.0).update(*stats.noise_scale_terms(Fake()))))
+
+
+def test_cockpits_biased_mean_gsnr_matches_numpy(problem):
+    # Cockpit's MeanGSNR (cockpit-for-pytorch 1.0.2) from BackPACK's 1/B-scaled gradients:
+    # grad^2 / (B * sum((g_n / B)^2) - grad^2 + 1e-5), averaged over every parameter.
+    from tfmbgd.instruments import gsnr
+    model, loss_fn, x, y = make_problem(problem)
+    oracle = oracle_per_example(model, loss_fn, x, y)
+    b = len(x)
+    grad = np.concatenate([o.mean(axis=0).ravel() for o in oracle])
+    backpack_sgs = np.concatenate([((o / b) ** 2).sum(axis=0).ravel() for o in oracle])
+    want = np.mean(grad ** 2 / (b * backpack_sgs - grad ** 2 + 1e-5))
+    m = gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True)
+    got = float(gsnr.mean_gsnr_biased(m))
+    assert got == pytest.approx(want, rel=1e-3)     # float32 moments, as mean_gsnr's test
+    assert got != pytest.approx(float(stats.summarize(m, model.trainable_variables)["grad_snr/mean_gsnr"]),
+                                rel=1e-2)           # not our unbiased GSNR

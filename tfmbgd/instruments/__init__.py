@@ -8,6 +8,7 @@ the step, its maths, its tags and charts, its study summary and its state. The b
 | `grad_norm` | `norms` | `grad/norm`, `grad/norm/<path>` |
 | `variance` | `variance` | `grad_var/trace`, `grad_var/<path>`, `grad_var/of_mean[/<path>]` |
 | `gsnr` | `gsnr` | `grad_snr/mean_gsnr` (elementwise tier) |
+| `gsnr_biased` | `gsnr` | `grad_snr/mean_gsnr_biased`, Cockpit's MeanGSNR (elementwise; not by default) |
 | `noise_scale` | `noise_scale` | `noise_scale/simple` |
 | `two_batch` | `noise_scale` | `noise_scale/two_batch` (several replicas) |
 | `per_example_norms` | `norms` | `per_example_grad_norm` (histogram) |
@@ -29,7 +30,7 @@ from tfmbgd.instruments.base import (  # noqa: F401
     applies,
 )
 from tfmbgd.instruments.batch_size import BatchSize
-from tfmbgd.instruments.gsnr import MeanGSNR
+from tfmbgd.instruments.gsnr import MeanGSNR, MeanGSNRBiased
 from tfmbgd.instruments.noise_scale import NoiseScale, TwoBatchNoiseScale
 from tfmbgd.instruments.norms import GradientNorm, PerExampleNorms
 from tfmbgd.instruments.variance import VarianceTrace
@@ -49,7 +50,8 @@ def register(cls):
     return cls
 
 
-BUILT_IN = (GradientNorm, VarianceTrace, MeanGSNR, NoiseScale, TwoBatchNoiseScale, PerExampleNorms, BatchSize)
+BUILT_IN = (GradientNorm, VarianceTrace, MeanGSNR, NoiseScale, TwoBatchNoiseScale, PerExampleNorms, BatchSize,
+            MeanGSNRBiased)
 for _cls in BUILT_IN:
     register(_cls)
 

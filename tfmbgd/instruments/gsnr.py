@@ -38,3 +38,37 @@ class MeanGSNR(Instrument):
 
     def compute(self, measurement):
         return {"grad_snr/mean_gsnr": mean_gsnr(measurement.moments)}
+
+
+COCKPIT_EPSILON = 1e-5      # cockpit-for-pytorch 1.0.2, MeanGSNR's default
+
+
+def mean_gsnr_biased(m, epsilon=COCKPIT_EPSILON):
+    """Cockpit's MeanGSNR (`cockpit-for-pytorch` 1.0.2): the mean over *all* parameters of
+    `mean^2 / (biased variance + epsilon)`, the biased variance `sum_sq / B - mean^2` (not
+    divided by B - 1). Beside `mean_gsnr` for those who compare with Cockpit: the epsilon
+    makes zero-variance parameters count (as mean^2 / epsilon), and the biased variance is
+    smaller by (B - 1) / B. Needs the elementwise tier."""
+    if m.sum_sq is None:
+        raise UserError("GSNR needs the elementwise moments: call gradient_moments(..., elementwise=True)")
+    total, count = 0.0, 0
+    for mean, sum_sq in zip(m.mean, m.sum_sq):
+        mean2 = tf.square(mean)
+        variance = sum_sq / batch_float(m, mean.dtype) - mean2
+        total += tf.reduce_sum(mean2 / (variance + epsilon))
+        count += mean.shape.num_elements()
+    return total / count
+
+
+class MeanGSNRBiased(Instrument):
+    """`grad_snr/mean_gsnr_biased`: Cockpit's MeanGSNR, with the biased variance plus 1e-5."""
+
+    name = "gsnr_biased"
+    needs = frozenset({ELEMENTWISE})
+
+    def tags(self, names):
+        return {"grad_snr/mean_gsnr_biased": "Cockpit's MeanGSNR: mean over all parameters of "
+                                             "mean^2 / (biased variance + 1e-5)"}
+
+    def compute(self, measurement):
+        return {"grad_snr/mean_gsnr_biased": mean_gsnr_biased(measurement.moments)}
