@@ -3,6 +3,7 @@ charted and checkpointed like the built-in ones; each built-in says what it writ
 
 import dataclasses
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -88,7 +89,8 @@ def test_every_built_in_writes_only_the_tags_it_declares(problem):
         instrument = cls()
         instruments.build([instrument], model.trainable_variables)
         measured = steps.measure(model, loss_fn, tf.constant(x), tf.constant(y), needs=instrument.needs)
-        values = steps.statistics(measured, model.trainable_variables, [instrument])
+        before = steps.snapshot(model.trainable_variables, instrument.needs)     # PARAMETERS only
+        values = steps.statistics(measured, model.trainable_variables, [instrument], before=before)
         assert set(values) <= set(instrument.tags(names)), cls.name
         if cls is not instruments.TwoBatchNoiseScale:       # that one needs replicas
             assert values, cls.name
@@ -140,3 +142,44 @@ def test_a_runs_first_statistics_are_numpys_on_its_first_batch(tmp_path):
     assert expected["noise_scale/simple"] > 0
     for tag, value in expected.items():
         assert written[tag] == pytest.approx(value, rel=1e-4), tag
+
+
+def test_update_size_and_distance_by_hand_on_a_one_weight_quadratic():
+    # y_pred = w x, l_n = (w x_n)^2 with x = (1, 2): the mean loss's gradient is 5 w. Plain
+    # SGD at lr 0.1 halves w: 2 -> 1 -> 0.5. Update sizes |w_t+1 - w_t|: 1, 0.5; distances
+    # |w_t - w_0| at the start of each step: 0, 1.
+    from tfmbgd.instruments import Distance, UpdateSize
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+    model.layers[0].kernel.assign([[2.0]])
+    apply = steps.make_update("manual", model.trainable_variables, 0.1)
+    run = steps.Steps(model, losses.per_example("mse"), apply, classification=False,
+                          instruments=[UpdateSize(), Distance()])
+    x, y = tf.constant([[1.0], [2.0]]), tf.constant([[0.0], [0.0]])
+    first, second = run.with_stats(x, y), run.with_stats(x, y)
+    assert float(model.layers[0].kernel[0, 0]) == pytest.approx(0.5)
+    assert float(first["step/update_size"]) == pytest.approx(1.0)
+    assert float(second["step/update_size"]) == pytest.approx(0.5)
+    assert float(first["step/distance"]) == 0.0 and float(second["step/distance"]) == pytest.approx(1.0)
+    assert float(second["step/update_size/" + model.layers[0].kernel.path]) == pytest.approx(0.5)
+
+
+def test_update_size_in_fit_is_the_sgd_step_and_distance_starts_at_zero(tmp_path):
+    # Plain SGD: the update is lr * mean gradient, so its norm is lr * grad/norm (another
+    # instrument, tested against the loop) at every statistics step.
+    from tfmbgd import callbacks, fit, optimizers
+    from tfmbgd.instruments import Distance, UpdateSize
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    model = fit.with_statistics(models.build("mlp", (6,), 3, hidden=(8,), seed=5))
+    model.compile(optimizer=optimizers.MiniBatchSGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    statistics = callbacks.GradientStatistics(str(tmp_path), freq=3,
+                                              more_instruments=[UpdateSize(), Distance()])
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[statistics])
+    written = read_scalars(tmp_path / "train")
+    assert [s for s, _ in written["step/update_size"]] == [0, 3, 6]
+    for (_, size), (_, norm) in zip(written["step/update_size"], written["grad/norm"]):
+        assert size == pytest.approx(0.1 * norm, rel=1e-4)
+    distances = [v for _, v in written["step/distance"]]
+    assert distances[0] == 0.0 and 0 < distances[1] < distances[2]

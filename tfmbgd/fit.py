@@ -194,8 +194,9 @@ class GradientStatisticsMixin:
     def _statistics_step(self, x, y, sample_weight, step):
         """One device: measure, apply the mean gradient, record the statistics."""
         local, scale = self._measure(x, y, sample_weight)
+        before = steps.snapshot(self.trainable_variables, self._statistics.needs)
         self.optimizer.apply_gradients(zip(self._update(local, 1.0, scale), self.trainable_variables))
-        self._record(local, scale, step)
+        self._record(local, scale, step, before)
         return self._tracked_loss(local, scale), local.outputs
 
     def _replicated_step(self, x, y, sample_weight, step, due):
@@ -220,9 +221,10 @@ class GradientStatisticsMixin:
             sums, rows = distribute.zeros_for_merge(variables, elementwise, batch)
             return loss, y_pred, grads, sums, rows, tf.constant(1.0)
         loss, y_pred, grads, sums, rows, scale = tf.cond(due, measured, plain)
+        before = steps.snapshot(variables, self._statistics.needs)     # (every step, if needed)
         self.optimizer.apply_gradients(zip(grads, variables))
         merged = distribute.merge_flat(ctx, sums, rows, variables, elementwise)
-        tf.cond(due, lambda: self._record(merged, scale, step), lambda: tf.constant(False))
+        tf.cond(due, lambda: self._record(merged, scale, step, before), lambda: tf.constant(False))
         return loss, y_pred
 
     def _measure(self, x, y, sample_weight):
@@ -257,11 +259,13 @@ class GradientStatisticsMixin:
             grads = [g + p * tf.cast(scale / replicas, p.dtype) for g, p in zip(grads, penalty)]
         return grads
 
-    def _record(self, moments, scale, step):
-        """The statistics of the (merged) moments, without the loss scale, into the buffer."""
+    def _record(self, moments, scale, step, before=None):
+        """The statistics of the (merged) moments, without the loss scale, into the buffer;
+        `before`: the weights before the update (`steps.snapshot`)."""
         rec = self._statistics
         m = fields.unscaled(moments, scale)
-        values = steps.statistics(steps.Measured(m, m.mean, None), self.trainable_variables, rec.instruments)
+        values = steps.statistics(steps.Measured(m, m.mean, None), self.trainable_variables, rec.instruments,
+                                  before=before)
         values["loss"] = tf.reduce_mean(m.losses)
         with tf.control_dependencies([rec.buffer.record(values, step)]):
             return tf.constant(True)

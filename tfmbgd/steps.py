@@ -118,11 +118,22 @@ def measure(model, loss_fn, x, y, *, needs=frozenset(), method="auto", reduction
     return Measured(m, grads, small_sq)
 
 
-def statistics(measured, variables, active, replicas=None):
-    """`{tag: tensor}` of the instruments `active` (built) on a `Measured` step."""
+def statistics(measured, variables, active, replicas=None, before=None):
+    """`{tag: tensor}` of the instruments `active` (built) on a `Measured` step, after its
+    update; `before`: the variables' values before it (`snapshot`), for the instruments that
+    need `PARAMETERS`."""
     measurement = instruments_lib.Measurement(measured.moments, [v.path for v in variables],
-                                          small_sq=measured.small_sq, replicas=replicas)
+                                              small_sq=measured.small_sq, replicas=replicas,
+                                              before=before, variables=variables)
     return instruments_lib.compute(active, measurement)
+
+
+def snapshot(variables, needs):
+    """The variables' values now, when the instruments need `PARAMETERS` (else None): call
+    it before the update (reads and assignments of a variable run in program order)."""
+    if instruments_lib.PARAMETERS not in needs:
+        return None
+    return [tf.identity(v) for v in variables]
 
 
 def _finite(grad):
@@ -280,9 +291,11 @@ class Steps:
         measured = measure(self.model, self.loss_fn, x, y, needs=self.needs, method=self.method,
                            reduction=self.reduction, micro_batch=self.micro_batch, replicas=self.replicas)
         m = measured.moments
+        variables = self.model.trainable_variables
+        before = snapshot(variables, self.needs)
         self._apply(measured.grads, tf.reduce_mean(m.losses))
         out = self._metrics(m.losses, m.outputs, y)
-        out.update(statistics(measured, self.model.trainable_variables, self.instruments, self.replicas))
+        out.update(statistics(measured, variables, self.instruments, self.replicas, before))
         return out
 
     def _metrics(self, per_example, outputs, y):

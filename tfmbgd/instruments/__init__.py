@@ -8,6 +8,8 @@ the step, its maths, its tags and charts, its study summary and its state. The b
 | `grad_norm` | `norms` | `grad/norm`, `grad/norm/<path>` |
 | `variance` | `variance` | `grad_var/trace`, `grad_var/<path>`, `grad_var/of_mean[/<path>]` |
 | `gsnr` | `gsnr` | `grad_snr/mean_gsnr` (elementwise tier) |
+| `update_size` | `step` | `step/update_size[/<path>]`: norm of the update applied (not by default) |
+| `distance` | `step` | `step/distance[/<path>]`: distance from the initial weights (not by default) |
 | `gsnr_biased` | `gsnr` | `grad_snr/mean_gsnr_biased`, Cockpit's MeanGSNR (elementwise; not by default) |
 | `noise_scale` | `noise_scale` | `noise_scale/simple` |
 | `two_batch` | `noise_scale` | `noise_scale/two_batch` (several replicas) |
@@ -22,6 +24,7 @@ from tfmbgd.errors import UserError
 from tfmbgd.instruments.base import (  # noqa: F401
     ELEMENTWISE,
     NEEDS,
+    PARAMETERS,
     REPLICA_NORMS,
     Chart,
     Instrument,
@@ -33,6 +36,7 @@ from tfmbgd.instruments.batch_size import BatchSize
 from tfmbgd.instruments.gsnr import MeanGSNR, MeanGSNRBiased
 from tfmbgd.instruments.noise_scale import NoiseScale, TwoBatchNoiseScale
 from tfmbgd.instruments.norms import GradientNorm, PerExampleNorms
+from tfmbgd.instruments.step import Distance, UpdateSize
 from tfmbgd.instruments.variance import VarianceTrace
 
 REGISTRY = {}
@@ -51,7 +55,7 @@ def register(cls):
 
 
 BUILT_IN = (GradientNorm, VarianceTrace, MeanGSNR, NoiseScale, TwoBatchNoiseScale, PerExampleNorms, BatchSize,
-            MeanGSNRBiased)
+            MeanGSNRBiased, UpdateSize, Distance)
 for _cls in BUILT_IN:
     register(_cls)
 

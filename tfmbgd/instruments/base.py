@@ -30,7 +30,8 @@ import tensorflow as tf
 # and the per-example norms that every statistics step computes.
 ELEMENTWISE = "elementwise"        # GradientMoments.sum_sq: one more matmul per layer
 REPLICA_NORMS = "replica norms"    # the replicas' mean |G_share|^2: one scalar all-reduce
-NEEDS = (ELEMENTWISE, REPLICA_NORMS)
+PARAMETERS = "parameters"          # the variables' values before the step's update: one copy
+NEEDS = (ELEMENTWISE, REPLICA_NORMS, PARAMETERS)
 
 
 class Chart(NamedTuple):
@@ -105,14 +106,17 @@ class Measurement:
       small_sq: the replicas' mean squared norm of their shares' mean gradients (the
         `REPLICA_NORMS` need), or None.
       replicas: the `distribute.Replicas` the batch was split across, or None.
+      before: the variables' values before the step's update (the `PARAMETERS` need), or
+        None; `variables`: the variables themselves, read after the update.
 
     Quantities several instruments use are derived once per step: `mean_sq`, `example_sq`,
     and any other through `cached`.
     """
 
-    def __init__(self, moments, names, small_sq=None, replicas=None):
+    def __init__(self, moments, names, small_sq=None, replicas=None, before=None, variables=None):
         self.moments, self.names = moments, list(names)
         self.small_sq, self.replicas = small_sq, replicas
+        self.before, self.variables = before, variables
         self._cache = {}
 
     def cached(self, key, make):
