@@ -86,7 +86,7 @@ def test_every_built_in_writes_only_the_tags_it_declares(problem):
     model, loss_fn, x, y = make_problem(problem)
     names = [v.path for v in model.trainable_variables]
     for cls in instruments.BUILT_IN:
-        instrument = cls()
+        instrument = cls.for_run(learning_rate=0.1, optimizer="sgd")
         instruments.build([instrument], model.trainable_variables)
         measured = steps.measure(model, loss_fn, tf.constant(x), tf.constant(y), needs=instrument.needs)
         before = steps.snapshot(model.trainable_variables, instrument.needs)     # PARAMETERS only
@@ -183,3 +183,39 @@ def test_update_size_in_fit_is_the_sgd_step_and_distance_starts_at_zero(tmp_path
         assert size == pytest.approx(0.1 * norm, rel=1e-4)
     distances = [v for _, v in written["step/distance"]]
     assert distances[0] == 0.0 and 0 < distances[1] < distances[2]
+
+
+def test_cabs_and_eb_match_cockpits_formulas_in_numpy(problem):
+    # Cockpit 1.0.2 from BackPACK's 1/B-scaled per-example gradients g_n / B:
+    # sgs = B^2 sum (g_n/B)^2; CABS = lr sum(sgs - B grad^2) / (B L);
+    # EB = 1 - B mean(grad^2 / ((sgs - B grad^2) / (B - 1) + 1e-5)).
+    from tfmbgd.instruments import CABS, EarlyStopping
+    model, loss_fn, x, y = make_problem(problem)
+    oracle = oracle_per_example(model, loss_fn, x, y)
+    b, lr = len(x), 0.3
+    grad = np.concatenate([o.mean(axis=0).ravel() for o in oracle])
+    sgs = b ** 2 * np.concatenate([((o / b) ** 2).sum(axis=0).ravel() for o in oracle])
+    loss = float(np.mean(loss_fn(y, model(x)).numpy()))
+    want_cabs = lr * np.sum(sgs - b * grad ** 2) / (b * loss)
+    want_eb = 1 - b * np.mean(grad ** 2 / ((sgs - b * grad ** 2) / (b - 1) + 1e-5))
+    active = instruments.build([CABS(lr), EarlyStopping()], model.trainable_variables)
+    measured = steps.measure(model, loss_fn, x, y, needs=instruments.needs(active))
+    values = steps.statistics(measured, model.trainable_variables, active)
+    assert float(values["batch_size/cabs"]) == pytest.approx(want_cabs, rel=1e-4)
+    assert float(values["early_stopping/eb"]) == pytest.approx(want_eb, rel=1e-3)   # as GSNR's
+
+
+def test_sgd_only_instruments_refuse_other_optimizers(tmp_path):
+    from tfmbgd import callbacks, fit, optimizers
+    from tfmbgd.instruments import CABS
+    with pytest.raises(UserError, match="instrument cabs is defined for plain SGD only.*--optimizer=adam"):
+        training.run_instruments(TrainConfig(instruments=("cabs",), optimizer="adam"))
+    assert [i.learning_rate for i in training.run_instruments(
+        TrainConfig(instruments=("cabs",), learning_rate=0.05)) if i.name == "cabs"] == [0.05]
+    model = fit.with_statistics(models.build("mlp", (6,), 3, hidden=(8,), seed=5))
+    model.compile(optimizer=optimizers.Adam(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = np.zeros((8, 6), np.float32), np.zeros(8, np.int32)
+    cabs = callbacks.GradientStatistics(str(tmp_path), more_instruments=[CABS(0.01)])
+    with pytest.raises(UserError, match="the run has Adam"):
+        model.fit(x, y, verbose=0, callbacks=[cabs])

@@ -65,6 +65,7 @@ class _Recorder:
         names = [v.path for v in variables]
         active = instruments.default(settings.elementwise, settings.noise_scale_decay) + list(
             settings.more_instruments)
+        instruments.check_sgd(active, _plain_sgd(model.optimizer), type(model.optimizer).__name__)
         scalar_tags, histogram_tags = instruments.tag_kinds(active, names)
         with model.distribute_strategy.scope(), buffer.first_replica_variables():
             self.instruments = instruments.build(active, variables)
@@ -73,6 +74,16 @@ class _Recorder:
         self.needs = instruments.needs(active)
         self.finite_only = instruments.finite_only(active, names)
         self.described = False        # the coverage line is printed once per recorder
+
+
+def _plain_sgd(optimizer):
+    """Whether `optimizer` is plain SGD: tfmbgd's MiniBatchSGD itself, or Keras' SGD without
+    momentum (a LossScaleOptimizer is looked through)."""
+    from tfmbgd.optimizers import MiniBatchSGD
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    if type(optimizer) is MiniBatchSGD:
+        return True
+    return type(optimizer) is keras.optimizers.SGD and not optimizer.momentum and not optimizer.nesterov
 
 
 class GradientStatisticsMixin:

@@ -322,7 +322,7 @@ def run_instruments(config):
     """The instruments of a run of `config` (unbuilt): `tfmbgd.instruments.default` for its
     settings, then the registered ones that `config.instruments` names."""
     return (instruments.default(config.elementwise_stats, config.noise_scale_decay)
-            + instruments.create(config.instruments))
+            + instruments.create(config.instruments, config.learning_rate, config.optimizer))
 
 
 def _train_epoch(config, parts, runner, state, rng, progress, should_stop):

@@ -10,6 +10,8 @@ the step, its maths, its tags and charts, its study summary and its state. The b
 | `gsnr` | `gsnr` | `grad_snr/mean_gsnr` (elementwise tier) |
 | `update_size` | `step` | `step/update_size[/<path>]`: norm of the update applied (not by default) |
 | `distance` | `step` | `step/distance[/<path>]`: distance from the initial weights (not by default) |
+| `cabs` | `sgd` | `batch_size/cabs`: CABS's batch size (plain SGD only; not by default) |
+| `eb` | `sgd` | `early_stopping/eb`: the EB criterion (plain SGD only, elementwise; not by default) |
 | `gsnr_biased` | `gsnr` | `grad_snr/mean_gsnr_biased`, Cockpit's MeanGSNR (elementwise; not by default) |
 | `noise_scale` | `noise_scale` | `noise_scale/simple` |
 | `two_batch` | `noise_scale` | `noise_scale/two_batch` (several replicas) |
@@ -36,6 +38,7 @@ from tfmbgd.instruments.batch_size import BatchSize
 from tfmbgd.instruments.gsnr import MeanGSNR, MeanGSNRBiased
 from tfmbgd.instruments.noise_scale import NoiseScale, TwoBatchNoiseScale
 from tfmbgd.instruments.norms import GradientNorm, PerExampleNorms
+from tfmbgd.instruments.sgd import CABS, EarlyStopping
 from tfmbgd.instruments.step import Distance, UpdateSize
 from tfmbgd.instruments.variance import VarianceTrace
 
@@ -55,7 +58,7 @@ def register(cls):
 
 
 BUILT_IN = (GradientNorm, VarianceTrace, MeanGSNR, NoiseScale, TwoBatchNoiseScale, PerExampleNorms, BatchSize,
-            MeanGSNRBiased, UpdateSize, Distance)
+            MeanGSNRBiased, UpdateSize, Distance, CABS, EarlyStopping)
 for _cls in BUILT_IN:
     register(_cls)
 
@@ -72,13 +75,30 @@ def default(elementwise=False, noise_scale_decay=0.9):
     return active + [PerExampleNorms(), BatchSize()]
 
 
-def create(names):
-    """Instances of the registered instruments `names` (each class called without arguments)."""
+def create(names, learning_rate=None, optimizer="sgd"):
+    """Instances of the registered instruments `names` for a run with `learning_rate` and
+    `optimizer` (each class's `for_run`).
+
+    Raises:
+      UserError: an unknown name, or an instrument defined for plain SGD in a run with
+        another optimizer.
+    """
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise UserError(f"unknown instrument {unknown[0]!r}; registered: {', '.join(sorted(REGISTRY))} "
                         "(tfmbgd.instruments.register adds one)")
-    return [REGISTRY[n]() for n in names]
+    out = [REGISTRY[n].for_run(learning_rate=learning_rate, optimizer=optimizer) for n in names]
+    check_sgd(out, optimizer == "sgd", f"--optimizer={optimizer}")
+    return out
+
+
+def check_sgd(active, plain_sgd, what):
+    """A `UserError` if an instrument of `active` is defined for plain SGD only and the run's
+    optimizer (`what`) is not plain SGD."""
+    for instrument in active:
+        if instrument.sgd_only and not plain_sgd:
+            raise UserError(f"instrument {instrument.name} is defined for plain SGD only (as in Cockpit); "
+                            f"the run has {what}: use SGD without momentum, or drop the instrument")
 
 
 def build(active, variables):

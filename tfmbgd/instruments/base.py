@@ -62,6 +62,8 @@ class Instrument:
         static batch size below it the instrument is not computed.
       finite_only: values that are not finite are not written (undefined, not diverged).
       summaries: `Summary` entries of the tags a study averages.
+      sgd_only: defined for plain SGD only (Cockpit's CABS and EB): a run with another
+        optimizer refuses the instrument.
       histograms: the tags whose values are vectors, written as histograms (the others
         are scalars). A compiled step keeps both kinds in buffers of fixed shapes until
         Python writes them (`tfmbgd.buffer`), so it needs to know which is which.
@@ -73,6 +75,13 @@ class Instrument:
     finite_only = False
     summaries = ()
     histograms = frozenset()
+    sgd_only = False
+
+    @classmethod
+    def for_run(cls, learning_rate=None, optimizer=None):
+        """The instrument for a run of `train.py` (`--instruments=name`), which knows its
+        learning rate and optimizer; by default made without arguments."""
+        return cls()
 
     def build(self, variables):
         """Makes the instrument's state (tf.Variables), once, under the run's strategy scope."""
