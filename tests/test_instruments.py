@@ -219,3 +219,22 @@ def test_sgd_only_instruments_refuse_other_optimizers(tmp_path):
     cabs = callbacks.GradientStatistics(str(tmp_path), more_instruments=[CABS(0.01)])
     with pytest.raises(UserError, match="the run has Adam"):
         model.fit(x, y, verbose=0, callbacks=[cabs])
+
+
+def test_norm_test_matches_cockpits_formula_and_is_the_noise_scale_over_b(problem):
+    # Cockpit 1.0.2: sqrt((B * sum_n |g_n / B|^2 - |grad|^2) / ((B - 1) |grad|^2)), from
+    # BackPACK's 1/B-scaled per-example gradients.
+    from tfmbgd.instruments import NormTest
+    model, loss_fn, x, y = make_problem(problem)
+    oracle = oracle_per_example(model, loss_fn, x, y)
+    b = len(x)
+    grad_sq = sum(np.sum(o.mean(axis=0) ** 2) for o in oracle)
+    batch_l2 = sum(np.sum((o / b) ** 2) for o in oracle)
+    want = np.sqrt((b * batch_l2 - grad_sq) / ((b - 1) * grad_sq))
+    active = instruments.build([NormTest()] + instruments.default(), model.trainable_variables)
+    values = steps.statistics(steps.measure(model, loss_fn, x, y), model.trainable_variables, active)
+    norm = float(values["grad_test/norm"])
+    assert norm == pytest.approx(want, rel=1e-4)
+    # norm^2 = B_simple / B with B_simple = tr(Sigma) / |mean|^2, from the variance and norm tags
+    b_simple = float(values["grad_var/trace"]) / float(values["grad/norm"]) ** 2
+    assert norm ** 2 == pytest.approx(b_simple / b, rel=1e-4)

@@ -10,6 +10,7 @@ the step, its maths, its tags and charts, its study summary and its state. The b
 | `gsnr` | `gsnr` | `grad_snr/mean_gsnr` (elementwise tier) |
 | `update_size` | `step` | `step/update_size[/<path>]`: norm of the update applied (not by default) |
 | `distance` | `step` | `step/distance[/<path>]`: distance from the initial weights (not by default) |
+| `norm_test` | `gradient_tests` | `grad_test/norm`: the norm test (not by default) |
 | `cabs` | `sgd` | `batch_size/cabs`: CABS's batch size (plain SGD only; not by default) |
 | `eb` | `sgd` | `early_stopping/eb`: the EB criterion (plain SGD only, elementwise; not by default) |
 | `gsnr_biased` | `gsnr` | `grad_snr/mean_gsnr_biased`, Cockpit's MeanGSNR (elementwise; not by default) |
@@ -35,6 +36,7 @@ from tfmbgd.instruments.base import (  # noqa: F401
     applies,
 )
 from tfmbgd.instruments.batch_size import BatchSize
+from tfmbgd.instruments.gradient_tests import NormTest
 from tfmbgd.instruments.gsnr import MeanGSNR, MeanGSNRBiased
 from tfmbgd.instruments.noise_scale import NoiseScale, TwoBatchNoiseScale
 from tfmbgd.instruments.norms import GradientNorm, PerExampleNorms
@@ -58,7 +60,7 @@ def register(cls):
 
 
 BUILT_IN = (GradientNorm, VarianceTrace, MeanGSNR, NoiseScale, TwoBatchNoiseScale, PerExampleNorms, BatchSize,
-            MeanGSNRBiased, UpdateSize, Distance, CABS, EarlyStopping)
+            MeanGSNRBiased, UpdateSize, Distance, CABS, EarlyStopping, NormTest)
 for _cls in BUILT_IN:
     register(_cls)
 
