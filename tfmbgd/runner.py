@@ -140,11 +140,14 @@ class StepRunner:
         self._write(out, where)
         return out["loss"]
 
+    def _with_skipped(self, values):
+        """`values` and, with `on_nonfinite="skip"`, the count of skipped updates."""
+        skipped = self.steps.skipped()
+        return values if skipped is None else {**values, "nonfinite/skipped": skipped}
+
     def _write(self, values, where):
         step, examples = where
-        skipped = self.steps.skipped()
-        if skipped is not None:
-            values = {**values, "nonfinite/skipped": skipped}
+        values = self._with_skipped(values)
         summaries.write_in_graph(self.writer, values, step, self.steps.finite_only)
         now = _clock()
         origin = self._origin.assign(tf.where(self._origin < 0, now, self._origin))
@@ -215,9 +218,7 @@ class XlaStepRunner(StepRunner):
 
     def _write(self, values, where):
         step, examples = where
-        skipped = self.steps.skipped()
-        if skipped is not None:
-            values = {**values, "nonfinite/skipped": skipped}
+        values = self._with_skipped(values)
         with tf.control_dependencies([self._buffer.record({**values, EXAMPLES: examples}, step)]):
             return tf.constant(True)
 
