@@ -107,6 +107,8 @@ class GradientStatisticsMixin:
 
     def fit(self, *args, callbacks=None, **kwargs):
         from tfmbgd.callbacks import GradientStatistics
+        if len(args) > 5:        # callbacks given by position: x, y, batch_size, epochs, verbose, callbacks
+            args, callbacks = args[:5] + args[6:], args[5]
         callbacks = list(callbacks or [])
         settings = self._statistics_settings
         given = any(isinstance(c, GradientStatistics) for c in callbacks)
