@@ -21,7 +21,7 @@ step, counted from 0 as there; other steps are Keras' own step. The choice is ma
 the compiled step (`tf.cond`), so it works with `steps_per_execution > 1` and under XLA:
 the values go into a `tfmbgd.buffer.StatisticsBuffer`, and the callback writes them after
 each execution. Under a `tf.distribute` strategy each replica measures its share and the
-moments are merged into those of the global batch (`distribute.merge_in_replica`). With a
+moments are merged into those of the global batch (`distribute.merge_flat`). With a
 `LossScaleOptimizer` (Keras' `mixed_float16`) the moments are taken of the scaled loss, as
 Keras' own step takes its gradient, and divided by the scale before any statistic. Sample
 weights and activity regularizers are refused on statistics steps: the moments are of the
@@ -60,7 +60,6 @@ class _Recorder:
 
     def __init__(self, model, settings):
         self.settings = settings
-        self.freq, self.method, self.loss = settings.freq, settings.method, settings.loss
         variables = model.trainable_variables
         names = [v.path for v in variables]
         active = instruments.default(settings.elementwise, settings.noise_scale_decay) + list(
@@ -70,10 +69,15 @@ class _Recorder:
         with model.distribute_strategy.scope(), buffer.first_replica_variables():
             self.instruments = instruments.build(active, variables)
             self.buffer = buffer.StatisticsBuffer(["loss", *scalar_tags], histogram_tags,
-                                                  buffer.capacity(model.steps_per_execution, self.freq))
+                                                  buffer.capacity(model.steps_per_execution, settings.freq))
         self.needs = instruments.needs(active)
         self.finite_only = instruments.finite_only(active, names)
         self.described = False        # the coverage line is printed once per recorder
+
+
+def _batch_size(x):
+    """The examples in the batch `x` (a tensor, or a list or dict of them), as a tensor."""
+    return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
 
 
 def _plain_sgd(optimizer):
@@ -175,7 +179,7 @@ class GradientStatisticsMixin:
             with tf.init_scope():
                 self.optimizer.build(variables)
         step = self.optimizer.iterations + 0           # read once, before this update
-        due = step % rec.freq == 0
+        due = step % rec.settings.freq == 0
         replicas = self.distribute_strategy.num_replicas_in_sync
         if replicas == 1:     # all in the branch: a plain step does nothing for the statistics
             loss, y_pred = tf.cond(due, lambda: self._statistics_step(x, y, sample_weight, step),
@@ -184,20 +188,23 @@ class GradientStatisticsMixin:
             loss, y_pred = self._replicated_step(x, y, sample_weight, step, due)
         # As Keras' own train_step: the loss tracker takes the loss unscaled for
         # distribution, weighted by the batch; compute_metrics the rest.
-        batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
         tracker = next(m for m in self.metrics if m.name == "loss")
-        tracker.update_state(loss * replicas, sample_weight=batch)
+        tracker.update_state(loss * replicas, sample_weight=_batch_size(x))
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def _plain_gradients(self, x, y, sample_weight):
+    def _plain_gradients(self, x, y, sample_weight, dense=False):
         """Keras' own step, but the update: the loss scaled for the optimizer (a
-        LossScaleOptimizer's scale) and its gradient; `(loss, y_pred, grads)`."""
+        LossScaleOptimizer's scale) and its gradient; `(loss, y_pred, grads)`. `dense`:
+        zeros for None and IndexedSlices densified, as a branch of `tf.cond` whose twin
+        returns dense tensors needs; else as the tape gives them (an Embedding's gradient
+        stays sparse, as in Keras' own step)."""
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
             scaled = self.optimizer.scale_loss(loss)
         variables = self.trainable_variables
-        return loss, y_pred, gradients.dense_gradients(variables, tape.gradient(scaled, variables))
+        grads = tape.gradient(scaled, variables)
+        return loss, y_pred, (gradients.dense_gradients(variables, grads) if dense else grads)
 
     def _plain_step(self, x, y, sample_weight):
         loss, y_pred, grads = self._plain_gradients(x, y, sample_weight)
@@ -220,7 +227,7 @@ class GradientStatisticsMixin:
         ctx = tf.distribute.get_replica_context()
         variables = self.trainable_variables
         elementwise = instruments.ELEMENTWISE in self._statistics.needs
-        batch = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+        batch = _batch_size(x)
         share = tf.cast(batch, tf.float32) / ctx.all_reduce("SUM", tf.cast(batch, tf.float32))
 
         def measured():
@@ -230,7 +237,7 @@ class GradientStatisticsMixin:
             return self._tracked_loss(local, scale), local.outputs, grads, sums, rows, scale
 
         def plain():
-            loss, y_pred, grads = self._plain_gradients(x, y, sample_weight)
+            loss, y_pred, grads = self._plain_gradients(x, y, sample_weight, dense=True)
             sums, rows = distribute.zeros_for_merge(variables, elementwise, batch)
             return loss, y_pred, grads, sums, rows, tf.constant(1.0)
         loss, y_pred, grads, sums, rows, scale = tf.cond(due, measured, plain)
@@ -249,12 +256,12 @@ class GradientStatisticsMixin:
             raise UserError("gradient statistics take no sample weights")
         if any(getattr(layer, "activity_regularizer", None) for layer in all_layers(self)):
             raise UserError("gradient statistics do not support activity regularizers")
-        data_loss = rec.loss or per_example_loss(self.loss)
+        data_loss = rec.settings.loss or per_example_loss(self.loss)
         scale = tf.cast(self.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
         # float32 before the scale (2^15 at first): 16-bit losses times it would overflow
         loss_fn = lambda y_true, y_pred: tf.cast(data_loss(y_true, y_pred), tf.float32) * scale
         measured = steps.measure(self, loss_fn, x, y, needs=rec.needs - {instruments.REPLICA_NORMS},
-                                 method=rec.method)
+                                 method=rec.settings.method)
         cover = layerwise.traced_coverage(self)
         if cover is not None and not rec.described:      # once, when the step is first traced
             print(layerwise.describe(cover))
