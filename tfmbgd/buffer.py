@@ -41,16 +41,20 @@ class StatisticsBuffer:
     after it.
     """
 
-    def __init__(self, scalar_tags, histogram_tags, capacity):
+    def __init__(self, scalar_tags, histogram_tags, capacity, widths=None):
+        """`widths`: `{tag: bins}` of the histogram tags whose values are their `[bins, 3]`
+        rows already (fixed bins); the others are bucketed into `BUCKETS` rows."""
         self.scalar_tags, self.histogram_tags = list(scalar_tags), list(histogram_tags)
         self.capacity = int(capacity)
+        self.widths = {tag: (widths or {}).get(tag, BUCKETS) for tag in self.histogram_tags}
+        self.width = max([BUCKETS, *self.widths.values()])
         t, h, k = len(self.scalar_tags), len(self.histogram_tags), self.capacity
 
         def variable(shape, dtype):     # see `first_replica_variables`
             return tf.Variable(tf.zeros(shape, dtype), trainable=False, **FIRST_REPLICA)
         self.scalars = variable([k, t], tf.float64)
         self.written = variable([k, t + h], tf.bool)         # which tags the row holds
-        self.histograms = variable([k, h, BUCKETS, 3], tf.float64)
+        self.histograms = variable([k, h, self.width, 3], tf.float64)
         self.steps = variable([k], tf.int64)
         self.count = variable([], tf.int32)      # rows recorded since the last drain
         self.lost = variable([], tf.int32)       # rows that found the buffer full
@@ -68,9 +72,9 @@ class StatisticsBuffer:
                             for tag in self.scalar_tags]) if self.scalar_tags else tf.zeros([0], tf.float64)
         tags = self.scalar_tags + self.histogram_tags
         written = tf.constant([tag in values for tag in tags], tf.bool, shape=[len(tags)])
-        histograms = tf.stack([summaries.histogram_rows(values[tag], BUCKETS) if tag in values
-                               else tf.zeros([BUCKETS, 3], tf.float64) for tag in self.histogram_tags]) \
-            if self.histogram_tags else tf.zeros([0, BUCKETS, 3], tf.float64)
+        histograms = tf.stack([self._rows(values[tag]) if tag in values
+                               else tf.zeros([self.width, 3], tf.float64) for tag in self.histogram_tags]) \
+            if self.histogram_tags else tf.zeros([0, self.width, 3], tf.float64)
         # Scatters, not slice assignments: XLA compiles a row index that is known only at
         # run time in a scatter. (A full buffer overwrites its last row; the writer fails.)
         def put(variable, value):
@@ -81,7 +85,12 @@ class StatisticsBuffer:
             return tf.group(self.count.assign(tf.where(full, self.count, self.count + 1)),
                             self.lost.assign_add(tf.cast(full, tf.int32)))
 
-    def writer_function(self, writer, finite_only=(), skip=(), extra=None):
+    def _rows(self, value):
+        """A histogram's rows padded to the buffer's width (the writer cuts them back)."""
+        rows = tf.cast(value, tf.float64) if value.shape.rank == 2 else summaries.histogram_rows(value, BUCKETS)
+        return tf.pad(rows, [[0, self.width - rows.shape[0]], [0, 0]])
+
+    def writer_function(self, writer, finite_only=(), skip=(), extra=None, lags=None):
         """A `tf.function` (not XLA-compiled) that writes the recorded rows with `writer`,
         each at its step, and empties the buffer; it returns the number of rows written.
 
@@ -90,12 +99,14 @@ class StatisticsBuffer:
         the statistics cost `fit`. Tags in `finite_only` are written only when finite, tags
         in `skip` not at all; `extra(values, step, *args)` (traced once per row, `values`
         `{tag: scalar tensor}`) writes more from a row, with the function's `*args`.
+        `lags` `{tag: j}`: those tags are written at their row's step minus j.
 
         Raises (when called):
           tf.errors.InvalidArgumentError: rows were lost to a full buffer (a bug: the
             capacity is sized from the calls' steps and the schedule).
         """
         t = len(self.scalar_tags)
+        lags = lags or {}
         only_finite = [tag in finite_only for tag in self.scalar_tags]
 
         @tf.function
@@ -114,11 +125,12 @@ class StatisticsBuffer:
                         if tag in skip:
                             continue
                         ok = wrote[j] & tf.math.is_finite(row[j]) if only_finite[j] else wrote[j]
-                        tf.cond(ok, lambda tag=tag, value=row[j], step=step: _unscoped(
+                        tf.cond(ok, lambda tag=tag, value=row[j], step=step - lags.get(tag, 0): _unscoped(
                             tf.summary.scalar, tag, value, step=step), lambda: tf.constant(False))
                     for k, tag in enumerate(self.histogram_tags):
                         tf.cond(wrote[t + k],
-                                lambda tag=tag, rows=histograms[i, k], step=step: _unscoped(
+                                lambda tag=tag, rows=histograms[i, k, :self.widths[tag]],
+                                step=step - lags.get(tag, 0): _unscoped(
                                     tf.summary.write, tag, rows, step=step,
                                     metadata=summaries.HISTOGRAM_METADATA),
                                 lambda: tf.constant(False))

@@ -156,3 +156,82 @@ def _rows(form, shape, b2, elementwise):
     norms = tf.math.unsorted_segment_sum(tf.reduce_sum(squares, 1), pairs // vocab, b) * b2
     sum_sq = tf.math.unsorted_segment_sum(squares, pairs % vocab, vocab) * b2 if elementwise else None
     return sum_sq, norms, None
+
+
+def project(form, vector, b):
+    """`[B]`: `g_n . v` for the per-example gradients `g_n` that `form` describes (built from
+    the mean loss's gradient, so times `b`), and `vector` shaped as the variable's use.
+
+    Linear in `g_n`, so no per-example gradient is built: for `Outer`, `sum_t (a_nt V) . d_nt`
+    (one matrix product, V as `[K, C]`); for `Rows`, the gathered rows of V dotted with the
+    rows; for `Explicit`, the dot product itself."""
+    if isinstance(form, Outer):
+        v = tf.reshape(tf.cast(vector, form.a.dtype), [form.a.shape[-1], form.d.shape[-1]])
+        dots = tf.matmul(form.a, v) * form.d         # [B, K] x [K, C], or [B, T, K] x [K, C]
+        return tf.reduce_sum(tf.reshape(dots, [tf.shape(dots)[0], -1]), 1) * b
+    if isinstance(form, Rows):
+        v = tf.cast(vector, form.rows.dtype)
+        table = tf.reshape(v, [-1, form.rows.shape[-1]])
+        return tf.reduce_sum(tf.gather(table, form.ids) * form.rows, [1, 2]) * b
+    g = tf.reshape(form.g, [tf.shape(form.g)[0], -1])
+    return tf.linalg.matvec(g, tf.reshape(tf.cast(vector, g.dtype), [-1])) * b
+
+
+class Projector:
+    """The per-example gradients of a whole model, kept in their forms: dot products
+    `g_n . v` with any vector (`__call__`) and, one variable at a time, the gradients
+    themselves (`explicit`), computed after the fact (e.g. after the update, when the
+    optimizer's step `v` is known).
+
+    `parts[i]` is variable i's list of `(form, shape, scale)` (its uses; empty when no
+    gradient reaches it), or several such projectors' concatenation along the batch
+    (`concat`). The per-example gradients are `scale` times those the form describes.
+    """
+
+    def __init__(self, parts, batch):
+        self.parts, self.batch = parts, batch
+
+    def __call__(self, vectors):
+        """`[B]`: `sum_i g_n,i . vectors[i]`, over every variable i (float32, float64 if a
+        variable is)."""
+        terms = [project(form, tf.reshape(v, shape), scale)
+                 for uses, v in zip(self.parts, vectors) for form, shape, scale in uses]
+        dtype = tf.float64 if any(t.dtype == tf.float64 for t in terms) else tf.float32
+        return tf.add_n([tf.zeros([self.batch], dtype)] + [tf.cast(t, dtype) for t in terms])
+
+    def explicit(self, i, variable_shape, start=None, stop=None):
+        """`[n, *variable_shape]`: the per-example gradients of variable i (their uses summed),
+        of the examples `start:stop` (default all): built a slice at a time, a caller never
+        holds B x (all parameters) at once."""
+        uses = self.parts[i]
+        cut = slice(start, stop)
+        if not uses:
+            n = (stop if stop is not None else self.batch) - (start or 0)
+            return tf.zeros([n, *variable_shape])
+        return tf.add_n([tf.reshape(explicit(_sliced(form, cut), shape), [-1, *variable_shape]) * scale
+                         for form, shape, scale in uses])
+
+    @staticmethod
+    def concat(projectors):
+        """The projector of disjoint batches one after another (micro-batches)."""
+        return _Concatenated(projectors)
+
+
+class _Concatenated(Projector):
+    def __init__(self, projectors):
+        self.projectors = projectors
+        self.parts = projectors[0].parts
+        self.batch = sum(p.batch for p in projectors)
+
+    def __call__(self, vectors):
+        return tf.concat([p(vectors) for p in self.projectors], 0)
+
+    def explicit(self, i, variable_shape, start=None, stop=None):
+        if start is not None or stop is not None:
+            raise NotImplementedError("slices of concatenated projectors")
+        return tf.concat([p.explicit(i, variable_shape) for p in self.projectors], 0)
+
+
+def _sliced(form, cut):
+    """The form of the examples `cut` (a slice of the batch axis)."""
+    return type(form)(*(t[cut] for t in form))

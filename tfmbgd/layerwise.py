@@ -120,7 +120,8 @@ def _sums(uses, elementwise):
 
 
 def _variable_moments(v, uses, dzs, b, elementwise):
-    """`(sum_sq, norms_sq, mean-or-None)` of one variable from its uses' output gradients."""
+    """`(sum_sq, norms_sq, mean-or-None, parts)` of one variable from its uses' output
+    gradients; `parts`: its uses' `(form, shape, scale)` for a `forms.Projector`."""
     checks = [tf.debugging.assert_equal(tf.shape(t)[0], b, message=(
         f"tfmbgd.layerwise: the leading axis of {t.name} is not the batch, as its rule assumed; "
         "use method vectorized for this model and report it")) for u in uses for t in u.checks]
@@ -128,17 +129,18 @@ def _variable_moments(v, uses, dzs, b, elementwise):
         made = [(u, u.pending.make(dz)) for u, dz in zip(uses, dzs) if dz is not None]
     if not made:           # no gradient reaches the variable: every g_n is zero
         zeros = tf.zeros(v.shape, v.dtype)
-        return (zeros if elementwise else None), tf.zeros([b], v.dtype), zeros
+        return (zeros if elementwise else None), tf.zeros([b], v.dtype), zeros, []
+    scale = float(b) if isinstance(b, int) else tf.cast(b, v.dtype)
+    parts = [(f, u.shape, scale) for u, f in made]
     shapes = {u.shape for u, _ in made}
     form = forms.merge([f for _, f in made]) if len(shapes) == 1 else None
     shape = made[0][0].shape
     if form is None:     # uses of different kinds or shapes: sum them explicitly
         form = forms.Explicit(tf.add_n([tf.reshape(forms.explicit(f, u.shape), [b, -1]) for u, f in made]))
         shape = (math.prod(v.shape),)
-    scale = float(b) if isinstance(b, int) else tf.cast(b, v.dtype)
     sum_sq, norms, mean = forms.moments(form, shape, scale, elementwise)
     reshape = lambda t: None if t is None else tf.reshape(t, v.shape)
-    return reshape(sum_sq), norms, reshape(mean)
+    return reshape(sum_sq), norms, reshape(mean), parts
 
 
 class Plan(NamedTuple):
@@ -155,7 +157,8 @@ class Plan(NamedTuple):
         return {v.path: (u if isinstance(u, str) else None) for v, u in zip(variables, self.uses)}
 
 
-def _traced_moments(model, loss_fn, x, y, elementwise, strict):
+def _traced_moments(model, loss_fn, x, y, elementwise, strict, projector=False):
+    """The moments (and with `projector`, `(moments, forms.Projector)`) in the current graph."""
     graph = tf.compat.v1.get_default_graph()
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
@@ -182,21 +185,24 @@ def _traced_moments(model, loss_fn, x, y, elementwise, strict):
     for i, g in zip(asked, gradients.dense_gradients([variables[i] for i in asked], grads[:len(asked)])):
         mean[i] = g
     dzs = iter(grads[len(asked):])
-    sum_sq, norms = [None] * len(variables), [None] * len(variables)
+    sum_sq, norms, parts = [None] * len(variables), [None] * len(variables), [[] for _ in variables]
     for i in tapped:
         v, uses = variables[i], p.uses[i]
-        sum_sq[i], norms[i], rule_mean = _variable_moments(v, uses, [next(dzs) for _ in uses], b, elementwise)
+        sum_sq[i], norms[i], rule_mean, parts[i] = _variable_moments(v, uses, [next(dzs) for _ in uses], b,
+                                                                     elementwise)
         if i in summed:
             mean[i] = rule_mean
     if p.fallback:
-        _fallback_moments(model, loss_fn, x, y, p.fallback, elementwise, sum_sq, norms)
-    return GradientMoments(mean=mean, sum_sq=sum_sq if elementwise else None, var_norms_sq=norms,
-                           losses=losses, outputs=outputs, batch_size=b)
+        _fallback_moments(model, loss_fn, x, y, p.fallback, elementwise, sum_sq, norms, parts)
+    m = GradientMoments(mean=mean, sum_sq=sum_sq if elementwise else None, var_norms_sq=norms,
+                        losses=losses, outputs=outputs, batch_size=b)
+    return (m, forms.Projector(parts, b)) if projector else m
 
 
-def _fallback_moments(model, loss_fn, x, y, indices, elementwise, sum_sq, norms):
-    """Fills `sum_sq` and `norms` at `indices` from `vectorized` per-example gradients of
-    those variables only (their mean comes from the one backward pass)."""
+def _fallback_moments(model, loss_fn, x, y, indices, elementwise, sum_sq, norms, parts):
+    """Fills `sum_sq`, `norms` and the projector's `parts` at `indices` from `vectorized`
+    per-example gradients of those variables only (their mean comes from the one backward
+    pass)."""
     variables = model.trainable_variables
     rest = [variables[i] for i in indices]
     per_ex = gradients.per_example(model, loss_fn, x, y, "vectorized", variables=rest)
@@ -205,6 +211,7 @@ def _fallback_moments(model, loss_fn, x, y, indices, elementwise, sum_sq, norms)
     for k, i in enumerate(indices):
         norms[i] = m.var_norms_sq[k]
         sum_sq[i] = m.sum_sq[k] if elementwise else None
+        parts[i] = [(forms.Explicit(per_ex.gradients[k]), tuple(rest[k].shape), 1.0)]
 
 
 _COMPILED = weakref.WeakKeyDictionary()

@@ -15,7 +15,7 @@ norms and the rest without touching a tape.
 import keras
 import tensorflow as tf
 
-from tfmbgd import gradients, layerwise
+from tfmbgd import forms, gradients, layerwise
 from tfmbgd.config import GRAD_METHODS as METHODS
 from tfmbgd.errors import UserError
 from tfmbgd.fields import MERGES, GradientMoments, combine, from_per_example, pack, unpack  # noqa: F401
@@ -55,6 +55,48 @@ def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
             return m
         method = "vectorized"       # no layer has a rule: the exact fallback for all
     return from_per_example(gradients.per_example(model, loss_fn, x, y, method), elementwise)
+
+
+def measured_moments(model, loss_fn, x, y, method="auto", elementwise=True, micro_batch=None):
+    """`(GradientMoments, forms.Projector)` of the batch, inside a `tf.function`: the
+    moments, and the per-example gradients kept in their cheap forms, for dot products with
+    vectors known only later (`g_n . mean`, `g_n . update`) and element histograms. With
+    `micro_batch`, one micro-batch at a time, their projectors concatenated."""
+    if micro_batch is not None:
+        parts, previous = [], []
+        for start, stop in micro_batches(x.shape[0], micro_batch):
+            with tf.control_dependencies(previous):
+                parts.append(measured_moments(model, loss_fn, x[start:stop], y[start:stop], method, elementwise))
+            previous = parts[-1][0].mean
+        return combine([m for m, _ in parts]), forms.Projector.concat([p for _, p in parts])
+    if method not in METHODS:
+        raise UserError(f"gradient method must be one of {', '.join(METHODS)}; got {method!r}")
+    gradients.check_call(model, loss_fn, x, y)
+    _refuse_batch_norm(model)
+    if method in ("auto", "layerwise"):
+        found = layerwise._traced_moments(model, loss_fn, x, y, elementwise, method == "layerwise",
+                                          projector=True)
+        if found is not None:
+            return found
+        method = "vectorized"
+    per_ex = gradients.per_example(model, loss_fn, x, y, method)
+    m = from_per_example(per_ex, elementwise)
+    variables = model.trainable_variables
+    parts = [[(forms.Explicit(tf.cast(g, v.dtype)), tuple(v.shape), 1.0)] for g, v in zip(per_ex.gradients, variables)]
+    return m, forms.Projector(parts, m.batch_size)
+
+
+def per_example_dots(model, loss_fn, x, y, vectors=None, method="auto"):
+    """`[B]`: the dot product of each example's gradient `g_n` (all variables) with
+    `vectors` (a list aligned with `model.trainable_variables`); by default the batch's mean
+    gradient, giving `P_n = g_n . mean` of the gradient tests. No per-example gradient is
+    built by the layer-wise rules (see `tfmbgd.forms.project`). Eager or in a `tf.function`."""
+    def dots(x, y, vectors):
+        m, project = measured_moments(model, loss_fn, x, y, method, elementwise=False)
+        return project(m.mean if vectors is None else vectors)
+    if tf.inside_function():
+        return dots(x, y, vectors)
+    return tf.function(dots, autograph=False)(x, y, vectors)
 
 
 def _refuse_batch_norm(model):

@@ -15,7 +15,7 @@ from tfmbgd import distribute, gradients, losses, optimizers
 from tfmbgd import instruments as instruments_lib
 from tfmbgd.config import ON_NONFINITE
 from tfmbgd.errors import UserError
-from tfmbgd.moments import accumulated_moments, gradient_moments, micro_batches
+from tfmbgd.moments import accumulated_moments, gradient_moments, measured_moments, micro_batches
 
 
 def make_update(rule, variables, learning_rate, optimizer="sgd"):
@@ -79,6 +79,7 @@ class Measured(NamedTuple):
     moments: object      # the GradientMoments of the batch
     grads: list          # the gradient to apply, aligned with model.trainable_variables
     small_sq: object     # the replicas' mean |G_share|^2 (the REPLICA_NORMS need), or None
+    project: object = None   # the per-example gradients' forms.Projector (the DOTS need), or None
 
 
 def measure(model, loss_fn, x, y, *, needs=frozenset(), method="auto", reduction="mean",
@@ -102,8 +103,13 @@ def measure(model, loss_fn, x, y, *, needs=frozenset(), method="auto", reduction
       plus `extra_gradients`).
     """
     elementwise = instruments_lib.ELEMENTWISE in needs
-    small_sq = None
-    if replicas is not None:
+    small_sq = project = None
+    if replicas is not None and needs & {instruments_lib.DOTS, instruments_lib.BATCH}:
+        raise UserError("the gradient tests' dot products, alpha, the element histograms and curvature "
+                        "are not computed across replicas yet; run them on one device")
+    if instruments_lib.DOTS in needs:
+        m, project = measured_moments(model, loss_fn, x, y, method, elementwise, micro_batch)
+    elif replicas is not None:
         m, small_sq = replicas.moments(model, loss_fn, x, y, method, elementwise,
                                        two_batch=instruments_lib.REPLICA_NORMS in needs)
     elif micro_batch is None:
@@ -115,17 +121,21 @@ def measure(model, loss_fn, x, y, *, needs=frozenset(), method="auto", reduction
         grads = [tf.cast(m.batch_size, g.dtype) * g for g in grads]
     if extra_gradients is not None:
         grads = [g + e for g, e in zip(grads, extra_gradients())]
-    return Measured(m, grads, small_sq)
+    return Measured(m, grads, small_sq, project)
 
 
-def statistics(measured, variables, active, replicas=None, before=None):
-    """`{tag: tensor}` of the instruments `active` (built) on a `Measured` step, after its
-    update; `before`: the variables' values before it (`snapshot`), for the instruments that
-    need `PARAMETERS`."""
+def statistics(measured, variables, active, replicas=None, before=None, batch=None, step=None,
+               before_update=False):
+    """`{tag: tensor}` of the instruments `active` (built) on a `Measured` step: with
+    `before_update`, of those that run before its update (curvature), else of the others,
+    after it. `before`: the variables' values before the update (`snapshot`), for the
+    instruments that need `PARAMETERS`; `batch`: `(model, loss_fn, x, y)`, for those that
+    need `BATCH`; `step`: the step's number."""
     measurement = instruments_lib.Measurement(measured.moments, [v.path for v in variables],
                                               small_sq=measured.small_sq, replicas=replicas,
-                                              before=before, variables=variables)
-    return instruments_lib.compute(active, measurement)
+                                              before=before, variables=variables, project=measured.project,
+                                              batch=batch, step=step)
+    return instruments_lib.compute([i for i in active if i.before_update == before_update], measurement)
 
 
 def snapshot(variables, needs):
@@ -228,11 +238,14 @@ class Steps:
         self.needs = instruments_lib.needs(self.instruments)
         self.finite_only = instruments_lib.finite_only(self.instruments,
                                                        [v.path for v in model.trainable_variables])
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False)     # set by at_step
         self.plain = tf.function(self.plain_step)
         self.with_stats = tf.function(self.stats_step)
 
     def at_step(self, step):
-        """Tells the non-finite guard (if any) the number of the step about to run."""
+        """Tells the instruments and the non-finite guard (if any) the number of the step
+        about to run."""
+        self.step.assign(step)
         if self.guard is not None:
             self.guard.current_step.assign(step)
 
@@ -292,10 +305,15 @@ class Steps:
                            reduction=self.reduction, micro_batch=self.micro_batch, replicas=self.replicas)
         m = measured.moments
         variables = self.model.trainable_variables
-        before = snapshot(variables, self.needs)
-        self._apply(measured.grads, tf.reduce_mean(m.losses))
+        step = self.step.read_value()
+        early = statistics(measured, variables, self.instruments, self.replicas, step=step,
+                           batch=(self.model, self.loss_fn, x, y), before_update=True)
+        with tf.control_dependencies(tf.nest.flatten(early)):     # curvature at the weights measured
+            before = snapshot(variables, self.needs)
+            self._apply(measured.grads, tf.reduce_mean(m.losses))
         out = self._metrics(m.losses, m.outputs, y)
-        out.update(statistics(measured, variables, self.instruments, self.replicas, before))
+        out.update(early)
+        out.update(statistics(measured, variables, self.instruments, self.replicas, before, step=step))
         return out
 
     def _metrics(self, per_example, outputs, y):

@@ -118,7 +118,7 @@ class RunWriters:
         self.close()
 
 
-def write_in_graph(writer, values, step, finite_only=(), description=None):
+def write_in_graph(writer, values, step, finite_only=(), description=None, lags=None):
     """Writes a dict of tensors at `step` from inside a `tf.function`.
 
     Scalars become scalar summaries and vectors (the per-example gradient norms)
@@ -126,11 +126,19 @@ def write_in_graph(writer, values, step, finite_only=(), description=None):
     noise scale is undefined while the noise hides the signal). The writes usually sit in
     a `tf.cond` branch: `name_scope(None)` keeps its "cond/" scope out of the tags, so they
     read as when written eagerly. `description`: TensorBoard's text for every scalar of
-    `values` (shown beside the chart).
+    `values` (shown beside the chart). A `[k, 3]` value is a histogram's rows already
+    (fixed bins); `lags` `{tag: j}` writes those tags at `step - j` (two-step instruments).
     """
+    lags = lags or {}
     with writer.as_default(step=step), tf.compat.v1.name_scope(None):
         for tag, value in values.items():
-            if value.shape.rank:
+            if tag in lags:
+                write_in_graph(writer, {tag: value}, step - lags[tag], finite_only, description)
+            elif value.shape.rank == 4:
+                tf.summary.image(tag, value)
+            elif value.shape.rank == 2:
+                tf.summary.write(tag, tf.cast(value, tf.float64), metadata=HISTOGRAM_METADATA)
+            elif value.shape.rank:
                 histogram(tag, value)
             elif tag in finite_only:
                 tf.cond(tf.math.is_finite(value), lambda t=tag, v=value: _scalar(t, v),

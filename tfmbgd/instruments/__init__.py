@@ -25,6 +25,8 @@ A run uses `default(...)` plus the registered instruments named in
 
 from tfmbgd.errors import UserError
 from tfmbgd.instruments.base import (  # noqa: F401
+    BATCH,
+    DOTS,
     ELEMENTWISE,
     NEEDS,
     PARAMETERS,
@@ -36,12 +38,14 @@ from tfmbgd.instruments.base import (  # noqa: F401
     applies,
 )
 from tfmbgd.instruments.batch_size import BatchSize
-from tfmbgd.instruments.gradient_tests import NormTest
+from tfmbgd.instruments.curvature import HessMaxEV, HessTrace, TICDiag, TICTrace
+from tfmbgd.instruments.gradient_tests import InnerTest, NormTest, OrthoTest
+from tfmbgd.instruments.hists import GradHist1d, GradHist2d
 from tfmbgd.instruments.gsnr import MeanGSNR, MeanGSNRBiased
 from tfmbgd.instruments.noise_scale import NoiseScale, TwoBatchNoiseScale
 from tfmbgd.instruments.norms import GradientNorm, PerExampleNorms
 from tfmbgd.instruments.sgd import CABS, EarlyStopping
-from tfmbgd.instruments.step import Distance, UpdateSize
+from tfmbgd.instruments.step import Alpha, Distance, UpdateSize
 from tfmbgd.instruments.variance import VarianceTrace
 
 REGISTRY = {}
@@ -60,9 +64,28 @@ def register(cls):
 
 
 BUILT_IN = (GradientNorm, VarianceTrace, MeanGSNR, NoiseScale, TwoBatchNoiseScale, PerExampleNorms, BatchSize,
-            MeanGSNRBiased, UpdateSize, Distance, CABS, EarlyStopping, NormTest)
+            MeanGSNRBiased, UpdateSize, Distance, CABS, EarlyStopping, NormTest, InnerTest, OrthoTest, Alpha,
+            HessTrace, HessMaxEV, TICDiag, TICTrace, GradHist1d, GradHist2d)
 for _cls in BUILT_IN:
     register(_cls)
+
+# Cockpit's three configurations (`cockpit.utils.configuration`), by the names of the
+# instruments that tfmbgd adds to its defaults (which already log the loss and gradient norm).
+ECONOMY = ("alpha", "distance", "grad_hist", "inner_test", "norm_test", "ortho_test", "update_size")
+BUSINESS = ECONOMY + ("tic_diag", "hess_trace")
+FULL = BUSINESS + ("hess_max_ev", "grad_hist_2d")
+PRESETS = {"economy": ECONOMY, "business": BUSINESS, "full": FULL}
+
+
+def expand(names):
+    """`names` with the presets (economy, business, full) replaced by their instruments, each
+    name once, in order."""
+    out = []
+    for name in names:
+        for n in PRESETS.get(name, (name,)):
+            if n not in out:
+                out.append(n)
+    return tuple(out)
 
 
 def default(elementwise=False, noise_scale_decay=0.9):
@@ -85,10 +108,11 @@ def create(names, learning_rate=None, optimizer="sgd"):
       UserError: an unknown name, or an instrument defined for plain SGD in a run with
         another optimizer.
     """
+    names = expand(names)
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
-        raise UserError(f"unknown instrument {unknown[0]!r}; registered: {', '.join(sorted(REGISTRY))} "
-                        "(tfmbgd.instruments.register adds one)")
+        raise UserError(f"unknown instrument {unknown[0]!r}; presets: {', '.join(PRESETS)}; registered: "
+                        f"{', '.join(sorted(REGISTRY))} (tfmbgd.instruments.register adds one)")
     out = [REGISTRY[n].for_run(learning_rate=learning_rate, optimizer=optimizer) for n in names]
     check_sgd(out, optimizer == "sgd", f"--optimizer={optimizer}")
     return out
@@ -138,12 +162,34 @@ def finite_only(active, names):
 
 
 def tag_kinds(active, names):
-    """`(scalar tags, histogram tags)` that the instruments can write, each in order."""
+    """`(scalar tags, histogram tags)` that the instruments can write, each in order (image
+    tags are in neither: see `images`)."""
     scalars, histograms = [], []
     for instrument in active:
         for tag in instrument.tags(names):
-            (histograms if tag in instrument.histograms else scalars).append(tag)
+            if tag not in instrument.images:
+                (histograms if tag in instrument.histograms else scalars).append(tag)
     return scalars, histograms
+
+
+def images(active):
+    """The image tags of the instruments."""
+    return [tag for i in active for tag in i.images]
+
+
+def histogram_bins(active):
+    """`{tag: bins}` of the histograms the instruments give as rows of fixed bins."""
+    return {tag: bins for i in active for tag, bins in getattr(i, "bins", {}).items()}
+
+
+def lags(active):
+    """`{tag: k}`: tags written k steps before the step that computed them."""
+    return {tag: k for i in active for tag, k in i.lags.items()}
+
+
+def width(active):
+    """Consecutive statistics steps per schedule period: 2 when an instrument is two-step."""
+    return 2 if any(i.two_step for i in active) else 1
 
 
 def summaries(active):
@@ -159,3 +205,6 @@ def charts(active, names):
 def state(active):
     """`{instrument name: {state name: tf.Variable}}` for the checkpoint."""
     return {i.name: dict(i.state()) for i in active if i.state()}
+
+
+from tfmbgd.instruments.cockpit import Cockpit  # noqa: E402,F401  (uses this module)

@@ -26,12 +26,18 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from tfmbgd.errors import UserError
+
 # What an instrument can need from the step (`Instrument.needs`), beyond the mean gradient
 # and the per-example norms that every statistics step computes.
 ELEMENTWISE = "elementwise"        # GradientMoments.sum_sq: one more matmul per layer
 REPLICA_NORMS = "replica norms"    # the replicas' mean |G_share|^2: one scalar all-reduce
 PARAMETERS = "parameters"          # the variables' values before the step's update: one copy
-NEEDS = (ELEMENTWISE, REPLICA_NORMS, PARAMETERS)
+DOTS = "dots"                      # per-example gradients kept in their forms (`forms.Projector`):
+                                   # dot products g_n . v with vectors known later, element histograms
+BATCH = "batch"                    # the model, loss and batch, to evaluate more (Hessian-vector
+                                   # products) at the weights before the update
+NEEDS = (ELEMENTWISE, REPLICA_NORMS, PARAMETERS, DOTS, BATCH)
 
 
 class Chart(NamedTuple):
@@ -67,6 +73,13 @@ class Instrument:
       histograms: the tags whose values are vectors, written as histograms (the others
         are scalars). A compiled step keeps both kinds in buffers of fixed shapes until
         Python writes them (`tfmbgd.buffer`), so it needs to know which is which.
+      images: the tags whose values are `[H, W, 3]` uint8 images (written as images).
+      before_update: `compute` runs before the step's update, at the weights that measured
+        the batch (curvature); otherwise after it.
+      two_step: the values describe the previous step too (Cockpit's alpha): the step after
+        each statistics step is a statistics step as well.
+      lags: `{tag: k}`: the value a step returns for `tag` describes the step k steps back,
+        and is written there.
     """
 
     name = None
@@ -75,7 +88,11 @@ class Instrument:
     finite_only = False
     summaries = ()
     histograms = frozenset()
+    images = frozenset()
     sgd_only = False
+    before_update = False
+    two_step = False
+    lags = {}
 
     @classmethod
     def for_run(cls, learning_rate=None, optimizer=None):
@@ -117,15 +134,21 @@ class Measurement:
       replicas: the `distribute.Replicas` the batch was split across, or None.
       before: the variables' values before the step's update (the `PARAMETERS` need), or
         None; `variables`: the variables themselves, read after the update.
+      project: the step's `forms.Projector` (the `DOTS` need), or None: `project(vectors)`
+        is `[g_n . vectors]_n`.
+      batch: `(model, loss_fn, x, y)` of the step (the `BATCH` need), or None.
+      step: the step's number (int64 tensor), or None.
 
     Quantities several instruments use are derived once per step: `mean_sq`, `example_sq`,
     and any other through `cached`.
     """
 
-    def __init__(self, moments, names, small_sq=None, replicas=None, before=None, variables=None):
+    def __init__(self, moments, names, small_sq=None, replicas=None, before=None, variables=None,
+                 project=None, batch=None, step=None):
         self.moments, self.names = moments, list(names)
         self.small_sq, self.replicas = small_sq, replicas
         self.before, self.variables = before, variables
+        self.project, self.batch, self.step = project, batch, step
         self._cache = {}
 
     def cached(self, key, make):
@@ -143,6 +166,19 @@ class Measurement:
     def example_sq(self):
         """`[V, B]`: each variable's per-example squared gradient norms."""
         return tf.stack(self.moments.var_norms_sq)
+
+    @functools.cached_property
+    def dots(self):
+        """`[B]`: `P_n = g_n . mean`, each example's gradient dotted with the batch's mean
+        gradient over all variables (the `DOTS` need)."""
+        return tf.cast(self.require(DOTS, self.project)(self.moments.mean), tf.float32)
+
+    def require(self, need, value):
+        """`value`, or a clear error when the step did not provide the `need`."""
+        if value is None:
+            raise UserError(f"an instrument needs {need!r} from the step, which did not provide it "
+                            "(steps.measure and steps.statistics provide it when the instruments' needs say so)")
+        return value
 
     def b(self, dtype):
         """B as a number of `dtype`; a Python float when the batch size is static (no op)."""

@@ -11,7 +11,7 @@ measures from the same start).
 import tensorflow as tf
 
 from tfmbgd.errors import UserError
-from tfmbgd.instruments.base import PARAMETERS, Chart, Instrument, per_variable
+from tfmbgd.instruments.base import DOTS, PARAMETERS, Chart, Instrument, per_variable
 
 
 def _before(measurement):
@@ -71,3 +71,94 @@ class Distance(Instrument):
         initial = [tf.convert_to_tensor(i) for i in self.initial]
         vector, total = _norms([b - i for b, i in zip(_before(measurement), initial)])
         return {**per_variable("step/distance", vector, measurement.names), "step/distance": total}
+
+
+def fit_alpha(t, fs, dfs, var_fs, var_dfs):
+    """Cockpit's alpha from a noise-aware quadratic fit along the step (Schneider et al. 2021,
+    after Mahsereci and Hennig's probabilistic line search): the quadratic
+    `q(s) = mu0 + mu1 s + mu2 s^2` fitted by weighted least squares to the losses `fs` and
+    directional derivatives `dfs` at `s = 0` and `s = t` (the step's length), each weighted
+    by the inverse of its per-example variance (a zero variance taken as 1e-10). Then
+    `alpha = 2 t / (-mu1 / mu2) - 1`: -1 a step that made no progress (or a concave fit, or
+    no step at all), 0 a step to the minimum, 1 a step to the other side of the valley.
+    All arguments float64 scalars (pairs for the lists)."""
+    eps = tf.constant(1e-10, tf.float64)
+    safe = lambda v: tf.where(tf.equal(v, 0.0), eps, v)
+    moved = tf.not_equal(t, 0.0)
+    s = tf.where(moved, t, tf.ones_like(t))         # a zero step has no fit: alpha -1 below
+    zero, one = tf.zeros_like(s), tf.ones_like(s)
+    phi = tf.stack([tf.stack([one, one, zero, zero]), tf.stack([zero, s, one, one]),
+                    tf.stack([zero, s * s, zero, 2 * s])])            # [3, 4]: how q is observed
+    weights = 1.0 / tf.stack([safe(var_fs[0]), safe(var_fs[1]), safe(var_dfs[0]), safe(var_dfs[1])])
+    observed = tf.stack([fs[0], fs[1], dfs[0], dfs[1]])
+    lhs = tf.matmul(phi * weights, phi, transpose_b=True)
+    rhs = tf.linalg.matvec(phi * weights, observed)
+    mu = tf.linalg.solve(lhs, rhs[:, None])[:, 0]
+    alpha = 2 * s / (-mu[1] / mu[2]) - 1
+    return tf.where(moved & (mu[2] >= 0), alpha, -tf.ones_like(alpha))
+
+
+def _point(measurement, direction, length):
+    """`(f, var f, df, var df)` of a batch along `direction`: the mean and unbiased variance
+    of the per-example losses, and of their derivatives `g_n . d / |d|` along it."""
+    losses = tf.cast(measurement.moments.losses, tf.float64)
+    along = tf.cast(measurement.require(DOTS, measurement.project)(direction), tf.float64) / length
+    var = lambda t: tf.reduce_sum(tf.square(t - tf.reduce_mean(t))) / tf.cast(tf.size(t) - 1, tf.float64)
+    return tf.stack([tf.reduce_mean(losses), var(losses), tf.reduce_mean(along), var(along)])
+
+
+class Alpha(Instrument):
+    """`step/alpha`: Cockpit's normalized step length of the update made at a statistics step t.
+
+    It needs two points: at step t the losses and their derivatives along the update
+    `d = theta_{t+1} - theta_t` on batch t (before the update, `g_n . d` from the step's
+    per-example forms, whatever the optimizer), and at step t + 1 the same on batch t + 1
+    at `theta_{t+1}`. So the step after each statistics step is one too (`two_step`), and
+    the value computed there is written at step t (`lags`). The update direction is kept
+    as state (one copy of the weights, not B of them).
+    """
+
+    name = "alpha"
+    needs = frozenset({DOTS, PARAMETERS})
+    min_batch = 2
+    finite_only = True
+    two_step = True
+    lags = {"step/alpha": 1}
+
+    def build(self, variables):
+        self.direction = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False) for v in variables]
+        self.start = tf.Variable(tf.zeros([4], tf.float64), trainable=False)    # f, var f, df, var df
+        self.start_step = tf.Variable(-2, dtype=tf.int64, trainable=False)
+        self.length = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+
+    def state(self):
+        return {"start": self.start, "start_step": self.start_step, "length": self.length,
+                **{f"direction_{i}": d for i, d in enumerate(self.direction)}}
+
+    def tags(self, names):
+        return {"step/alpha": "normalized step length from a noise-aware quadratic fit along the update "
+                              "(Cockpit): 0 = stepped to the minimum, 1 = to the other side, "
+                              "-1 = no progress; logged at the step of the update"}
+
+    def charts(self, names):
+        return [Chart("Step", "alpha (0: to the minimum, 1: across it)", ("^step/alpha$",))]
+
+    def compute(self, measurement):
+        step = measurement.require("the step number", measurement.step)
+        length = tf.maximum(self.length.read_value(), 1e-30)
+        direction = [d.read_value() for d in self.direction]
+        end = _point(measurement, direction, length)
+        start = self.start.read_value()
+        alpha = fit_alpha(self.length.read_value(), (start[0], end[0]), (start[2], end[2]),
+                          (start[1], end[1]), (start[3], end[3]))
+        alpha = tf.where(tf.equal(self.start_step, step - 1), alpha, tf.constant(float("nan"), tf.float64))
+        # this step as the next one's start: the update it just made, and its point along it
+        with tf.control_dependencies([alpha]):
+            update = [tf.cast(a, tf.float32) - tf.cast(b, tf.float32)
+                      for a, b in zip(measurement.variables, measurement.before)]
+            new_length = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(u, tf.float64))) for u in update]))
+            point = _point(measurement, update, tf.maximum(new_length, 1e-30))
+            saved = [d.assign(u) for d, u in zip(self.direction, update)]
+            saved += [self.start.assign(point), self.length.assign(new_length), self.start_step.assign(step)]
+        with tf.control_dependencies(saved):
+            return {"step/alpha": tf.cast(tf.identity(alpha), tf.float32)}

@@ -1,0 +1,145 @@
+"""Curvature of the mean loss of one batch: Hessian-vector products and what they give.
+
+Everything here evaluates the batch's mean loss `L = (1/B) sum_n l_n` at the model's
+current weights, inside a `tf.function` or eagerly:
+
+- `hvp`: `H v` by forward-over-backward differentiation (a forward-mode accumulator
+  around the backward pass: about the cost of two gradients, any model, exact);
+- `hessian`: the whole `[P, P]` Hessian by the Jacobian of the gradient (small models: it
+  builds P Hessian-vector products);
+- `hutchinson_trace`: `tr H ~ mean_k v_k . H v_k` over Rademacher vectors (Hutchinson 1989),
+  unbiased; `hutchinson_diagonal`: `diag H ~ mean_k v_k * H v_k`;
+- `ggn_mc_diagonal`: the Monte-Carlo generalized Gauss-Newton diagonal (BackPACK's
+  DiagGGNMC): labels drawn from the model's own predictive distribution, then the mean of
+  the squared per-example gradients of the loss on them, `(1/B) sum_n g_n(y~)^2`, from the
+  gradient moments (the layer-wise rules: one more forward and backward pass). Its
+  expectation is the GGN diagonal, which equals the Hessian's for a piecewise-linear
+  network (ReLU) with the crossentropy or squared loss;
+- `max_eigenvalue`: the eigenvalue of largest magnitude by power iteration on `hvp`.
+"""
+
+import tensorflow as tf
+
+from tfmbgd import losses
+from tfmbgd.errors import UserError
+from tfmbgd.moments import gradient_moments
+
+ESTIMATORS = ("hutchinson", "exact", "ggn_mc")
+
+
+def _handles(variables):
+    """What a forward accumulator and a tape watch for Keras variables: the tf.Variables."""
+    return [getattr(v, "value", v) for v in variables]
+
+
+def mean_loss(model, loss_fn, x, y):
+    per_example = loss_fn(y, model(x, training=True))
+    return tf.reduce_mean(tf.cast(per_example, tf.float32) if per_example.dtype != tf.float64 else per_example)
+
+
+def hvp(model, loss_fn, x, y, vectors):
+    """`[H v]`: the Hessian of the batch's mean loss times `vectors` (a list aligned with
+    `model.trainable_variables`), by forward-over-backward differentiation."""
+    variables = model.trainable_variables
+    tangents = [tf.cast(v, w.dtype) for v, w in zip(vectors, variables)]
+    with tf.autodiff.ForwardAccumulator(_handles(variables), tangents) as accumulator:
+        with tf.GradientTape() as tape:
+            loss = mean_loss(model, loss_fn, x, y)
+        grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return [accumulator.jvp(g, unconnected_gradients=tf.UnconnectedGradients.ZERO) for g in grads]
+
+
+def hessian(model, loss_fn, x, y, limit=4096):
+    """The `[P, P]` Hessian of the batch's mean loss over all trainable parameters, flattened
+    in `model.trainable_variables` order (a UserError beyond `limit` parameters)."""
+    variables = model.trainable_variables
+    size = sum(int(tf.size(v)) for v in variables)
+    if size > limit:
+        raise UserError(f"the exact Hessian of {size} parameters is too large (limit {limit}); "
+                        "use the hutchinson or ggn_mc estimator")
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss = mean_loss(model, loss_fn, x, y)
+        grads = inner.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+    rows = outer.jacobian(flat, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return tf.concat([tf.reshape(r, [size, -1]) for r in rows], 1)
+
+
+def _unflat(flat, variables):
+    sizes = [int(tf.size(v)) for v in variables]
+    return [tf.reshape(t, v.shape) for t, v in zip(tf.split(flat, sizes), variables)]
+
+
+def rademacher(variables, seed):
+    """Random +-1 vectors shaped like `variables`, from a stateless `seed` ([2] int)."""
+    out = []
+    for i, v in enumerate(variables):
+        bits = tf.random.stateless_uniform(v.shape, seed=seed + [0, i], minval=0, maxval=2, dtype=tf.int32)
+        out.append(tf.cast(2 * bits - 1, v.dtype))
+    return out
+
+
+def hutchinson(model, loss_fn, x, y, samples=1, seed=(0, 0)):
+    """`(trace, [diagonal per variable])` estimates from `samples` Rademacher vectors."""
+    variables = model.trainable_variables
+    seed = tf.cast(tf.convert_to_tensor(seed), tf.int32)
+    trace, diagonal = 0.0, [tf.zeros(v.shape, v.dtype) for v in variables]
+    for k in range(samples):
+        v = rademacher(variables, seed + [0, 1000 * k])
+        hv = hvp(model, loss_fn, x, y, v)
+        products = [a * b for a, b in zip(v, hv)]
+        trace += tf.add_n([tf.reduce_sum(tf.cast(p, tf.float32)) for p in products])
+        diagonal = [d + p for d, p in zip(diagonal, products)]
+    return trace / samples, [d / samples for d in diagonal]
+
+
+def sampled_labels(loss_fn, outputs, seed):
+    """Labels drawn from the model's predictive distribution for `loss_fn` (tfmbgd's
+    crossentropy: a class from the softmax of the logits; mse: the output plus Gaussian
+    noise of variance K/2, the inverse of the loss's curvature 2/K in each of K outputs)."""
+    seed = tf.cast(tf.convert_to_tensor(seed), tf.int32)
+    if loss_fn is losses.crossentropy:
+        logits = tf.cast(outputs, tf.float32)
+        return tf.reshape(tf.random.stateless_categorical(tf.reshape(logits, [-1, logits.shape[-1]]), 1, seed,
+                                                          dtype=tf.int32), [-1])
+    if loss_fn is losses.mse:
+        k = outputs.shape[-1]
+        noise = tf.random.stateless_normal(tf.shape(outputs), seed, dtype=outputs.dtype)
+        return outputs + noise * (k / 2.0) ** 0.5
+    raise UserError("the ggn_mc curvature samples labels from the model's predictive distribution, known for "
+                    "tfmbgd.losses.crossentropy and tfmbgd.losses.mse only; use the hutchinson estimator")
+
+
+def ggn_mc_diagonal(model, loss_fn, x, outputs, seed=(0, 0), method="auto"):
+    """The Monte-Carlo GGN diagonal per variable: `(1/B) sum_n g_n(y~_n)^2` with one label
+    `y~_n` drawn per example from the model's predictions `outputs`."""
+    y_tilde = tf.stop_gradient(sampled_labels(loss_fn, outputs, seed))
+    m = gradient_moments(model, loss_fn, x, y_tilde, method=method, elementwise=True)
+    b = tf.cast(m.batch_size, tf.float32)
+    return [tf.cast(s, tf.float32) / b for s in m.sum_sq]
+
+
+def max_eigenvalue(model, loss_fn, x, y, max_iterations=100, rtol=1e-3, atol=1e-6, seed=(0, 0)):
+    """The Hessian's eigenvalue of largest magnitude (with its sign), by power iteration with
+    Hessian-vector products from a random start, stopped when the Rayleigh quotient changes
+    by less than `atol + rtol * |lambda|` (Cockpit's tolerances) or after `max_iterations`.
+    Returns `(eigenvalue, iterations)`."""
+    variables = model.trainable_variables
+    seed = tf.cast(tf.convert_to_tensor(seed), tf.int32)
+    start = [tf.random.stateless_normal(v.shape, seed + [0, i], dtype=tf.float32) for i, v in enumerate(variables)]
+    norm = lambda vs: tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(v)) for v in vs]))
+
+    def body(i, v, value, change):
+        hv = [tf.cast(t, tf.float32) for t in hvp(model, loss_fn, x, y, v)]
+        new = tf.add_n([tf.reduce_sum(a * b) for a, b in zip(v, hv)])       # v is a unit vector
+        size = norm(hv)
+        v = [t / tf.maximum(size, 1e-30) for t in hv]
+        return i + 1, v, new, tf.abs(new - value)
+
+    def more(i, v, value, change):
+        return (i < max_iterations) & (change > atol + rtol * tf.abs(value))
+
+    unit = [t / norm(start) for t in start]
+    i, _, value, _ = tf.while_loop(more, body, (tf.constant(0), unit, tf.constant(0.0), tf.constant(float("inf"))))
+    return value, i

@@ -1,0 +1,89 @@
+"""`Cockpit`: one training step of a user's own loop, with Cockpit's instruments.
+
+    cockpit = tfmbgd.instruments.Cockpit(model, tfmbgd.losses.crossentropy, optimizer, "economy")
+    for x, y in batches:
+        values = cockpit.step(x, y)        # applies the update; {tag: value} of this step
+
+The same maths as `train.py` and `fit` (`tfmbgd.steps`): the batch's gradient moments, the
+update of their mean with `optimizer` (any Keras optimizer), and the instruments' values.
+Eagerly each call runs a compiled step; inside a caller's `tf.function` it is traced
+there. A two-step instrument (`step/alpha`) returns, at step t + 1, the value that
+describes step t: eagerly `history[t]` holds it under its own step, as TensorBoard would.
+"""
+
+import keras
+import tensorflow as tf
+
+from tfmbgd import losses, steps
+from tfmbgd import instruments as instruments_lib
+from tfmbgd.errors import UserError
+
+
+class Cockpit:
+    """One step at a time, with instruments.
+
+    Args:
+      model: a built Keras model.
+      loss_fn: per-example loss `(y_true, y_pred) -> [B]`, unscaled (`tfmbgd.losses`).
+      optimizer: a Keras optimizer (built here for the model's variables).
+      instruments: a preset ("economy", "business", "full"), or a list of preset and
+        instrument names (`tfmbgd.instruments.REGISTRY`), or instances; added to the
+        defaults (norms, variances, noise scale).
+      method: how the moments are computed (`tfmbgd.stats.gradient_moments`).
+      elementwise: the elementwise tier (GSNR); on by itself when an instrument needs it.
+    """
+
+    def __init__(self, model, loss_fn, optimizer, instruments="economy", method="auto", elementwise=False):
+        if not model.built or not model.trainable_variables:
+            raise UserError("Cockpit needs a built model with trainable variables: call it on a batch first")
+        names = [instruments] if isinstance(instruments, str) else list(instruments)
+        given = [i for i in names if not isinstance(i, str)]
+        learning_rate = _learning_rate(optimizer)
+        from tfmbgd.fit import _plain_sgd
+        made = instruments_lib.create([n for n in names if isinstance(n, str)], learning_rate,
+                                      "sgd" if _plain_sgd(optimizer) else type(optimizer).__name__)
+        active = instruments_lib.default(elementwise) + made + given
+        instruments_lib.check_sgd(active, _plain_sgd(optimizer), type(optimizer).__name__)
+        self.model, self.optimizer = model, optimizer
+        self.steps = steps.Steps(model, loss_fn, steps.optimizer_update(optimizer, model.trainable_variables),
+                                 method=method, classification=loss_fn is losses.crossentropy,
+                                 instruments=active)
+        self.iteration = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.lags = instruments_lib.lags(active)
+        self.finite_only = self.steps.finite_only
+        self.history = {}
+        self._compiled = tf.function(self._step)
+
+    @property
+    def instruments(self):
+        return self.steps.instruments
+
+    def _step(self, x, y):
+        self.steps.at_step(self.iteration)
+        with tf.control_dependencies([self.steps.step]):
+            out = self.steps.stats_step(x, y)
+        with tf.control_dependencies(tf.nest.flatten(out)):
+            self.iteration.assign_add(1)
+        return out
+
+    def step(self, x, y):
+        """Applies one update on the batch `(x, y)`; returns `{tag: value}` of this step (and
+        the lagged values of the previous one, see the module). Eagerly, values are Python
+        floats or numpy arrays, undefined ones left out."""
+        if tf.inside_function():
+            return self._step(x, y)
+        step = int(self.iteration.numpy())
+        out = {tag: v.numpy() for tag, v in self._compiled(x, y).items()}
+        out = {tag: (float(v) if v.ndim == 0 else v) for tag, v in out.items()
+               if not (tag in self.finite_only and v.ndim == 0 and not tf.math.is_finite(float(v)))}
+        for tag, value in out.items():
+            self.history.setdefault(step - self.lags.get(tag, 0), {})[tag] = value
+        return out
+
+
+def _learning_rate(optimizer):
+    rate = optimizer.learning_rate
+    try:
+        return float(keras.ops.convert_to_numpy(rate))
+    except (TypeError, ValueError):
+        return None

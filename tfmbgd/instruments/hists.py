@@ -1,0 +1,116 @@
+"""Histograms of the per-example gradients' elements (Cockpit's GradHist1d and GradHist2d).
+
+`grad_hist/elements`: every element of every per-example gradient `g_n` (unscaled), counted
+in 100 equal bins on (-2, 2), values outside counted in the edge bins (Cockpit clamps so),
+written as a TensorBoard histogram. The per-example gradients are built one variable and
+`chunk` examples at a time from the step's forms (the `DOTS` need), so no
+B x parameters tensor lives at once. It reads B x P numbers, so it costs about a backward
+pass per statistics step whatever the method: the one instrument of Cockpit's economy set
+that is not nearly free.
+
+`grad_hist/elements_vs_params`: the 2-D histogram of gradient element (rows, 40 bins on
+(-2, 2)) against the parameter's value (columns, 50 bins on (-r, r), r the largest
+parameter magnitude at that step), as an image: log(1 + count), dark = many.
+"""
+
+import tensorflow as tf
+
+from tfmbgd.instruments.base import DOTS, PARAMETERS, Chart, Instrument
+
+LOW, HIGH = -2.0, 2.0
+
+
+def _bins(values, low, high, bins):
+    """Edge-clamped bin indices (int32) of `values` in `bins` equal bins on (low, high)."""
+    index = tf.floor((tf.cast(values, tf.float32) - low) / (high - low) * bins)
+    return tf.cast(tf.clip_by_value(index, 0, bins - 1), tf.int32)
+
+
+def _count(index, bins):
+    """`[bins]` float64: how many of `index` fall in each bin (a segment sum: XLA compiles it,
+    unlike bincount)."""
+    return tf.cast(tf.math.unsorted_segment_sum(tf.ones_like(index, tf.float32), index, bins), tf.float64)
+
+
+def _chunks(batch, chunk):
+    if not isinstance(batch, int):
+        return [(None, None)]
+    return [(start, min(start + chunk, batch)) for start in range(0, batch, chunk)]
+
+
+def element_counts(measurement, bins=100, low=LOW, high=HIGH, chunk=32):
+    """`[bins]` float64 counts of the per-example gradient elements (see the module)."""
+    project = measurement.require(DOTS, measurement.project)
+    counts = tf.zeros([bins], tf.float64)
+    for i, v in enumerate(measurement.variables):
+        for start, stop in _chunks(measurement.moments.batch_size, chunk):
+            g = project.explicit(i, tuple(v.shape), start, stop)
+            index = tf.reshape(_bins(g, low, high, bins), [-1])
+            counts += _count(index, bins)
+    return counts
+
+
+def histogram_rows(counts, low, high):
+    """TensorBoard's `[bins, 3]` histogram rows (left edge, right edge, count)."""
+    bins = counts.shape[0]
+    edges = tf.linspace(tf.constant(low, tf.float64), tf.constant(high, tf.float64), bins + 1)
+    return tf.stack([edges[:-1], edges[1:], counts], axis=1)
+
+
+class GradHist1d(Instrument):
+    """`grad_hist/elements`: the histogram of every per-example gradient element."""
+
+    name = "grad_hist"
+    needs = frozenset({DOTS})
+    histograms = frozenset({"grad_hist/elements"})
+    bins = {"grad_hist/elements": 100}
+
+    def tags(self, names):
+        return {"grad_hist/elements": "every per-example gradient element, 100 bins on (-2, 2), "
+                                      "edge-clamped (Cockpit's GradHist1d)"}
+
+    def compute(self, measurement):
+        return {"grad_hist/elements": histogram_rows(element_counts(measurement), LOW, HIGH)}
+
+
+class GradHist2d(Instrument):
+    """`grad_hist/elements_vs_params`: gradient element against parameter value, an image."""
+
+    name = "grad_hist_2d"
+    needs = frozenset({DOTS, PARAMETERS})
+    images = frozenset({"grad_hist/elements_vs_params"})
+    shape = (40, 50)
+
+    def tags(self, names):
+        return {"grad_hist/elements_vs_params": "2-D histogram of per-example gradient elements (rows, 40 bins "
+                                                "on (-2, 2), top = -2) against parameter values (columns, 50 "
+                                                "bins on (-r, r), r = largest |parameter|); log(1 + count), "
+                                                "dark = many (Cockpit's GradHist2d)"}
+
+    def compute(self, measurement):
+        return {"grad_hist/elements_vs_params": image(counts_2d(measurement, *self.shape))}
+
+
+def counts_2d(measurement, rows=40, columns=50, chunk=32):
+    """`([rows, columns] float64 counts, r)`: gradient elements against the parameters'
+    values before the update, on (-2, 2) x (-r, r)."""
+    project = measurement.require(DOTS, measurement.project)
+    before = measurement.require(PARAMETERS, measurement.before)
+    r = tf.maximum(tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(tf.cast(p, tf.float32))) for p in before])), 1e-12)
+    counts = tf.zeros([rows * columns], tf.float64)
+    for i, v in enumerate(measurement.variables):
+        column = _bins(tf.reshape(before[i], [-1]), -r, r, columns)
+        for start, stop in _chunks(measurement.moments.batch_size, chunk):
+            g = project.explicit(i, tuple(v.shape), start, stop)
+            row = _bins(tf.reshape(g, [tf.shape(g)[0], -1]), LOW, HIGH, rows)
+            index = tf.reshape(row * columns + column[None], [-1])
+            counts += _count(index, rows * columns)
+    return tf.reshape(counts, [rows, columns])
+
+
+def image(counts):
+    """`[1, rows, columns, 3]` uint8: log(1 + count), scaled so the largest is black."""
+    level = tf.math.log1p(counts)
+    level = level / tf.maximum(tf.reduce_max(level), 1e-12)
+    gray = tf.cast(tf.round(255.0 * (1.0 - level)), tf.uint8)
+    return tf.tile(gray[None, :, :, None], [1, 1, 1, 3])
