@@ -87,7 +87,10 @@ class StatisticsBuffer:
 
     def _rows(self, value):
         """A histogram's rows padded to the buffer's width (the writer cuts them back)."""
-        rows = tf.cast(value, tf.float64) if value.shape.rank == 2 else summaries.histogram_rows(value, BUCKETS)
+        if value.shape.rank == 2:
+            rows = tf.cast(value, tf.float64)
+        else:
+            rows = summaries.histogram_rows(value, BUCKETS)
         return tf.pad(rows, [[0, self.width - rows.shape[0]], [0, 0]])
 
     def writer_function(self, writer, finite_only=(), skip=(), extra=None, lags=None):
@@ -125,13 +128,14 @@ class StatisticsBuffer:
                         if tag in skip:
                             continue
                         ok = wrote[j] & tf.math.is_finite(row[j]) if only_finite[j] else wrote[j]
-                        tf.cond(ok, lambda tag=tag, value=row[j], step=step - lags.get(tag, 0): _unscoped(
-                            tf.summary.scalar, tag, value, step=step), lambda: tf.constant(False))
+                        at = step - lags.get(tag, 0)
+                        tf.cond(ok, lambda tag=tag, value=row[j], at=at: _unscoped(
+                            tf.summary.scalar, tag, value, step=at), lambda: tf.constant(False))
                     for k, tag in enumerate(self.histogram_tags):
+                        at = step - lags.get(tag, 0)
                         tf.cond(wrote[t + k],
-                                lambda tag=tag, rows=histograms[i, k, :self.widths[tag]],
-                                step=step - lags.get(tag, 0): _unscoped(
-                                    tf.summary.write, tag, rows, step=step,
+                                lambda tag=tag, rows=histograms[i, k, :self.widths[tag]], at=at: _unscoped(
+                                    tf.summary.write, tag, rows, step=at,
                                     metadata=summaries.HISTOGRAM_METADATA),
                                 lambda: tf.constant(False))
                     if extra is not None:

@@ -34,7 +34,9 @@ def _handles(variables):
 
 def mean_loss(model, loss_fn, x, y):
     per_example = loss_fn(y, model(x, training=True))
-    return tf.reduce_mean(tf.cast(per_example, tf.float32) if per_example.dtype != tf.float64 else per_example)
+    if per_example.dtype != tf.float64:
+        per_example = tf.cast(per_example, tf.float32)
+    return tf.reduce_mean(per_example)
 
 
 def hvp(model, loss_fn, x, y, vectors):
@@ -127,7 +129,8 @@ def max_eigenvalue(model, loss_fn, x, y, max_iterations=100, rtol=1e-3, atol=1e-
     Returns `(eigenvalue, iterations)`."""
     variables = model.trainable_variables
     seed = tf.cast(tf.convert_to_tensor(seed), tf.int32)
-    start = [tf.random.stateless_normal(v.shape, seed + [0, i], dtype=tf.float32) for i, v in enumerate(variables)]
+    start = [tf.random.stateless_normal(v.shape, seed + [0, i], dtype=tf.float32)
+             for i, v in enumerate(variables)]
     norm = lambda vs: tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(v)) for v in vs]))
 
     def body(i, v, value, change):
@@ -141,5 +144,6 @@ def max_eigenvalue(model, loss_fn, x, y, max_iterations=100, rtol=1e-3, atol=1e-
         return (i < max_iterations) & (change > atol + rtol * tf.abs(value))
 
     unit = [t / norm(start) for t in start]
-    i, _, value, _ = tf.while_loop(more, body, (tf.constant(0), unit, tf.constant(0.0), tf.constant(float("inf"))))
+    first = (tf.constant(0), unit, tf.constant(0.0), tf.constant(float("inf")))
+    i, _, value, _ = tf.while_loop(more, body, first)
     return value, i

@@ -66,7 +66,8 @@ def measured_moments(model, loss_fn, x, y, method="auto", elementwise=True, micr
         parts, previous = [], []
         for start, stop in micro_batches(x.shape[0], micro_batch):
             with tf.control_dependencies(previous):
-                parts.append(measured_moments(model, loss_fn, x[start:stop], y[start:stop], method, elementwise))
+                parts.append(measured_moments(model, loss_fn, x[start:stop], y[start:stop], method,
+                                              elementwise))
             previous = parts[-1][0].mean
         return combine([m for m, _ in parts]), forms.Projector.concat([p for _, p in parts])
     if method not in METHODS:
@@ -82,7 +83,8 @@ def measured_moments(model, loss_fn, x, y, method="auto", elementwise=True, micr
     per_ex = gradients.per_example(model, loss_fn, x, y, method)
     m = from_per_example(per_ex, elementwise)
     variables = model.trainable_variables
-    parts = [[(forms.Explicit(tf.cast(g, v.dtype)), tuple(v.shape), 1.0)] for g, v in zip(per_ex.gradients, variables)]
+    parts = [[(forms.Explicit(tf.cast(g, v.dtype)), tuple(v.shape), 1.0)]
+             for g, v in zip(per_ex.gradients, variables)]
     return m, forms.Projector(parts, m.batch_size)
 
 

@@ -40,8 +40,8 @@ from tfmbgd.instruments.base import (  # noqa: F401
 from tfmbgd.instruments.batch_size import BatchSize
 from tfmbgd.instruments.curvature import HessMaxEV, HessTrace, TICDiag, TICTrace
 from tfmbgd.instruments.gradient_tests import InnerTest, NormTest, OrthoTest
-from tfmbgd.instruments.hists import GradHist1d, GradHist2d
 from tfmbgd.instruments.gsnr import MeanGSNR, MeanGSNRBiased
+from tfmbgd.instruments.hists import GradHist1d, GradHist2d
 from tfmbgd.instruments.noise_scale import NoiseScale, TwoBatchNoiseScale
 from tfmbgd.instruments.norms import GradientNorm, PerExampleNorms
 from tfmbgd.instruments.sgd import CABS, EarlyStopping

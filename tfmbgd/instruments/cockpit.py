@@ -14,8 +14,8 @@ describes step t: eagerly `history[t]` holds it under its own step, as TensorBoa
 import keras
 import tensorflow as tf
 
-from tfmbgd import losses, steps
 from tfmbgd import instruments as instruments_lib
+from tfmbgd import losses, steps
 from tfmbgd.errors import UserError
 
 

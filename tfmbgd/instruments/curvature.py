@@ -30,7 +30,8 @@ EPSILON = 1e-7
 
 def _check(estimator):
     if estimator not in curvature.ESTIMATORS:
-        raise UserError(f"curvature estimator must be one of {', '.join(curvature.ESTIMATORS)}; got {estimator!r}")
+        raise UserError(f"curvature estimator must be one of {', '.join(curvature.ESTIMATORS)}; "
+                        f"got {estimator!r}")
     return estimator
 
 
@@ -49,7 +50,8 @@ def diagonal(measurement, estimator, samples=1):
             h = tf.linalg.diag_part(curvature.hessian(model, loss_fn, x, y))
             return [tf.cast(t, tf.float32) for t in curvature._unflat(h, variables)]
         if estimator == "ggn_mc":
-            return curvature.ggn_mc_diagonal(model, loss_fn, x, measurement.moments.outputs, _seed(measurement, 7))
+            return curvature.ggn_mc_diagonal(model, loss_fn, x, measurement.moments.outputs,
+                                             _seed(measurement, 7))
         _, diag = curvature.hutchinson(model, loss_fn, x, y, samples, _seed(measurement, 11))
         return [tf.cast(t, tf.float32) for t in diag]
     return measurement.cached(("diagonal", estimator, samples), make)
@@ -137,7 +139,8 @@ class TICDiag(_TIC):
 
     def compute(self, measurement):
         noise, diag = self._parts(measurement)
-        return {"curvature/tic_diag": tf.add_n([tf.reduce_sum(n / (h + EPSILON)) for n, h in zip(noise, diag)])}
+        terms = [tf.reduce_sum(n / (h + EPSILON)) for n, h in zip(noise, diag)]
+        return {"curvature/tic_diag": tf.add_n(terms)}
 
 
 class TICTrace(_TIC):

@@ -90,9 +90,9 @@ class OrthoTest(Instrument):
     min_batch = 2
 
     def tags(self, names):
-        return {"grad_test/ortho": "orthogonality test sqrt((S2 - sum P_n^2 / |mean|^2) / (B (B-1) |mean|^2)) "
-                                   "(Bollapragada et al. 2018): above 1, the parts of the examples' "
-                                   "gradients orthogonal to the mean dominate"}
+        return {"grad_test/ortho": "orthogonality test sqrt((S2 - sum P_n^2 / |mean|^2) / "
+                                   "(B (B-1) |mean|^2)) (Bollapragada et al. 2018): above 1, the parts "
+                                   "of the examples' gradients orthogonal to the mean dominate"}
 
     def charts(self, names):
         return [Chart("Gradient tests", "orthogonality test", ("^grad_test/ortho$",))]

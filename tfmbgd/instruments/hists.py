@@ -15,7 +15,7 @@ parameter magnitude at that step), as an image: log(1 + count), dark = many.
 
 import tensorflow as tf
 
-from tfmbgd.instruments.base import DOTS, PARAMETERS, Chart, Instrument
+from tfmbgd.instruments.base import DOTS, PARAMETERS, Instrument
 
 LOW, HIGH = -2.0, 2.0
 
@@ -82,10 +82,10 @@ class GradHist2d(Instrument):
     shape = (40, 50)
 
     def tags(self, names):
-        return {"grad_hist/elements_vs_params": "2-D histogram of per-example gradient elements (rows, 40 bins "
-                                                "on (-2, 2), top = -2) against parameter values (columns, 50 "
-                                                "bins on (-r, r), r = largest |parameter|); log(1 + count), "
-                                                "dark = many (Cockpit's GradHist2d)"}
+        return {"grad_hist/elements_vs_params": (
+            "2-D histogram of per-example gradient elements (rows, 40 bins on (-2, 2), top = -2) "
+            "against parameter values (columns, 50 bins on (-r, r), r = largest |parameter|); "
+            "log(1 + count), dark = many (Cockpit's GradHist2d)")}
 
     def compute(self, measurement):
         return {"grad_hist/elements_vs_params": image(counts_2d(measurement, *self.shape))}
@@ -96,7 +96,8 @@ def counts_2d(measurement, rows=40, columns=50, chunk=32):
     values before the update, on (-2, 2) x (-r, r)."""
     project = measurement.require(DOTS, measurement.project)
     before = measurement.require(PARAMETERS, measurement.before)
-    r = tf.maximum(tf.reduce_max(tf.stack([tf.reduce_max(tf.abs(tf.cast(p, tf.float32))) for p in before])), 1e-12)
+    largest = [tf.reduce_max(tf.abs(tf.cast(p, tf.float32))) for p in before]
+    r = tf.maximum(tf.reduce_max(tf.stack(largest)), 1e-12)
     counts = tf.zeros([rows * columns], tf.float64)
     for i, v in enumerate(measurement.variables):
         column = _bins(tf.reshape(before[i], [-1]), -r, r, columns)
