@@ -88,12 +88,16 @@ def test_every_built_in_writes_only_the_tags_it_declares(problem):
     for cls in instruments.BUILT_IN:
         instrument = cls.for_run(learning_rate=0.1, optimizer="sgd")
         instruments.build([instrument], model.trainable_variables)
-        measured = steps.measure(model, loss_fn, tf.constant(x), tf.constant(y), needs=instrument.needs)
+        x, y = tf.constant(x), tf.constant(y)
+        measured = steps.measure(model, loss_fn, x, y, needs=instrument.needs)
         before = steps.snapshot(model.trainable_variables, instrument.needs)     # PARAMETERS only
-        values = steps.statistics(measured, model.trainable_variables, [instrument], before=before)
+        values = steps.statistics(measured, model.trainable_variables, [instrument], before=before,
+                                  batch=(model, loss_fn, x, y), step=tf.constant(0, tf.int64),
+                                  before_update=instrument.before_update)
         assert set(values) <= set(instrument.tags(names)), cls.name
         if cls is not instruments.TwoBatchNoiseScale:       # that one needs replicas
             assert values, cls.name
+        assert all(tag in instrument.tags(names) for tag in instrument.lags), cls.name
 
 
 def test_registry_and_configuration_errors_are_one_line():

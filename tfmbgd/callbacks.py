@@ -95,5 +95,6 @@ class GradientStatistics(keras.callbacks.Callback):
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(f"{self.settings.log_dir}/train")
         if self._write_rows is None or self._write_rows[0] is not recorder:
-            self._write_rows = (recorder, recorder.buffer.writer_function(self._writer, recorder.finite_only))
+            self._write_rows = (recorder, recorder.buffer.writer_function(self._writer, recorder.finite_only,
+                                                                          lags=recorder.lags))
         self._write_rows[1]()

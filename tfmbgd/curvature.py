@@ -18,6 +18,8 @@ current weights, inside a `tf.function` or eagerly:
 - `max_eigenvalue`: the eigenvalue of largest magnitude by power iteration on `hvp`.
 """
 
+import math
+
 import tensorflow as tf
 
 from tfmbgd import losses
@@ -55,7 +57,7 @@ def hessian(model, loss_fn, x, y, limit=4096):
     """The `[P, P]` Hessian of the batch's mean loss over all trainable parameters, flattened
     in `model.trainable_variables` order (a UserError beyond `limit` parameters)."""
     variables = model.trainable_variables
-    size = sum(int(tf.size(v)) for v in variables)
+    size = sum(math.prod(v.shape) for v in variables)
     if size > limit:
         raise UserError(f"the exact Hessian of {size} parameters is too large (limit {limit}); "
                         "use the hutchinson or ggn_mc estimator")
@@ -69,7 +71,7 @@ def hessian(model, loss_fn, x, y, limit=4096):
 
 
 def _unflat(flat, variables):
-    sizes = [int(tf.size(v)) for v in variables]
+    sizes = [math.prod(v.shape) for v in variables]
     return [tf.reshape(t, v.shape) for t, v in zip(tf.split(flat, sizes), variables)]
 
 

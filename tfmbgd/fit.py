@@ -62,15 +62,29 @@ class _Recorder:
         self.settings = settings
         variables = model.trainable_variables
         names = [v.path for v in variables]
-        active = instruments.default(settings.elementwise, settings.noise_scale_decay) + list(
-            settings.more_instruments)
-        instruments.check_sgd(active, _plain_sgd(model.optimizer), type(model.optimizer).__name__)
+        sgd = _plain_sgd(model.optimizer)
+        named = [n for n in settings.more_instruments if isinstance(n, str)]     # presets and names
+        active = instruments.default(settings.elementwise, settings.noise_scale_decay) + instruments.create(
+            named, _learning_rate(model.optimizer), "sgd" if sgd else type(model.optimizer).__name__) + [
+            i for i in settings.more_instruments if not isinstance(i, str)]
+        instruments.check_sgd(active, sgd, type(model.optimizer).__name__)
+        self.needs = instruments.needs(active)
+        if model.distribute_strategy.num_replicas_in_sync > 1 and self.needs & {instruments.DOTS,
+                                                                                instruments.BATCH}:
+            raise UserError("the gradient tests' dot products, alpha, the element histograms and curvature "
+                            "are not computed across replicas yet; fit on one device")
+        if instruments.images(active):
+            raise UserError(f"{', '.join(instruments.images(active))}: images are not written from fit yet; "
+                            "use tfmbgd.instruments.Cockpit or train.py")
         scalar_tags, histogram_tags = instruments.tag_kinds(active, names)
+        self.width = min(instruments.width(active), settings.freq)
+        self.lags = instruments.lags(active)
         with model.distribute_strategy.scope(), buffer.first_replica_variables():
             self.instruments = instruments.build(active, variables)
-            self.buffer = buffer.StatisticsBuffer(["loss", *scalar_tags], histogram_tags,
-                                                  buffer.capacity(model.steps_per_execution, settings.freq))
-        self.needs = instruments.needs(active)
+            self.buffer = buffer.StatisticsBuffer(
+                ["loss", *scalar_tags], histogram_tags,
+                buffer.capacity(model.steps_per_execution, settings.freq) * self.width,
+                widths=instruments.histogram_bins(active))
         self.finite_only = instruments.finite_only(active, names)
         self.described = False        # the coverage line is printed once per recorder
 
@@ -78,6 +92,15 @@ class _Recorder:
 def _batch_size(x):
     """The examples in the batch `x` (a tensor, or a list or dict of them), as a tensor."""
     return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+
+
+def _learning_rate(optimizer):
+    """The optimizer's learning rate as a float, or None (a schedule)."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    try:
+        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    except (TypeError, ValueError):
+        return None
 
 
 def _plain_sgd(optimizer):
@@ -179,7 +202,7 @@ class GradientStatisticsMixin:
             with tf.init_scope():
                 self.optimizer.build(variables)
         step = self.optimizer.iterations + 0           # read once, before this update
-        due = step % rec.settings.freq == 0
+        due = step % rec.settings.freq < rec.width      # width 2: alpha's next step too
         replicas = self.distribute_strategy.num_replicas_in_sync
         if replicas == 1:     # all in the branch: a plain step does nothing for the statistics
             loss, y_pred = tf.cond(due, lambda: self._statistics_step(x, y, sample_weight, step),
@@ -213,11 +236,30 @@ class GradientStatisticsMixin:
 
     def _statistics_step(self, x, y, sample_weight, step):
         """One device: measure, apply the mean gradient, record the statistics."""
-        local, scale = self._measure(x, y, sample_weight)
-        before = steps.snapshot(self.trainable_variables, self._statistics.needs)
-        self.optimizer.apply_gradients(zip(self._update(local, 1.0, scale), self.trainable_variables))
-        self._record(local, scale, step, before)
+        measured, scale = self._measure(x, y, sample_weight)
+        local, variables = measured.moments, self.trainable_variables
+        measured = self._unscaled(measured, scale)
+        early = steps.statistics(measured, variables, self._statistics.instruments, step=step,
+                                 batch=(self, self._data_loss(), x, y), before_update=True)
+        with tf.control_dependencies(tf.nest.flatten(early)):      # curvature at the weights measured
+            before = steps.snapshot(variables, self._statistics.needs)
+            self.optimizer.apply_gradients(zip(self._update(local, 1.0, scale), variables))
+        self._record(measured, step, before, early)
         return self._tracked_loss(local, scale), local.outputs
+
+    def _data_loss(self):
+        """The per-example data loss, in float32 (the statistics' loss)."""
+        data_loss = self._statistics.settings.loss or per_example_loss(self.loss)
+        return lambda y_true, y_pred: tf.cast(data_loss(y_true, y_pred), tf.float32)
+
+    @staticmethod
+    def _unscaled(measured, scale):
+        """A `steps.Measured` of the loss times `scale` as one of the loss itself."""
+        project = measured.project
+        if project is not None:
+            scaled, project = project, lambda vectors: scaled(vectors) / tf.cast(scale, tf.float32)
+        m = fields.unscaled(measured.moments, scale)
+        return steps.Measured(m, m.mean, None, project)
 
     def _replicated_step(self, x, y, sample_weight, step, due):
         """Several replicas: a branch of `tf.cond` in a replica cannot hold a synchronization
@@ -232,6 +274,7 @@ class GradientStatisticsMixin:
 
         def measured():
             local, scale = self._measure(x, y, sample_weight)
+            local = local.moments
             sums, rows = distribute.flat_for_merge(local)
             grads = self._update(local, share, scale)
             return self._tracked_loss(local, scale), local.outputs, grads, sums, rows, scale
@@ -244,7 +287,8 @@ class GradientStatisticsMixin:
         before = steps.snapshot(variables, self._statistics.needs)     # (every step, if needed)
         self.optimizer.apply_gradients(zip(grads, variables))
         merged = distribute.merge_flat(ctx, sums, rows, variables, elementwise)
-        tf.cond(due, lambda: self._record(merged, scale, step, before), lambda: tf.constant(False))
+        unscaled = lambda: self._unscaled(steps.Measured(merged, merged.mean, None), scale)
+        tf.cond(due, lambda: self._record(unscaled(), step, before), lambda: tf.constant(False))
         return loss, y_pred
 
     def _measure(self, x, y, sample_weight):
@@ -266,7 +310,7 @@ class GradientStatisticsMixin:
         if cover is not None and not rec.described:      # once, when the step is first traced
             print(layerwise.describe(cover))
             rec.described = True
-        return measured.moments, scale
+        return measured, scale
 
     def _update(self, local, share, scale):
         """What this replica gives the optimizer, which sums over the replicas (and divides
@@ -279,14 +323,15 @@ class GradientStatisticsMixin:
             grads = [g + p * tf.cast(scale / replicas, p.dtype) for g, p in zip(grads, penalty)]
         return grads
 
-    def _record(self, moments, scale, step, before=None):
-        """The statistics of the (merged) moments, without the loss scale, into the buffer;
-        `before`: the weights before the update (`steps.snapshot`)."""
+    def _record(self, measured, step, before=None, early=None):
+        """The statistics of the (merged, unscaled) measurement into the buffer, with those
+        computed before the update (`early`); `before`: the weights before the update
+        (`steps.snapshot`)."""
         rec = self._statistics
-        m = fields.unscaled(moments, scale)
-        values = steps.statistics(steps.Measured(m, m.mean, None), self.trainable_variables, rec.instruments,
-                                  before=before)
-        values["loss"] = tf.reduce_mean(m.losses)
+        values = steps.statistics(measured, self.trainable_variables, rec.instruments, before=before,
+                                  step=step)
+        values.update(early or {})
+        values["loss"] = tf.reduce_mean(measured.moments.losses)
         with tf.control_dependencies([rec.buffer.record(values, step)]):
             return tf.constant(True)
 

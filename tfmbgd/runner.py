@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmbgd import buffer, instruments, summaries
+from tfmbgd.errors import UserError
 
 MILLISECONDS = ("The mini-batch loss against milliseconds of training since this process's first step: "
                 "the time to trace and compile the train step is left out, so runs compare by the "
@@ -33,6 +34,9 @@ class StepRunner:
         first call is traced (a new run's event files appear once its directory is in place)."""
         self.steps, self._writer = steps, writer
         self.log_every, self.stats_every = log_every, stats_every
+        # Two-step instruments (alpha) need the step after each statistics step measured too.
+        self.width = min(instruments.width(steps.instruments), stats_every or 1)
+        self.lags = instruments.lags(steps.instruments)
         averaged = [s.tag for s in instruments.summaries(steps.instruments)]
         self._sums = {tag: (tf.Variable(0.0, trainable=False, dtype=tf.float64),
                             tf.Variable(0, trainable=False, dtype=tf.int64)) for tag in averaged}
@@ -90,7 +94,9 @@ class StepRunner:
         (measured on the MLP), so choosing the step kind per step would make every step pay
         for `--stats_every`. The statistics steps of a call are known from `first_step`
         alone: the plain steps before the first of them run in a loop, then each statistics
-        step is followed by a loop of the plain steps up to the next one.
+        step is followed by a loop of the plain steps up to the next one. With a two-step
+        instrument (`self.width` 2) the statistics steps come in pairs: the steps s with
+        `s % stats_every < width`.
         """
         n = tf.shape(index)[0] if n is None else n
         batch = tf.cast(tf.shape(index)[1], tf.int64)
@@ -114,14 +120,24 @@ class StepRunner:
 
         if not self.stats_every:
             return plain_steps(0, n, tf.constant(0.0))
-        every = self.stats_every
+        every, width = self.stats_every, self.width
+
+        def stats_steps(start, stop, total):
+            return steps_from(start, stop, 1, total, lambda i, total: total + one(i, True))
 
         def stats_then_plain(i, total):
-            total += one(i, True)
-            return plain_steps(i + 1, tf.minimum(n, i + every), total) if every > 1 else total
-        # The call's first statistics step: the first i with (first_step + i) % every == 0.
+            total = stats_steps(i, tf.minimum(n, i + width), total)
+            return plain_steps(i + width, tf.minimum(n, i + every), total) if every > width else total
+        # The call's first period: the first i with (first_step + i) % every == 0. Before it,
+        # the rest of a pair that the previous call began, then plain steps.
         first = tf.minimum(n, tf.cast(tf.math.floormod(-first_step, every), tf.int32))
-        return steps_from(first, n, every, plain_steps(0, first, tf.constant(0.0)), stats_then_plain)
+        if width == 1:
+            total = plain_steps(0, first, tf.constant(0.0))
+        else:
+            offset = tf.cast(tf.math.floormod(first_step, every), tf.int32)
+            head = tf.minimum(first, tf.where(offset > 0, tf.maximum(width - offset, 0), 0))
+            total = plain_steps(head, first, stats_steps(0, head, tf.constant(0.0)))
+        return steps_from(first, n, every, total, stats_then_plain)
 
     def _plain(self, x, y, where):
         out = self.steps.plain_step(x, y)
@@ -148,7 +164,7 @@ class StepRunner:
     def _write(self, values, where):
         step, examples = where
         values = self._with_skipped(values)
-        summaries.write_in_graph(self.writer, values, step, self.steps.finite_only)
+        summaries.write_in_graph(self.writer, values, step, self.steps.finite_only, lags=self.lags)
         now = _clock()
         origin = self._origin.assign(tf.where(self._origin < 0, now, self._origin))
         elapsed_ms = tf.cast((now - origin) * 1000.0, tf.int64)
@@ -181,9 +197,13 @@ class XlaStepRunner(StepRunner):
         scalars, histograms = instruments.tag_kinds(steps.instruments, names)
         base = ["loss"] + ["accuracy"] * steps.classification + \
             ["nonfinite/skipped"] * (steps.skipped() is not None) + [EXAMPLES]
+        if instruments.images(steps.instruments):
+            raise UserError(f"{', '.join(instruments.images(steps.instruments))}: images are not "
+                            "written from XLA-compiled steps yet; leave out --jit_compile or the instrument")
         rows = buffer.capacity(steps_per_call, log_every) + (
-            buffer.capacity(steps_per_call, stats_every) if stats_every else 0)
-        self._buffer = buffer.StatisticsBuffer(base + scalars, histograms, rows)
+            buffer.capacity(steps_per_call, stats_every) * self.width if stats_every else 0)
+        self._buffer = buffer.StatisticsBuffer(base + scalars, histograms, rows,
+                                               widths=instruments.histogram_bins(steps.instruments))
         self._began, self._paused = None, 0.0      # the first call's start; compiling since
         self._write_rows = None                    # the buffer's writer function, made at first use
 
@@ -210,7 +230,8 @@ class XlaStepRunner(StepRunner):
                 self._began = began
             if self._write_rows is None:
                 self._write_rows = self._buffer.writer_function(self.writer, self.steps.finite_only,
-                                                                skip=(EXAMPLES,), extra=self._write_by)
+                                                                skip=(EXAMPLES,), extra=self._write_by,
+                                                                lags=self.lags)
             since = began - self._began - self._paused
             self._write_rows(first_step, tf.constant(n, tf.int64), tf.constant(since * 1000, tf.float64),
                              tf.constant((ended - began) * 1000, tf.float64))

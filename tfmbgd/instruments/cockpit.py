@@ -11,7 +11,6 @@ there. A two-step instrument (`step/alpha`) returns, at step t + 1, the value th
 describes step t: eagerly `history[t]` holds it under its own step, as TensorBoard would.
 """
 
-import keras
 import tensorflow as tf
 
 from tfmbgd import instruments as instruments_lib
@@ -38,8 +37,8 @@ class Cockpit:
             raise UserError("Cockpit needs a built model with trainable variables: call it on a batch first")
         names = [instruments] if isinstance(instruments, str) else list(instruments)
         given = [i for i in names if not isinstance(i, str)]
+        from tfmbgd.fit import _learning_rate, _plain_sgd
         learning_rate = _learning_rate(optimizer)
-        from tfmbgd.fit import _plain_sgd
         made = instruments_lib.create([n for n in names if isinstance(n, str)], learning_rate,
                                       "sgd" if _plain_sgd(optimizer) else type(optimizer).__name__)
         active = instruments_lib.default(elementwise) + made + given
@@ -59,11 +58,9 @@ class Cockpit:
         return self.steps.instruments
 
     def _step(self, x, y):
-        self.steps.at_step(self.iteration)
-        with tf.control_dependencies([self.steps.step]):
-            out = self.steps.stats_step(x, y)
-        with tf.control_dependencies(tf.nest.flatten(out)):
-            self.iteration.assign_add(1)
+        self.steps.at_step(self.iteration)      # a tf.function runs stateful ops in program order
+        out = self.steps.stats_step(x, y)
+        self.iteration.assign_add(1)
         return out
 
     def step(self, x, y):
@@ -80,10 +77,3 @@ class Cockpit:
             self.history.setdefault(step - self.lags.get(tag, 0), {})[tag] = value
         return out
 
-
-def _learning_rate(optimizer):
-    rate = optimizer.learning_rate
-    try:
-        return float(keras.ops.convert_to_numpy(rate))
-    except (TypeError, ValueError):
-        return None
