@@ -18,6 +18,15 @@ from tfmbgd.instruments.step import fit_alpha
 from tfmbgd.moments import measured_moments, per_example_dots
 
 
+@pytest.fixture
+def xla_allowed():
+    """Op determinism off for one test: Keras turns XLA off while it is on."""
+    from tensorflow.python.framework import config as tf_config
+    tf_config.disable_op_determinism()
+    yield
+    tf.config.experimental.enable_op_determinism()
+
+
 def _flat_loop_gradients(model, loss_fn, x, y):
     """`[B, P]` per-example gradients from the single-example loop, float64."""
     g = gradients.per_example_gradients(model, loss_fn, x, y, method="loop")
@@ -311,3 +320,33 @@ def test_cockpit_runs_inside_a_users_tf_function_and_trains_as_sgd():
         optimizer.apply_gradients(zip(tape.gradient(loss, twin.trainable_variables), twin.trainable_variables))
     for a, b in zip(model.get_weights(), twin.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit_compile,steps_per_execution", [(False, 1), (True, 8)], ids=["plain", "xla spe=8"])
+def test_fit_writes_the_economy_set_as_cockpit_steps_give_it(tmp_path, xla_allowed, jit_compile,
+                                                              steps_per_execution):
+    # fit every 4 steps measures steps 0, 1, 4, 5 (alpha's pairs) and writes alpha at 0 and 4;
+    # a Cockpit stepping every batch of the same data from the same weights is the reference.
+    from tfmbgd import callbacks, fit, optimizers
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int32)
+    model = fit.with_statistics(models.build("mlp", (6,), 2, hidden=(8,), seed=5))
+    model.compile(optimizer=optimizers.MiniBatchSGD(0.1), jit_compile=jit_compile,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=steps_per_execution)
+    statistics = callbacks.GradientStatistics(str(tmp_path), freq=4, more_instruments=["economy"])
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[statistics])
+    written, hists = read_scalars(tmp_path / "train"), read_histograms(tmp_path / "train")
+    twin = models.build("mlp", (6,), 2, hidden=(8,), seed=5)
+    cockpit = Cockpit(twin, losses.crossentropy, optimizers.MiniBatchSGD(0.1), "economy")
+    for i in range(8):
+        cockpit.step(x[8 * i: 8 * i + 8], y[8 * i: 8 * i + 8])
+    assert [s for s, _ in written["step/alpha"]] == [0, 4]
+    for tag in ("step/alpha", "grad_test/inner", "grad_test/ortho", "grad_test/norm", "step/update_size"):
+        want = [s for s in (0, 1, 4, 5) if tag != "step/alpha" or s in (0, 4)]
+        assert [s for s, _ in written[tag]] == want, tag
+        for s, value in written[tag]:
+            assert value == pytest.approx(cockpit.history[s][tag], rel=1e-4, abs=1e-6), (tag, s)
+    for s, h in hists["grad_hist/elements"]:
+        assert h.num == cockpit.history[s]["grad_hist/elements"][:, 2].sum() == 8 * (6 * 8 + 8 + 8 * 2 + 2)

@@ -95,8 +95,9 @@ class TrainConfig:
                                        "more matmul per layer).")
     noise_scale_decay: float = _setting(0.9, "EMA decay in [0, 1) of B_simple's numerator and "
                                         "denominator, per statistics step.")
-    instruments: tuple = _setting((), "More statistics: instruments registered with "
-                                  "tfmbgd.instruments.register, by name, e.g. name1,name2.", parse=_names)
+    instruments: tuple = _setting((), "More statistics: Cockpit's sets economy, business or full, "
+                                  "and instruments by name (e.g. economy,hess_max_ev; README lists "
+                                  "them; tfmbgd.instruments.register adds one).", parse=_names)
     logdir: str = _setting("logs", "Runs are written to LOGDIR/<run-name>/{train,test}.")
     checkpoint_every: int = _setting(500, "Save a checkpoint every N steps (and after every epoch); "
                                      "0 = after epochs only.", minimum=0)

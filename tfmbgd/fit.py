@@ -257,7 +257,7 @@ class GradientStatisticsMixin:
         """A `steps.Measured` of the loss times `scale` as one of the loss itself."""
         project = measured.project
         if project is not None:
-            scaled, project = project, lambda vectors: scaled(vectors) / tf.cast(scale, tf.float32)
+            project = project.scaled(1.0 / scale)
         m = fields.unscaled(measured.moments, scale)
         return steps.Measured(m, m.mean, None, project)
 

@@ -211,6 +211,10 @@ class Projector:
         return tf.add_n([tf.reshape(explicit(_sliced(form, cut), shape), [-1, *variable_shape]) * scale
                          for form, shape, scale in uses])
 
+    def scaled(self, factor):
+        """The projector of the per-example gradients times `factor` (a loss scale undone)."""
+        return _Scaled(self, factor)
+
     @staticmethod
     def concat(projectors):
         """The projector of disjoint batches one after another (micro-batches)."""
@@ -232,6 +236,42 @@ class _Concatenated(Projector):
         return tf.concat([p.explicit(i, variable_shape) for p in self.projectors], 0)
 
 
+class _Scaled(Projector):
+    def __init__(self, inner, factor):
+        self.inner, self.factor = inner, factor
+        self.parts, self.batch = inner.parts, inner.batch
+
+    def __call__(self, vectors):
+        dots = self.inner(vectors)
+        return dots * tf.cast(self.factor, dots.dtype)
+
+    def explicit(self, i, variable_shape, start=None, stop=None):
+        g = self.inner.explicit(i, variable_shape, start, stop)
+        return g * tf.cast(self.factor, g.dtype)
+
+
+
 def _sliced(form, cut):
     """The form of the examples `cut` (a slice of the batch axis)."""
     return type(form)(*(t[cut] for t in form))
+
+
+def projector_tensors(projector):
+    """The tensors of a projector's forms (and batch size), to return from a `tf.function`."""
+    if isinstance(projector, _Concatenated):
+        return [projector_tensors(p) for p in projector.projectors]
+    if isinstance(projector, _Scaled):
+        return [projector_tensors(projector.inner), projector.factor]
+    return [[tuple(form) for form, _, _ in uses] for uses in projector.parts], projector.batch
+
+
+def projector_from(like, tensors):
+    """The projector shaped as `like` (made while tracing) over `tensors` (returned values)."""
+    if isinstance(like, _Concatenated):
+        return _Concatenated([projector_from(p, t) for p, t in zip(like.projectors, tensors)])
+    if isinstance(like, _Scaled):
+        return _Scaled(projector_from(like.inner, tensors[0]), tensors[1])
+    forms, batch = tensors
+    parts = [[(type(form)(*values), shape, scale) for (form, shape, scale), values in zip(uses, got)]
+             for uses, got in zip(like.parts, forms)]
+    return Projector(parts, batch)

@@ -12,13 +12,23 @@ that computes them. `tfmbgd.stats` and `tfmbgd.instruments` turn them into varia
 norms and the rest without touching a tape.
 """
 
+import weakref
+
 import keras
 import tensorflow as tf
 
 from tfmbgd import forms, gradients, layerwise
 from tfmbgd.config import GRAD_METHODS as METHODS
 from tfmbgd.errors import UserError
-from tfmbgd.fields import MERGES, GradientMoments, combine, from_per_example, pack, unpack  # noqa: F401
+from tfmbgd.fields import (  # noqa: F401
+    MERGES,
+    GradientMoments,
+    batch_size_of,
+    combine,
+    from_per_example,
+    pack,
+    unpack,
+)
 from tfmbgd.models import all_layers
 
 
@@ -58,10 +68,13 @@ def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
 
 
 def measured_moments(model, loss_fn, x, y, method="auto", elementwise=True, micro_batch=None):
-    """`(GradientMoments, forms.Projector)` of the batch, inside a `tf.function`: the
-    moments, and the per-example gradients kept in their cheap forms, for dot products with
-    vectors known only later (`g_n . mean`, `g_n . update`) and element histograms. With
-    `micro_batch`, one micro-batch at a time, their projectors concatenated."""
+    """`(GradientMoments, forms.Projector)` of the batch: the moments, and the per-example
+    gradients kept in their cheap forms, for dot products with vectors known only later
+    (`g_n . mean`, `g_n . update`) and element histograms. With `micro_batch`, one
+    micro-batch at a time, their projectors concatenated. Eagerly, the forms are computed
+    by a `tf.function` kept per model and settings, and the projector holds their values."""
+    if not tf.inside_function():
+        return _eager_measured(model, loss_fn, x, y, method, elementwise, micro_batch)
     if micro_batch is not None:
         parts, previous = [], []
         for start, stop in micro_batches(x.shape[0], micro_batch):
@@ -88,17 +101,32 @@ def measured_moments(model, loss_fn, x, y, method="auto", elementwise=True, micr
     return m, forms.Projector(parts, m.batch_size)
 
 
+_EAGER = weakref.WeakKeyDictionary()
+
+
+def _eager_measured(model, loss_fn, x, y, method, elementwise, micro_batch):
+    compiled = _EAGER.setdefault(model, {})
+    key = (loss_fn, method, elementwise, micro_batch)
+    if key not in compiled:
+        layout = {}
+
+        def traced(x, y):
+            m, project = measured_moments(model, loss_fn, x, y, method, elementwise, micro_batch)
+            layout["projector"] = project        # its structure; the tensors are returned
+            return m, forms.projector_tensors(project)
+        compiled[key] = (tf.function(traced, autograph=False), layout)
+    function, layout = compiled[key]
+    m, tensors = function(x, y)
+    return m._replace(batch_size=batch_size_of(m.losses)), forms.projector_from(layout["projector"], tensors)
+
+
 def per_example_dots(model, loss_fn, x, y, vectors=None, method="auto"):
     """`[B]`: the dot product of each example's gradient `g_n` (all variables) with
     `vectors` (a list aligned with `model.trainable_variables`); by default the batch's mean
     gradient, giving `P_n = g_n . mean` of the gradient tests. No per-example gradient is
     built by the layer-wise rules (see `tfmbgd.forms.project`). Eager or in a `tf.function`."""
-    def dots(x, y, vectors):
-        m, project = measured_moments(model, loss_fn, x, y, method, elementwise=False)
-        return project(m.mean if vectors is None else vectors)
-    if tf.inside_function():
-        return dots(x, y, vectors)
-    return tf.function(dots, autograph=False)(x, y, vectors)
+    m, project = measured_moments(model, loss_fn, x, y, method, elementwise=False)
+    return project(m.mean if vectors is None else vectors)
 
 
 def _refuse_batch_norm(model):

@@ -78,7 +78,7 @@ class HessTrace(Instrument):
                 **{f"curvature/hess_trace/{n}": f"the Hessian trace of {n}, by {how}" for n in names}}
 
     def charts(self, names):
-        return [Chart("Curvature", "Hessian trace", ("^curvature/hess_trace$",))]
+        return [Chart("Cockpit", "Hessian trace", ("^curvature/hess_trace$",))]
 
     def compute(self, measurement):
         diag = diagonal(measurement, self.estimator, self.samples)
@@ -102,7 +102,7 @@ class HessMaxEV(Instrument):
                                          "by power iteration with Hessian-vector products"}
 
     def charts(self, names):
-        return [Chart("Curvature", "top Hessian eigenvalue", ("^curvature/hess_max_ev$",))]
+        return [Chart("Cockpit", "top Hessian eigenvalue", ("^curvature/hess_max_ev$",))]
 
     def compute(self, measurement):
         model, loss_fn, x, y = measurement.require(BATCH, measurement.batch)
@@ -135,7 +135,7 @@ class TICDiag(_TIC):
                                       f"h by {DESCRIBE[self.estimator]}"}
 
     def charts(self, names):
-        return [Chart("Curvature", "TIC (diagonal)", ("^curvature/tic_diag$",))]
+        return [Chart("Cockpit", "TIC (diagonal)", ("^curvature/tic_diag$",))]
 
     def compute(self, measurement):
         noise, diag = self._parts(measurement)
@@ -153,7 +153,7 @@ class TICTrace(_TIC):
                                        f"h by {DESCRIBE[self.estimator]}"}
 
     def charts(self, names):
-        return [Chart("Curvature", "TIC (trace)", ("^curvature/tic_trace$",))]
+        return [Chart("Cockpit", "TIC (trace)", ("^curvature/tic_trace$",))]
 
     def compute(self, measurement):
         noise, diag = self._parts(measurement)

@@ -40,7 +40,7 @@ class NormTest(Instrument):
                                   "(Byrd et al. 2012): above 1, the batch is too small"}
 
     def charts(self, names):
-        return [Chart("Gradient tests", "norm test", ("^grad_test/norm$",))]
+        return [Chart("Cockpit", "norm test", ("^grad_test/norm$",))]
 
     def compute(self, measurement):
         return {"grad_test/norm": norm_test(measurement)}
@@ -76,7 +76,7 @@ class InnerTest(Instrument):
                                    "disagree with the mean's direction"}
 
     def charts(self, names):
-        return [Chart("Gradient tests", "inner-product test", ("^grad_test/inner$",))]
+        return [Chart("Cockpit", "inner-product test", ("^grad_test/inner$",))]
 
     def compute(self, measurement):
         return {"grad_test/inner": inner_test(measurement)}
@@ -95,7 +95,7 @@ class OrthoTest(Instrument):
                                    "of the examples' gradients orthogonal to the mean dominate"}
 
     def charts(self, names):
-        return [Chart("Gradient tests", "orthogonality test", ("^grad_test/ortho$",))]
+        return [Chart("Cockpit", "orthogonality test", ("^grad_test/ortho$",))]
 
     def compute(self, measurement):
         return {"grad_test/ortho": ortho_test(measurement)}

@@ -27,26 +27,37 @@ def _bins(values, low, high, bins):
 
 
 def _count(index, bins):
-    """`[bins]` float64: how many of `index` fall in each bin (a segment sum: XLA compiles it,
-    unlike bincount)."""
-    return tf.cast(tf.math.unsorted_segment_sum(tf.ones_like(index, tf.float32), index, bins), tf.float64)
+    """`[bins]` int32: how many of `index` fall in each bin. `bincount` where TensorFlow runs
+    the op (several times faster on a CPU than a segment sum), a segment sum where XLA
+    compiles it (it has no bincount)."""
+    from tensorflow.python.ops import control_flow_util  # no public test for an XLA context
+
+    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        return tf.math.unsorted_segment_sum(tf.ones_like(index), index, bins)
+    return tf.math.bincount(index, minlength=bins, maxlength=bins)
 
 
-def _chunks(batch, chunk):
-    if not isinstance(batch, int):
-        return [(None, None)]
-    return [(start, min(start + chunk, batch)) for start in range(0, batch, chunk)]
+def _over_chunks(batch, chunk, count, bins):
+    """`sum_k count(start_k, stop_k)` (`[bins]` int32 each) over the batch in chunks of
+    `chunk` examples: a loop, so one chunk's per-example gradients live at a time (a few
+    examples: the products stay in the CPU's caches, measured 2x faster than all at once)."""
+    b = tf.cast(batch, tf.int32)
+
+    def body(start, total):
+        return start + chunk, total + count(start, tf.minimum(start + chunk, b))
+    first = (tf.constant(0), tf.zeros([bins], tf.int32))
+    return tf.while_loop(lambda start, total: start < b, body, first)[1]
 
 
-def element_counts(measurement, bins=100, low=LOW, high=HIGH, chunk=32):
+def element_counts(measurement, bins=100, low=LOW, high=HIGH, chunk=4):
     """`[bins]` float64 counts of the per-example gradient elements (see the module)."""
     project = measurement.require(DOTS, measurement.project)
     counts = tf.zeros([bins], tf.float64)
     for i, v in enumerate(measurement.variables):
-        for start, stop in _chunks(measurement.moments.batch_size, chunk):
-            g = project.explicit(i, tuple(v.shape), start, stop)
-            index = tf.reshape(_bins(g, low, high, bins), [-1])
-            counts += _count(index, bins)
+        def count(start, stop, i=i, shape=tuple(v.shape)):
+            g = project.explicit(i, shape, start, stop)
+            return _count(tf.reshape(_bins(g, low, high, bins), [-1]), bins)
+        counts += tf.cast(_over_chunks(measurement.moments.batch_size, chunk, count, bins), tf.float64)
     return counts
 
 
@@ -91,9 +102,9 @@ class GradHist2d(Instrument):
         return {"grad_hist/elements_vs_params": image(counts_2d(measurement, *self.shape))}
 
 
-def counts_2d(measurement, rows=40, columns=50, chunk=32):
-    """`([rows, columns] float64 counts, r)`: gradient elements against the parameters'
-    values before the update, on (-2, 2) x (-r, r)."""
+def counts_2d(measurement, rows=40, columns=50, chunk=4):
+    """`[rows, columns]` float64 counts: gradient elements against the parameters' values
+    before the update, on (-2, 2) x (-r, r)."""
     project = measurement.require(DOTS, measurement.project)
     before = measurement.require(PARAMETERS, measurement.before)
     largest = [tf.reduce_max(tf.abs(tf.cast(p, tf.float32))) for p in before]
@@ -101,11 +112,13 @@ def counts_2d(measurement, rows=40, columns=50, chunk=32):
     counts = tf.zeros([rows * columns], tf.float64)
     for i, v in enumerate(measurement.variables):
         column = _bins(tf.reshape(before[i], [-1]), -r, r, columns)
-        for start, stop in _chunks(measurement.moments.batch_size, chunk):
-            g = project.explicit(i, tuple(v.shape), start, stop)
+
+        def count(start, stop, i=i, shape=tuple(v.shape), column=column):
+            g = project.explicit(i, shape, start, stop)
             row = _bins(tf.reshape(g, [tf.shape(g)[0], -1]), LOW, HIGH, rows)
-            index = tf.reshape(row * columns + column[None], [-1])
-            counts += _count(index, rows * columns)
+            return _count(tf.reshape(row * columns + column[None], [-1]), rows * columns)
+        found = _over_chunks(measurement.moments.batch_size, chunk, count, rows * columns)
+        counts += tf.cast(found, tf.float64)
     return tf.reshape(counts, [rows, columns])
 
 

@@ -36,7 +36,7 @@ class CABS(Instrument):
         return {"batch_size/cabs": "CABS batch size lr (S2 - B |mean|^2) / (B L) (Balles et al. 2017)"}
 
     def charts(self, names):
-        return [Chart("Noise scale and batch size", "CABS batch size", ("^batch_size/cabs$",))]
+        return [Chart("Cockpit", "CABS batch size", ("^batch_size/cabs$",))]
 
     def compute(self, measurement):
         m = measurement.moments
@@ -60,7 +60,7 @@ class EarlyStopping(Instrument):
                                      "(Mahsereci et al. 2017): stop when positive"}
 
     def charts(self, names):
-        return [Chart("Early stopping", "EB criterion", ("^early_stopping/eb$",))]
+        return [Chart("Cockpit", "EB criterion", ("^early_stopping/eb$",))]
 
     def compute(self, measurement):
         m = measurement.moments

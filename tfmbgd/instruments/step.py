@@ -39,7 +39,7 @@ class UpdateSize(Instrument):
                 **{f"step/update_size/{n}": f"norm of the update of {n}" for n in names}}
 
     def charts(self, names):
-        return [Chart("Step", "update size ||theta_t+1 - theta_t||", ("^step/update_size$",))]
+        return [Chart("Cockpit", "update size ||theta_t+1 - theta_t||", ("^step/update_size$",))]
 
     def compute(self, measurement):
         after = [tf.convert_to_tensor(v) for v in measurement.variables]
@@ -65,7 +65,7 @@ class Distance(Instrument):
                 **{f"step/distance/{n}": f"distance of {n} from its initial value" for n in names}}
 
     def charts(self, names):
-        return [Chart("Step", "distance ||theta_t - theta_0||", ("^step/distance$",))]
+        return [Chart("Cockpit", "distance ||theta_t - theta_0||", ("^step/distance$",))]
 
     def compute(self, measurement):
         initial = [tf.convert_to_tensor(i) for i in self.initial]
@@ -141,7 +141,7 @@ class Alpha(Instrument):
                               "-1 = no progress; logged at the step of the update"}
 
     def charts(self, names):
-        return [Chart("Step", "alpha (0: to the minimum, 1: across it)", ("^step/alpha$",))]
+        return [Chart("Cockpit", "alpha (0: to the minimum, 1: across it)", ("^step/alpha$",))]
 
     def compute(self, measurement):
         step = measurement.require("the step number", measurement.step)
