@@ -27,11 +27,12 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_cost import as_tensors, call, interleaved, make  # noqa: E402
+from step_cost import as_tensors, call, interleaved, make
 
 SETS = {
     "economy": ["economy"],
-    "economy without grad_hist": ["alpha", "distance", "inner_test", "norm_test", "ortho_test", "update_size"],
+    "economy without grad_hist": ["alpha", "distance", "inner_test", "norm_test", "ortho_test",
+                                  "update_size"],
     "business": ["business"],
     "full": ["full"],
 }

@@ -50,7 +50,8 @@ def test_per_example_dots_of_every_rule_equal_the_loops(spec):
     flat = _flat_loop_gradients(model, loss_fn, x, y)
     method = "auto" if spec in FALLBACK else "layerwise"
     got = per_example_dots(model, loss_fn, x, y, method=method)         # P_n = g_n . mean
-    np.testing.assert_allclose(got.numpy(), flat @ flat.mean(0), rtol=1e-9, atol=1e-9 * np.abs(flat).max() ** 2)
+    np.testing.assert_allclose(got.numpy(), flat @ flat.mean(0), rtol=1e-9,
+                               atol=1e-9 * np.abs(flat).max() ** 2)
     v = np.random.default_rng(1).normal(size=flat.shape[1])
     got = per_example_dots(model, loss_fn, x, y, _unflat(v, model.trainable_variables), method=method)
     np.testing.assert_allclose(got.numpy(), flat @ v, rtol=1e-9, atol=1e-9 * np.abs(flat @ v).max())
@@ -148,7 +149,8 @@ def test_alpha_fit_by_hand():
                         (f64(0.2), f64(0.0)))
         assert float(got) == pytest.approx(want, abs=1e-6), t     # a zero variance weighs 1e10
     # concave along the step: -1
-    got = fit_alpha(f64(1.0), (f64(1.0), f64(0.0)), (f64(-0.5), f64(-1.5)), (f64(1), f64(1)), (f64(1), f64(1)))
+    ones = (f64(1), f64(1))
+    got = fit_alpha(f64(1.0), (f64(1.0), f64(0.0)), (f64(-0.5), f64(-1.5)), ones, ones)
     assert float(got) == -1.0
 
 
@@ -257,7 +259,8 @@ def test_element_histograms_count_numpys_per_example_elements(problem):
     assert np.abs(rows[:, 2] - want).sum() <= 2        # float32 against float64 at a bin edge
     r = np.abs(before).max()
     params = np.broadcast_to(before, g.shape)
-    want2, _, _ = np.histogram2d(np.clip(g, -2, 2 - 1e-9).ravel(), np.clip(params, -r, r * (1 - 1e-9)).ravel(),
+    want2, _, _ = np.histogram2d(np.clip(g, -2, 2 - 1e-9).ravel(),
+                                 np.clip(params, -r, r * (1 - 1e-9)).ravel(),
                                  bins=(40, 50), range=((-2, 2), (-r, r)))
     level = np.log1p(want2)
     image = values["grad_hist/elements_vs_params"]
@@ -317,12 +320,14 @@ def test_cockpit_runs_inside_a_users_tf_function_and_trains_as_sgd():
     for _ in range(2):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(losses.crossentropy(y, twin(x)))
-        optimizer.apply_gradients(zip(tape.gradient(loss, twin.trainable_variables), twin.trainable_variables))
+        variables = twin.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
     for a, b in zip(model.get_weights(), twin.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("jit_compile,steps_per_execution", [(False, 1), (True, 8)], ids=["plain", "xla spe=8"])
+@pytest.mark.parametrize("jit_compile,steps_per_execution", [(False, 1), (True, 8)],
+                         ids=["plain", "xla spe=8"])
 def test_fit_writes_the_economy_set_as_cockpit_steps_give_it(tmp_path, xla_allowed, jit_compile,
                                                               steps_per_execution):
     # fit every 4 steps measures steps 0, 1, 4, 5 (alpha's pairs) and writes alpha at 0 and 4;
@@ -350,3 +355,22 @@ def test_fit_writes_the_economy_set_as_cockpit_steps_give_it(tmp_path, xla_allow
             assert value == pytest.approx(cockpit.history[s][tag], rel=1e-4, abs=1e-6), (tag, s)
     for s, h in hists["grad_hist/elements"]:
         assert h.num == cockpit.history[s]["grad_hist/elements"][:, 2].sum() == 8 * (6 * 8 + 8 + 8 * 2 + 2)
+
+
+def test_gradient_accumulation_gives_the_whole_batchs_instruments(problem):
+    # micro-batches of 4: the tests project on the whole batch's mean, the histogram counts
+    # every example's elements; the same values as the batch at once
+    model, loss_fn, x, y = make_problem(problem)
+    x, y = tf.constant(x), tf.constant(y)
+    weights = model.get_weights()
+    out = {}
+    for micro in (None, 4):
+        model.set_weights(weights)
+        s = steps.Steps(model, loss_fn, steps.make_update("manual", model.trainable_variables, 0.1),
+                        instruments=instruments.create(["economy"]), micro_batch=micro)
+        out[micro] = {k: v.numpy() for k, v in s.with_stats(x, y).items()}
+    size = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert out[4]["grad_hist/elements"][:, 2].sum() == len(x) * size
+    for tag in ("grad_test/inner", "grad_test/ortho", "grad_test/norm", "step/update_size"):
+        assert out[4][tag] == pytest.approx(out[None][tag], rel=1e-4), tag
+    np.testing.assert_allclose(out[4]["grad_hist/elements"], out[None]["grad_hist/elements"], atol=2)

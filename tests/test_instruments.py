@@ -101,7 +101,8 @@ def test_every_built_in_writes_only_the_tags_it_declares(problem):
 
 
 def test_registry_and_configuration_errors_are_one_line():
-    with pytest.raises(UserError, match="unknown instrument 'nope'; registered: .*test_squared_norm_sum"):
+    with pytest.raises(UserError, match="unknown instrument 'nope'; presets: economy, business, full; "
+                                        "registered: .*test_squared_norm_sum"):
         instruments.create(["nope"])
 
     class Other(SquaredNormSum):

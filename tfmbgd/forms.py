@@ -211,6 +211,10 @@ class Projector:
         return tf.add_n([tf.reshape(explicit(_sliced(form, cut), shape), [-1, *variable_shape]) * scale
                          for form, shape, scale in uses])
 
+    def pieces(self):
+        """The projectors of disjoint parts of the batch that this one joins (itself)."""
+        return [self]
+
     def scaled(self, factor):
         """The projector of the per-example gradients times `factor` (a loss scale undone)."""
         return _Scaled(self, factor)
@@ -232,8 +236,11 @@ class _Concatenated(Projector):
 
     def explicit(self, i, variable_shape, start=None, stop=None):
         if start is not None or stop is not None:
-            raise NotImplementedError("slices of concatenated projectors")
+            raise NotImplementedError("slices of concatenated projectors: slice its pieces()")
         return tf.concat([p.explicit(i, variable_shape) for p in self.projectors], 0)
+
+    def pieces(self):
+        return [piece for p in self.projectors for piece in p.pieces()]
 
 
 class _Scaled(Projector):
@@ -248,6 +255,9 @@ class _Scaled(Projector):
     def explicit(self, i, variable_shape, start=None, stop=None):
         g = self.inner.explicit(i, variable_shape, start, stop)
         return g * tf.cast(self.factor, g.dtype)
+
+    def pieces(self):
+        return [_Scaled(p, self.factor) for p in self.inner.pieces()]
 
 
 

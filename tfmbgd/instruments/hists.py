@@ -53,11 +53,12 @@ def element_counts(measurement, bins=100, low=LOW, high=HIGH, chunk=4):
     """`[bins]` float64 counts of the per-example gradient elements (see the module)."""
     project = measurement.require(DOTS, measurement.project)
     counts = tf.zeros([bins], tf.float64)
-    for i, v in enumerate(measurement.variables):
-        def count(start, stop, i=i, shape=tuple(v.shape)):
-            g = project.explicit(i, shape, start, stop)
-            return _count(tf.reshape(_bins(g, low, high, bins), [-1]), bins)
-        counts += tf.cast(_over_chunks(measurement.moments.batch_size, chunk, count, bins), tf.float64)
+    for piece in project.pieces():           # micro-batches: one after another
+        for i, v in enumerate(measurement.variables):
+            def count(start, stop, i=i, shape=tuple(v.shape), piece=piece):
+                g = piece.explicit(i, shape, start, stop)
+                return _count(tf.reshape(_bins(g, low, high, bins), [-1]), bins)
+            counts += tf.cast(_over_chunks(piece.batch, chunk, count, bins), tf.float64)
     return counts
 
 
@@ -110,15 +111,16 @@ def counts_2d(measurement, rows=40, columns=50, chunk=4):
     largest = [tf.reduce_max(tf.abs(tf.cast(p, tf.float32))) for p in before]
     r = tf.maximum(tf.reduce_max(tf.stack(largest)), 1e-12)
     counts = tf.zeros([rows * columns], tf.float64)
-    for i, v in enumerate(measurement.variables):
-        column = _bins(tf.reshape(before[i], [-1]), -r, r, columns)
+    for piece in project.pieces():
+        for i, v in enumerate(measurement.variables):
+            column = _bins(tf.reshape(before[i], [-1]), -r, r, columns)
 
-        def count(start, stop, i=i, shape=tuple(v.shape), column=column):
-            g = project.explicit(i, shape, start, stop)
-            row = _bins(tf.reshape(g, [tf.shape(g)[0], -1]), LOW, HIGH, rows)
-            return _count(tf.reshape(row * columns + column[None], [-1]), rows * columns)
-        found = _over_chunks(measurement.moments.batch_size, chunk, count, rows * columns)
-        counts += tf.cast(found, tf.float64)
+            def count(start, stop, i=i, shape=tuple(v.shape), column=column, piece=piece):
+                g = piece.explicit(i, shape, start, stop)
+                row = _bins(tf.reshape(g, [tf.shape(g)[0], -1]), LOW, HIGH, rows)
+                return _count(tf.reshape(row * columns + column[None], [-1]), rows * columns)
+            found = _over_chunks(piece.batch, chunk, count, rows * columns)
+            counts += tf.cast(found, tf.float64)
     return tf.reshape(counts, [rows, columns])
 
 
