@@ -340,11 +340,12 @@ def test_fit_writes_the_economy_set_as_cockpit_steps_give_it(tmp_path, xla_allow
     model.compile(optimizer=optimizers.MiniBatchSGD(0.1), jit_compile=jit_compile,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   steps_per_execution=steps_per_execution)
-    statistics = callbacks.GradientStatistics(str(tmp_path), freq=4, more_instruments=["economy"])
+    statistics = callbacks.GradientStatistics(str(tmp_path), freq=4,
+                                              more_instruments=["economy", "grad_hist_2d"])
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[statistics])
     written, hists = read_scalars(tmp_path / "train"), read_histograms(tmp_path / "train")
     twin = models.build("mlp", (6,), 2, hidden=(8,), seed=5)
-    cockpit = Cockpit(twin, losses.crossentropy, optimizers.MiniBatchSGD(0.1), "economy")
+    cockpit = Cockpit(twin, losses.crossentropy, optimizers.MiniBatchSGD(0.1), ["economy", "grad_hist_2d"])
     for i in range(8):
         cockpit.step(x[8 * i: 8 * i + 8], y[8 * i: 8 * i + 8])
     assert [s for s, _ in written["step/alpha"]] == [0, 4]
@@ -355,6 +356,18 @@ def test_fit_writes_the_economy_set_as_cockpit_steps_give_it(tmp_path, xla_allow
             assert value == pytest.approx(cockpit.history[s][tag], rel=1e-4, abs=1e-6), (tag, s)
     for s, h in hists["grad_hist/elements"]:
         assert h.num == cockpit.history[s]["grad_hist/elements"][:, 2].sum() == 8 * (6 * 8 + 8 + 8 * 2 + 2)
+    images = _images(tmp_path / "train", "grad_hist/elements_vs_params")
+    assert sorted(images) == [0, 1, 4, 5]
+    for s, image in images.items():
+        np.testing.assert_array_equal(image, cockpit.history[s]["grad_hist/elements_vs_params"][0])
+
+
+def _images(event_dir, tag):
+    """`{step: [H, W, 3] uint8}` of an image tag, by TensorBoard's reader (PNG decoded)."""
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    return {e.step: tf.io.decode_png(tf.make_ndarray(e.tensor_proto)[2]).numpy() for e in acc.Tensors(tag)}
 
 
 def test_gradient_accumulation_gives_the_whole_batchs_instruments(problem):

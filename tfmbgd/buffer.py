@@ -41,10 +41,12 @@ class StatisticsBuffer:
     after it.
     """
 
-    def __init__(self, scalar_tags, histogram_tags, capacity, widths=None):
+    def __init__(self, scalar_tags, histogram_tags, capacity, widths=None, images=None):
         """`widths`: `{tag: bins}` of the histogram tags whose values are their `[bins, 3]`
-        rows already (fixed bins); the others are bucketed into `BUCKETS` rows."""
+        rows already (fixed bins); the others are bucketed into `BUCKETS` rows. `images`:
+        `{tag: shape}` of uint8 image tags."""
         self.scalar_tags, self.histogram_tags = list(scalar_tags), list(histogram_tags)
+        self.image_shapes = dict(images or {})
         self.capacity = int(capacity)
         self.widths = {tag: (widths or {}).get(tag, BUCKETS) for tag in self.histogram_tags}
         self.width = max([BUCKETS, *self.widths.values()])
@@ -53,8 +55,9 @@ class StatisticsBuffer:
         def variable(shape, dtype):     # see `first_replica_variables`
             return tf.Variable(tf.zeros(shape, dtype), trainable=False, **FIRST_REPLICA)
         self.scalars = variable([k, t], tf.float64)
-        self.written = variable([k, t + h], tf.bool)         # which tags the row holds
+        self.written = variable([k, t + h + len(self.image_shapes)], tf.bool)   # which tags the row holds
         self.histograms = variable([k, h, self.width, 3], tf.float64)
+        self.images = {tag: variable([k, *shape], tf.uint8) for tag, shape in self.image_shapes.items()}
         self.steps = variable([k], tf.int64)
         self.count = variable([], tf.int32)      # rows recorded since the last drain
         self.lost = variable([], tf.int32)       # rows that found the buffer full
@@ -62,7 +65,7 @@ class StatisticsBuffer:
     def record(self, values, step):
         """Records `values` (`{tag: tensor}`, tags among this buffer's) at `step`, in the
         next free row; a full buffer counts the row as lost (the writer then says so)."""
-        unknown = set(values) - set(self.scalar_tags) - set(self.histogram_tags)
+        unknown = set(values) - set(self.scalar_tags) - set(self.histogram_tags) - set(self.image_shapes)
         if unknown:
             raise UserError(f"the step wrote tags its instruments did not declare: {sorted(unknown)}")
         row = tf.minimum(self.count, self.capacity - 1)
@@ -70,7 +73,7 @@ class StatisticsBuffer:
         nan = tf.constant(float("nan"), tf.float64)
         scalars = tf.stack([tf.cast(values[tag], tf.float64) if tag in values else nan
                             for tag in self.scalar_tags]) if self.scalar_tags else tf.zeros([0], tf.float64)
-        tags = self.scalar_tags + self.histogram_tags
+        tags = self.scalar_tags + self.histogram_tags + list(self.image_shapes)
         written = tf.constant([tag in values for tag in tags], tf.bool, shape=[len(tags)])
         histograms = tf.stack([self._rows(values[tag]) if tag in values
                                else tf.zeros([self.width, 3], tf.float64) for tag in self.histogram_tags]) \
@@ -81,6 +84,8 @@ class StatisticsBuffer:
             return variable.assign(tf.tensor_scatter_nd_update(variable, [[row]], value[None]))
         updates = [put(self.scalars, scalars), put(self.written, written), put(self.histograms, histograms),
                    put(self.steps, tf.cast(step, tf.int64))]
+        updates += [put(self.images[tag], tf.cast(values[tag], tf.uint8)) for tag in self.image_shapes
+                    if tag in values]
         with tf.control_dependencies(updates):
             return tf.group(self.count.assign(tf.where(full, self.count, self.count + 1)),
                             self.lost.assign_add(tf.cast(full, tf.int32)))
@@ -137,6 +142,12 @@ class StatisticsBuffer:
                                 lambda tag=tag, rows=histograms[i, k, :self.widths[tag]], at=at: _unscoped(
                                     tf.summary.write, tag, rows, step=at,
                                     metadata=summaries.HISTOGRAM_METADATA),
+                                lambda: tf.constant(False))
+                    for k, tag in enumerate(self.image_shapes):
+                        at = step - lags.get(tag, 0)
+                        tf.cond(wrote[t + len(self.histogram_tags) + k],
+                                lambda tag=tag, image=self.images[tag][i], at=at: _unscoped(
+                                    tf.summary.image, tag, image, step=at),
                                 lambda: tf.constant(False))
                     if extra is not None:
                         _unscoped(extra, values, step, *args)

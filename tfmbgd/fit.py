@@ -73,9 +73,6 @@ class _Recorder:
                                                                                 instruments.BATCH}:
             raise UserError("the gradient tests' dot products, alpha, the element histograms and curvature "
                             "are not computed across replicas yet; fit on one device")
-        if instruments.images(active):
-            raise UserError(f"{', '.join(instruments.images(active))}: images are not written from fit yet; "
-                            "use tfmbgd.instruments.Cockpit or train.py")
         scalar_tags, histogram_tags = instruments.tag_kinds(active, names)
         self.width = min(instruments.width(active), settings.freq)
         self.lags = instruments.lags(active)
@@ -84,7 +81,7 @@ class _Recorder:
             self.buffer = buffer.StatisticsBuffer(
                 ["loss", *scalar_tags], histogram_tags,
                 buffer.capacity(model.steps_per_execution, settings.freq) * self.width,
-                widths=instruments.histogram_bins(active))
+                widths=instruments.histogram_bins(active), images=instruments.images(active))
         self.finite_only = instruments.finite_only(active, names)
         self.described = False        # the coverage line is printed once per recorder
 

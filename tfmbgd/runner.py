@@ -6,7 +6,6 @@ import numpy as np
 import tensorflow as tf
 
 from tfmbgd import buffer, instruments, summaries
-from tfmbgd.errors import UserError
 
 MILLISECONDS = ("The mini-batch loss against milliseconds of training since this process's first step: "
                 "the time to trace and compile the train step is left out, so runs compare by the "
@@ -197,13 +196,11 @@ class XlaStepRunner(StepRunner):
         scalars, histograms = instruments.tag_kinds(steps.instruments, names)
         base = ["loss"] + ["accuracy"] * steps.classification + \
             ["nonfinite/skipped"] * (steps.skipped() is not None) + [EXAMPLES]
-        if instruments.images(steps.instruments):
-            raise UserError(f"{', '.join(instruments.images(steps.instruments))}: images are not "
-                            "written from XLA-compiled steps yet; leave out --jit_compile or the instrument")
         rows = buffer.capacity(steps_per_call, log_every) + (
             buffer.capacity(steps_per_call, stats_every) * self.width if stats_every else 0)
         self._buffer = buffer.StatisticsBuffer(base + scalars, histograms, rows,
-                                               widths=instruments.histogram_bins(steps.instruments))
+                                               widths=instruments.histogram_bins(steps.instruments),
+                                               images=instruments.images(steps.instruments))
         self._began, self._paused = None, 0.0      # the first call's start; compiling since
         self._write_rows = None                    # the buffer's writer function, made at first use
 

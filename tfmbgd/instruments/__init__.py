@@ -173,8 +173,8 @@ def tag_kinds(active, names):
 
 
 def images(active):
-    """The image tags of the instruments."""
-    return [tag for i in active for tag in i.images]
+    """`{tag: shape}` of the instruments' image tags."""
+    return {tag: shape for i in active for tag, shape in i.images.items()}
 
 
 def histogram_bins(active):

@@ -73,7 +73,8 @@ class Instrument:
       histograms: the tags whose values are vectors, written as histograms (the others
         are scalars). A compiled step keeps both kinds in buffers of fixed shapes until
         Python writes them (`tfmbgd.buffer`), so it needs to know which is which.
-      images: the tags whose values are `[H, W, 3]` uint8 images (written as images).
+      images: `{tag: shape}` of the tags whose values are `[1, H, W, 3]` uint8 images
+        (written as images; the shape, for a compiled step's buffer).
       before_update: `compute` runs before the step's update, at the weights that measured
         the batch (curvature); otherwise after it.
       two_step: the values describe the previous step too (Cockpit's alpha): the step after
@@ -88,7 +89,7 @@ class Instrument:
     finite_only = False
     summaries = ()
     histograms = frozenset()
-    images = frozenset()
+    images = {}
     sgd_only = False
     before_update = False
     two_step = False

@@ -90,8 +90,8 @@ class GradHist2d(Instrument):
 
     name = "grad_hist_2d"
     needs = frozenset({DOTS, PARAMETERS})
-    images = frozenset({"grad_hist/elements_vs_params"})
     shape = (40, 50)
+    images = {"grad_hist/elements_vs_params": (1, *shape, 3)}
 
     def tags(self, names):
         return {"grad_hist/elements_vs_params": (
