@@ -55,6 +55,7 @@ def test_per_example_dots_of_every_rule_equal_the_loops(spec):
     v = np.random.default_rng(1).normal(size=flat.shape[1])
     got = per_example_dots(model, loss_fn, x, y, _unflat(v, model.trainable_variables), method=method)
     np.testing.assert_allclose(got.numpy(), flat @ v, rtol=1e-9, atol=1e-9 * np.abs(flat @ v).max())
+    keras.backend.clear_session()       # layer names count from zero again for test_layerwise's checks
 
 
 def test_per_example_dots_of_the_every_rule_zoo_model_in_float64():
