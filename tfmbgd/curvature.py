@@ -15,7 +15,7 @@ current weights, inside a `tf.function` or eagerly:
   gradient moments (the layer-wise rules: one more forward and backward pass). Its
   expectation is the GGN diagonal, which equals the Hessian's for a piecewise-linear
   network (ReLU) with the crossentropy or squared loss;
-- `max_eigenvalue`: the eigenvalue of largest magnitude by power iteration on `hvp`.
+- `max_eigenvalue`: the eigenvalue of largest magnitude by the Lanczos method on `hvp`.
 """
 
 import math
@@ -124,28 +124,66 @@ def ggn_mc_diagonal(model, loss_fn, x, outputs, seed=(0, 0), method="auto"):
     return [tf.cast(s, tf.float32) / b for s in m.sum_sq]
 
 
-def max_eigenvalue(model, loss_fn, x, y, max_iterations=100, rtol=1e-3, atol=1e-6, seed=(0, 0)):
-    """The Hessian's eigenvalue of largest magnitude (with its sign), by power iteration with
-    Hessian-vector products from a random start, stopped when the Rayleigh quotient changes
-    by less than `atol + rtol * |lambda|` (Cockpit's tolerances) or after `max_iterations`.
-    Returns `(eigenvalue, iterations)`."""
+def max_eigenvalue(model, loss_fn, x, y, max_iterations=100, rtol=1e-3, atol=1e-6, seed=(0, 0), start=None):
+    """The Hessian's eigenvalue of largest magnitude (with its sign), by the Lanczos method
+    with Hessian-vector products (as Cockpit's `eigsh`, largest magnitude): after each
+    product the Ritz values of the tridiagonal matrix so far; stopped when the one of largest
+    magnitude changes by less than `atol + rtol * |lambda|` (Cockpit's tolerances) or after
+    `max_iterations` products. The Lanczos vectors are reorthogonalized in full (they are
+    kept, `iterations x P` numbers). `start`: a list shaped like the variables (a random
+    vector when None or zero), e.g. the last eigenvector. Returns `(eigenvalue, eigenvector,
+    iterations)`.
+
+    Power iteration, the simpler choice, stalls when two eigenvalues of opposite sign have
+    nearly the same magnitude (common: the Hessian of a network is indefinite), and its
+    stopping rule then fires far from the answer; Lanczos finds both ends of the spectrum."""
     variables = model.trainable_variables
+    shapes = [tuple(v.shape) for v in variables]
+    size = sum(math.prod(s) for s in shapes)
     seed = tf.cast(tf.convert_to_tensor(seed), tf.int32)
-    start = [tf.random.stateless_normal(v.shape, seed + [0, i], dtype=tf.float32)
-             for i, v in enumerate(variables)]
-    norm = lambda vs: tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(v)) for v in vs]))
+    flat = lambda vs: tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for v in vs], 0)
+    random = tf.random.stateless_normal([size], seed, dtype=tf.float32)
+    q = random
+    if start is not None:
+        given = flat(start)
+        q = tf.where(tf.norm(given) > 0, given, random)
+    q = q / tf.norm(q)
+    k = max_iterations
 
-    def body(i, v, value, change):
-        hv = [tf.cast(t, tf.float32) for t in hvp(model, loss_fn, x, y, v)]
-        new = tf.add_n([tf.reduce_sum(a * b) for a, b in zip(v, hv)])       # v is a unit vector
-        size = norm(hv)
-        v = [t / tf.maximum(size, 1e-30) for t in hv]
-        return i + 1, v, new, tf.abs(new - value)
+    def unflat(vector):
+        return [tf.reshape(t, s) for t, s in zip(tf.split(vector, [math.prod(s) for s in shapes]), shapes)]
 
-    def more(i, v, value, change):
-        return (i < max_iterations) & (change > atol + rtol * tf.abs(value))
+    def product(q):
+        return flat(hvp(model, loss_fn, x, y, unflat(q)))
 
-    unit = [t / norm(start) for t in start]
-    first = (tf.constant(0), unit, tf.constant(0.0), tf.constant(float("inf")))
-    i, _, value, _ = tf.while_loop(more, body, first)
-    return value, i
+    def ritz(alphas, betas):
+        """The tridiagonal matrix's eigenpairs; rows past the current step are zero, which
+        adds zero eigenvalues and never a larger magnitude."""
+        t = tf.linalg.diag(alphas) + tf.linalg.diag(betas[:-1], k=1) + tf.linalg.diag(betas[:-1], k=-1)
+        values, vectors = tf.linalg.eigh(t)
+        top = tf.argmax(tf.abs(values))
+        return values[top], vectors[:, top]
+
+    def body(j, q, previous, basis, alphas, betas, value, change):
+        basis = tf.tensor_scatter_nd_update(basis, [[j]], q[None])
+        w = product(q)
+        a = tf.reduce_sum(q * w)
+        w = w - a * q - tf.where(j > 0, betas[tf.maximum(j - 1, 0)], 0.0) * previous
+        w = w - tf.linalg.matvec(basis, tf.linalg.matvec(basis, w), transpose_a=True)   # reorthogonalize
+        b = tf.norm(w)
+        alphas = tf.tensor_scatter_nd_update(alphas, [[j]], [a])
+        betas = tf.tensor_scatter_nd_update(betas, [[j]], [b])
+        new, _ = ritz(alphas, betas * tf.cast(tf.range(k) < j, tf.float32))
+        done = b <= 1e-10 * tf.maximum(tf.abs(new), 1.0)         # an invariant subspace: exact
+        change = tf.where(done, 0.0, tf.abs(new - value))
+        return j + 1, w / tf.maximum(b, 1e-30), q, basis, alphas, betas, new, change
+
+    def more(j, q, previous, basis, alphas, betas, value, change):
+        return (j < k) & (change > atol + rtol * tf.abs(value))
+
+    first = (tf.constant(0), q, tf.zeros([size]), tf.zeros([k, size]), tf.zeros([k]), tf.zeros([k]),
+             tf.constant(0.0), tf.constant(float("inf")))
+    j, _, _, basis, alphas, betas, _, _ = tf.while_loop(more, body, first)
+    value, y = ritz(alphas, betas * tf.cast(tf.range(k) < j - 1, tf.float32))
+    vector = tf.linalg.matvec(basis, y, transpose_a=True)
+    return value, unflat(vector), j

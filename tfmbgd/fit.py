@@ -199,11 +199,15 @@ class GradientStatisticsMixin:
             with tf.init_scope():
                 self.optimizer.build(variables)
         step = self.optimizer.iterations + 0           # read once, before this update
-        due = step % rec.settings.freq < rec.width      # width 2: alpha's next step too
+        due = step % rec.settings.freq == 0
         replicas = self.distribute_strategy.num_replicas_in_sync
         if replicas == 1:     # all in the branch: a plain step does nothing for the statistics
-            loss, y_pred = tf.cond(due, lambda: self._statistics_step(x, y, sample_weight, step),
-                                   lambda: self._plain_step(x, y, sample_weight))
+            plain = lambda: self._plain_step(x, y, sample_weight)
+            if rec.width > 1:      # a two-step instrument (alpha): the next step measures its end point
+                end = step % rec.settings.freq == 1
+                other, plain = plain, lambda: tf.cond(end, lambda: self._statistics_step(
+                    x, y, sample_weight, step, [i for i in rec.instruments if i.two_step]), other)
+            loss, y_pred = tf.cond(due, lambda: self._statistics_step(x, y, sample_weight, step), plain)
         else:
             loss, y_pred = self._replicated_step(x, y, sample_weight, step, due)
         # As Keras' own train_step: the loss tracker takes the loss unscaled for
@@ -231,17 +235,20 @@ class GradientStatisticsMixin:
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         return loss, y_pred
 
-    def _statistics_step(self, x, y, sample_weight, step):
-        """One device: measure, apply the mean gradient, record the statistics."""
-        measured, scale = self._measure(x, y, sample_weight)
+    def _statistics_step(self, x, y, sample_weight, step, active=None):
+        """One device: measure, apply the mean gradient, record the statistics (of `active`,
+        default all the instruments)."""
+        active = self._statistics.instruments if active is None else active
+        needs = instruments.needs(active)
+        measured, scale = self._measure(x, y, sample_weight, needs)
         local, variables = measured.moments, self.trainable_variables
         measured = self._unscaled(measured, scale)
-        early = steps.statistics(measured, variables, self._statistics.instruments, step=step,
+        early = steps.statistics(measured, variables, active, step=step,
                                  batch=(self, self._data_loss(), x, y), before_update=True)
         with tf.control_dependencies(tf.nest.flatten(early)):      # curvature at the weights measured
-            before = steps.snapshot(variables, self._statistics.needs)
+            before = steps.snapshot(variables, needs)
             self.optimizer.apply_gradients(zip(self._update(local, 1.0, scale), variables))
-        self._record(measured, step, before, early)
+        self._record(measured, step, before, early, active)
         return self._tracked_loss(local, scale), local.outputs
 
     def _data_loss(self):
@@ -288,7 +295,7 @@ class GradientStatisticsMixin:
         tf.cond(due, lambda: self._record(unscaled(), step, before), lambda: tf.constant(False))
         return loss, y_pred
 
-    def _measure(self, x, y, sample_weight):
+    def _measure(self, x, y, sample_weight, needs=None):
         """The moments of this replica's batch, of the loss times the optimizer's loss scale
         (a LossScaleOptimizer's, 1 otherwise: as Keras takes its gradient, so that float16
         gradients do not underflow); `(moments, scale)`."""
@@ -301,7 +308,8 @@ class GradientStatisticsMixin:
         scale = tf.cast(self.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
         # float32 before the scale (2^15 at first): 16-bit losses times it would overflow
         loss_fn = lambda y_true, y_pred: tf.cast(data_loss(y_true, y_pred), tf.float32) * scale
-        measured = steps.measure(self, loss_fn, x, y, needs=rec.needs - {instruments.REPLICA_NORMS},
+        needs = rec.needs if needs is None else needs
+        measured = steps.measure(self, loss_fn, x, y, needs=needs - {instruments.REPLICA_NORMS},
                                  method=rec.settings.method)
         cover = layerwise.traced_coverage(self)
         if cover is not None and not rec.described:      # once, when the step is first traced
@@ -320,13 +328,13 @@ class GradientStatisticsMixin:
             grads = [g + p * tf.cast(scale / replicas, p.dtype) for g, p in zip(grads, penalty)]
         return grads
 
-    def _record(self, measured, step, before=None, early=None):
+    def _record(self, measured, step, before=None, early=None, active=None):
         """The statistics of the (merged, unscaled) measurement into the buffer, with those
         computed before the update (`early`); `before`: the weights before the update
         (`steps.snapshot`)."""
         rec = self._statistics
-        values = steps.statistics(measured, self.trainable_variables, rec.instruments, before=before,
-                                  step=step)
+        values = steps.statistics(measured, self.trainable_variables,
+                                  rec.instruments if active is None else active, before=before, step=step)
         values.update(early or {})
         values["loss"] = tf.reduce_mean(measured.moments.losses)
         with tf.control_dependencies([rec.buffer.record(values, step)]):

@@ -94,18 +94,23 @@ class StepRunner:
         for `--stats_every`. The statistics steps of a call are known from `first_step`
         alone: the plain steps before the first of them run in a loop, then each statistics
         step is followed by a loop of the plain steps up to the next one. With a two-step
-        instrument (`self.width` 2) the statistics steps come in pairs: the steps s with
-        `s % stats_every < width`.
+        instrument (`self.width` 2) the step after each statistics step is an end step
+        (`Steps.end_step`: the two-step instruments only), the steps s with
+        `s % stats_every == 1`.
         """
         n = tf.shape(index)[0] if n is None else n
         batch = tf.cast(tf.shape(index)[1], tf.int64)
 
-        def one(i, with_stats):
+        def one(i, kind):
             i64 = tf.cast(i, tf.int64)
             where = (first_step + i64, first_example + i64 * batch)
             x, y = tf.gather(x_all, index[i]), tf.gather(y_all, index[i])
             self.steps.at_step(where[0])
-            loss = self._with_stats(x, y, where) if with_stats else self._plain(x, y, where)
+            if kind == "plain":
+                loss = self._plain(x, y, where)
+            else:
+                loss = self._with_stats(x, y, where, self.steps.stats_step if kind == "stats"
+                                        else self.steps.end_step)
             return tf.cast(loss, tf.float32)
 
         def steps_from(start, stop, step, total, body):
@@ -115,17 +120,19 @@ class StepRunner:
                                  (start, total))[1]
 
         def plain_steps(start, stop, total):
-            return steps_from(start, stop, 1, total, lambda i, total: total + one(i, False))
+            return steps_from(start, stop, 1, total, lambda i, total: total + one(i, "plain"))
 
         if not self.stats_every:
             return plain_steps(0, n, tf.constant(0.0))
         every, width = self.stats_every, self.width
 
-        def stats_steps(start, stop, total):
-            return steps_from(start, stop, 1, total, lambda i, total: total + one(i, True))
+        def end_steps(start, stop, total):
+            return steps_from(start, stop, 1, total, lambda i, total: total + one(i, "end"))
 
         def stats_then_plain(i, total):
-            total = stats_steps(i, tf.minimum(n, i + width), total)
+            total += one(i, "stats")
+            if width > 1:
+                total = end_steps(i + 1, tf.minimum(n, i + width), total)
             return plain_steps(i + width, tf.minimum(n, i + every), total) if every > width else total
         # The call's first period: the first i with (first_step + i) % every == 0. Before it,
         # the rest of a pair that the previous call began, then plain steps.
@@ -135,7 +142,7 @@ class StepRunner:
         else:
             offset = tf.cast(tf.math.floormod(first_step, every), tf.int32)
             head = tf.minimum(first, tf.where(offset > 0, tf.maximum(width - offset, 0), 0))
-            total = plain_steps(head, first, stats_steps(0, head, tf.constant(0.0)))
+            total = plain_steps(head, first, end_steps(0, head, tf.constant(0.0)))
         return steps_from(first, n, every, total, stats_then_plain)
 
     def _plain(self, x, y, where):
@@ -144,8 +151,8 @@ class StepRunner:
                 lambda: tf.constant(False))
         return out["loss"]
 
-    def _with_stats(self, x, y, where):
-        out = self.steps.stats_step(x, y)
+    def _with_stats(self, x, y, where, step_fn=None):
+        out = (step_fn or self.steps.stats_step)(x, y)
         for tag, (total, count) in self._sums.items():
             if tag in out:
                 value = tf.cast(out[tag], tf.float64)

@@ -299,22 +299,30 @@ class Steps:
         else:
             self.guard(grads, loss, finite)
 
-    def stats_step(self, x, y):
-        """The statistics step, uncompiled (to be traced inside a caller's `tf.function`)."""
-        measured = measure(self.model, self.loss_fn, x, y, needs=self.needs, method=self.method,
+    def stats_step(self, x, y, active=None):
+        """The statistics step, uncompiled (to be traced inside a caller's `tf.function`);
+        `active`: only these of the instruments (default all)."""
+        active = self.instruments if active is None else active
+        needs = instruments_lib.needs(active)
+        measured = measure(self.model, self.loss_fn, x, y, needs=needs, method=self.method,
                            reduction=self.reduction, micro_batch=self.micro_batch, replicas=self.replicas)
         m = measured.moments
         variables = self.model.trainable_variables
         step = self.step.read_value()
-        early = statistics(measured, variables, self.instruments, self.replicas, step=step,
+        early = statistics(measured, variables, active, self.replicas, step=step,
                            batch=(self.model, self.loss_fn, x, y), before_update=True)
         with tf.control_dependencies(tf.nest.flatten(early)):     # curvature at the weights measured
-            before = snapshot(variables, self.needs)
+            before = snapshot(variables, needs)
             self._apply(measured.grads, tf.reduce_mean(m.losses))
         out = self._metrics(m.losses, m.outputs, y)
         out.update(early)
-        out.update(statistics(measured, variables, self.instruments, self.replicas, before, step=step))
+        out.update(statistics(measured, variables, active, self.replicas, before, step=step))
         return out
+
+    def end_step(self, x, y):
+        """The step after a statistics step when an instrument is two-step (alpha): only
+        those instruments, which measure their second point on this step's batch."""
+        return self.stats_step(x, y, [i for i in self.instruments if i.two_step])
 
     def _metrics(self, per_example, outputs, y):
         out = {"loss": tf.reduce_mean(per_example)}

@@ -3,7 +3,7 @@
 `grad_hist/elements`: every element of every per-example gradient `g_n` (unscaled), counted
 in 100 equal bins on (-2, 2), values outside counted in the edge bins (Cockpit clamps so),
 written as a TensorBoard histogram. The per-example gradients are built one variable and
-`chunk` examples at a time from the step's forms (the `DOTS` need), so no
+a few examples at a time (`CHUNK_ELEMENTS`) from the step's forms (the `DOTS` need), so no
 B x parameters tensor lives at once. It reads B x P numbers, so it costs about a backward
 pass per statistics step whatever the method: the one instrument of Cockpit's economy set
 that is not nearly free.
@@ -12,6 +12,8 @@ that is not nearly free.
 (-2, 2)) against the parameter's value (columns, 50 bins on (-r, r), r the largest
 parameter magnitude at that step), as an image: log(1 + count), dark = many.
 """
+
+import math
 
 import tensorflow as tf
 
@@ -37,10 +39,15 @@ def _count(index, bins):
     return tf.math.bincount(index, minlength=bins, maxlength=bins)
 
 
-def _over_chunks(batch, chunk, count, bins):
-    """`sum_k count(start_k, stop_k)` (`[bins]` int32 each) over the batch in chunks of
-    `chunk` examples: a loop, so one chunk's per-example gradients live at a time (a few
-    examples: the products stay in the CPU's caches, measured 2x faster than all at once)."""
+CHUNK_ELEMENTS = 1 << 18     # per-example gradient elements built at a time (1 MiB of float32)
+
+
+def _over_chunks(batch, shape, count, bins):
+    """`sum_k count(start_k, stop_k)` (`[bins]` int32 each) over the batch in chunks of as
+    many examples as make `CHUNK_ELEMENTS` elements of a variable of `shape` (at least one):
+    a loop, so one chunk's per-example gradients live at a time, and they stay in the CPU's
+    caches (measured 2x faster than the whole batch at once)."""
+    chunk = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape)))
     b = tf.cast(batch, tf.int32)
 
     def body(start, total):
@@ -49,7 +56,7 @@ def _over_chunks(batch, chunk, count, bins):
     return tf.while_loop(lambda start, total: start < b, body, first)[1]
 
 
-def element_counts(measurement, bins=100, low=LOW, high=HIGH, chunk=4):
+def element_counts(measurement, bins=100, low=LOW, high=HIGH):
     """`[bins]` float64 counts of the per-example gradient elements (see the module)."""
     project = measurement.require(DOTS, measurement.project)
     counts = tf.zeros([bins], tf.float64)
@@ -58,7 +65,7 @@ def element_counts(measurement, bins=100, low=LOW, high=HIGH, chunk=4):
             def count(start, stop, i=i, shape=tuple(v.shape), piece=piece):
                 g = piece.explicit(i, shape, start, stop)
                 return _count(tf.reshape(_bins(g, low, high, bins), [-1]), bins)
-            counts += tf.cast(_over_chunks(piece.batch, chunk, count, bins), tf.float64)
+            counts += tf.cast(_over_chunks(piece.batch, tuple(v.shape), count, bins), tf.float64)
     return counts
 
 
@@ -103,7 +110,7 @@ class GradHist2d(Instrument):
         return {"grad_hist/elements_vs_params": image(counts_2d(measurement, *self.shape))}
 
 
-def counts_2d(measurement, rows=40, columns=50, chunk=4):
+def counts_2d(measurement, rows=40, columns=50):
     """`[rows, columns]` float64 counts: gradient elements against the parameters' values
     before the update, on (-2, 2) x (-r, r)."""
     project = measurement.require(DOTS, measurement.project)
@@ -119,7 +126,7 @@ def counts_2d(measurement, rows=40, columns=50, chunk=4):
                 g = piece.explicit(i, shape, start, stop)
                 row = _bins(tf.reshape(g, [tf.shape(g)[0], -1]), LOW, HIGH, rows)
                 return _count(tf.reshape(row * columns + column[None], [-1]), rows * columns)
-            found = _over_chunks(piece.batch, chunk, count, rows * columns)
+            found = _over_chunks(piece.batch, tuple(v.shape), count, rows * columns)
             counts += tf.cast(found, tf.float64)
     return tf.reshape(counts, [rows, columns])
 
