@@ -129,8 +129,8 @@ def max_eigenvalue(model, loss_fn, x, y, max_iterations=100, rtol=1e-3, atol=1e-
     with Hessian-vector products (as Cockpit's `eigsh`, largest magnitude): after each
     product the Ritz values of the tridiagonal matrix so far; stopped when the one of largest
     magnitude changes by less than `atol + rtol * |lambda|` (Cockpit's tolerances) or after
-    `max_iterations` products. The Lanczos vectors are reorthogonalized in full (they are
-    kept, `iterations x P` numbers). `start`: a list shaped like the variables (a random
+    `max_iterations` products. The Lanczos vectors are reorthogonalized in full: room for
+    `max_iterations x P` numbers is kept (fixed shapes, so that XLA compiles it). `start`: a list shaped like the variables (a random
     vector when None or zero), e.g. the last eigenvector. Returns `(eigenvalue, eigenvector,
     iterations)`.
 
