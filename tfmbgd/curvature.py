@@ -124,66 +124,78 @@ def ggn_mc_diagonal(model, loss_fn, x, outputs, seed=(0, 0), method="auto"):
     return [tf.cast(s, tf.float32) / b for s in m.sum_sq]
 
 
+RESTART = 20      # Lanczos vectors kept before a restart (ARPACK's default for one eigenvalue)
+
+
 def max_eigenvalue(model, loss_fn, x, y, max_iterations=100, rtol=1e-3, atol=1e-6, seed=(0, 0), start=None):
     """The Hessian's eigenvalue of largest magnitude (with its sign), by the Lanczos method
-    with Hessian-vector products (as Cockpit's `eigsh`, largest magnitude): after each
-    product the Ritz values of the tridiagonal matrix so far; stopped when the one of largest
-    magnitude changes by less than `atol + rtol * |lambda|` (Cockpit's tolerances) or after
-    `max_iterations` products. The Lanczos vectors are reorthogonalized in full: room for
-    `max_iterations x P` numbers is kept (fixed shapes, so that XLA compiles it). `start`: a list shaped like the variables (a random
-    vector when None or zero), e.g. the last eigenvector. Returns `(eigenvalue, eigenvector,
-    iterations)`.
+    with Hessian-vector products (as Cockpit's `eigsh`, largest magnitude).
+
+    Lanczos runs of at most `RESTART` products, each restarted from the last run's Ritz
+    vector, with the vectors of a run reorthogonalized in full (`RESTART x P` numbers are
+    kept); stopped when the Ritz pair's residual `|H v - lambda v|` (from the recurrence,
+    no extra product) is at most `atol + rtol * |lambda|` (Cockpit's tolerances), or after
+    `max_iterations` products. `start`: a list shaped like the variables (a random vector
+    when None or zero), e.g. the last eigenvector. Returns `(eigenvalue, eigenvector,
+    products)`.
 
     Power iteration, the simpler choice, stalls when two eigenvalues of opposite sign have
-    nearly the same magnitude (common: the Hessian of a network is indefinite), and its
-    stopping rule then fires far from the answer; Lanczos finds both ends of the spectrum."""
+    nearly the same magnitude (common: the Hessian of a network is indefinite), and a
+    stopping rule on the change of its estimate then fires far from the answer."""
     variables = model.trainable_variables
     shapes = [tuple(v.shape) for v in variables]
-    size = sum(math.prod(s) for s in shapes)
+    sizes = [math.prod(s) for s in shapes]
+    size = sum(sizes)
     seed = tf.cast(tf.convert_to_tensor(seed), tf.int32)
     flat = lambda vs: tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for v in vs], 0)
+    unflat = lambda vector: [tf.reshape(t, s) for t, s in zip(tf.split(vector, sizes), shapes)]
     random = tf.random.stateless_normal([size], seed, dtype=tf.float32)
     q = random
     if start is not None:
         given = flat(start)
         q = tf.where(tf.norm(given) > 0, given, random)
-    q = q / tf.norm(q)
-    k = max_iterations
+    m = min(RESTART, max_iterations)
 
-    def unflat(vector):
-        return [tf.reshape(t, s) for t, s in zip(tf.split(vector, [math.prod(s) for s in shapes]), shapes)]
-
-    def product(q):
-        return flat(hvp(model, loss_fn, x, y, unflat(q)))
-
-    def ritz(alphas, betas):
-        """The tridiagonal matrix's eigenpairs; rows past the current step are zero, which
-        adds zero eigenvalues and never a larger magnitude."""
-        t = tf.linalg.diag(alphas) + tf.linalg.diag(betas[:-1], k=1) + tf.linalg.diag(betas[:-1], k=-1)
-        values, vectors = tf.linalg.eigh(t)
+    def ritz(alphas, betas, j):
+        """The eigenpair of largest magnitude of the tridiagonal matrix of steps 0..j (rows
+        past j are zero: they add zero eigenvalues, never a larger magnitude)."""
+        off = (betas * tf.cast(tf.range(m) < j, tf.float32))[:-1]
+        values, vectors = tf.linalg.eigh(tf.linalg.diag(alphas) + tf.linalg.diag(off, k=1)
+                                         + tf.linalg.diag(off, k=-1))
         top = tf.argmax(tf.abs(values))
         return values[top], vectors[:, top]
 
-    def body(j, q, previous, basis, alphas, betas, value, change):
-        basis = tf.tensor_scatter_nd_update(basis, [[j]], q[None])
-        w = product(q)
-        a = tf.reduce_sum(q * w)
-        w = w - a * q - tf.where(j > 0, betas[tf.maximum(j - 1, 0)], 0.0) * previous
-        w = w - tf.linalg.matvec(basis, tf.linalg.matvec(basis, w), transpose_a=True)   # reorthogonalize
-        b = tf.norm(w)
-        alphas = tf.tensor_scatter_nd_update(alphas, [[j]], [a])
-        betas = tf.tensor_scatter_nd_update(betas, [[j]], [b])
-        new, _ = ritz(alphas, betas * tf.cast(tf.range(k) < j, tf.float32))
-        done = b <= 1e-10 * tf.maximum(tf.abs(new), 1.0)         # an invariant subspace: exact
-        change = tf.where(done, 0.0, tf.abs(new - value))
-        return j + 1, w / tf.maximum(b, 1e-30), q, basis, alphas, betas, new, change
+    def run(q, budget):
+        """One Lanczos run from `q` of at most `budget` products: `(value, Ritz vector,
+        products, converged)`."""
+        steps = tf.minimum(budget, m)
 
-    def more(j, q, previous, basis, alphas, betas, value, change):
-        return (j < k) & (change > atol + rtol * tf.abs(value))
+        def body(j, q, previous, basis, alphas, betas, value, residual):
+            basis = tf.tensor_scatter_nd_update(basis, [[j]], q[None])
+            w = flat(hvp(model, loss_fn, x, y, unflat(q)))
+            a = tf.reduce_sum(q * w)
+            w = w - a * q - tf.where(j > 0, betas[tf.maximum(j - 1, 0)], 0.0) * previous
+            w = w - tf.linalg.matvec(basis, tf.linalg.matvec(basis, w), transpose_a=True)   # reorthogonalize
+            b = tf.norm(w)
+            alphas = tf.tensor_scatter_nd_update(alphas, [[j]], [a])
+            betas = tf.tensor_scatter_nd_update(betas, [[j]], [b])
+            value, vector = ritz(alphas, betas, j)
+            return j + 1, w / tf.maximum(b, 1e-30), q, basis, alphas, betas, value, tf.abs(b * vector[j])
 
-    first = (tf.constant(0), q, tf.zeros([size]), tf.zeros([k, size]), tf.zeros([k]), tf.zeros([k]),
-             tf.constant(0.0), tf.constant(float("inf")))
-    j, _, _, basis, alphas, betas, _, _ = tf.while_loop(more, body, first)
-    value, y = ritz(alphas, betas * tf.cast(tf.range(k) < j - 1, tf.float32))
-    vector = tf.linalg.matvec(basis, y, transpose_a=True)
-    return value, unflat(vector), j
+        def more(j, q, previous, basis, alphas, betas, value, residual):
+            return (j < steps) & (residual > atol + rtol * tf.abs(value))
+
+        first = (tf.constant(0), q / tf.norm(q), tf.zeros([size]), tf.zeros([m, size]), tf.zeros([m]),
+                 tf.zeros([m]), tf.constant(0.0), tf.constant(float("inf")))
+        j, _, _, basis, alphas, betas, value, residual = tf.while_loop(more, body, first)
+        _, vector = ritz(alphas, betas, j - 1)
+        return value, tf.linalg.matvec(basis, vector, transpose_a=True), j, \
+            residual <= atol + rtol * tf.abs(value)
+
+    def restart(used, q, value, converged):
+        value, q, steps, converged = run(q, max_iterations - used)
+        return used + steps, q, value, converged
+
+    used, q, value, _ = tf.while_loop(lambda used, q, value, converged: (used < max_iterations) & ~converged,
+                                      restart, (tf.constant(0), q, tf.constant(0.0), tf.constant(False)))
+    return value, unflat(q), used

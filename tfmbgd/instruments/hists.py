@@ -28,6 +28,18 @@ def _bins(values, low, high, bins):
     return tf.cast(tf.clip_by_value(index, 0, bins - 1), tf.int32)
 
 
+_FUSED = {}
+
+
+def _fused_bins(values, low, high, bins):
+    """`_bins` in one XLA-fused pass over `values` (TensorFlow's kernels make one pass per
+    op: measured 1.8x slower over a Dense layer's per-example gradients)."""
+    if bins not in _FUSED:
+        _FUSED[bins] = tf.function(lambda v, lo, hi: _bins(v, lo, hi, bins), jit_compile=True,
+                                   autograph=False)
+    return _FUSED[bins](values, tf.cast(low, tf.float32), tf.cast(high, tf.float32))
+
+
 def _count(index, bins):
     """`[bins]` int32: how many of `index` fall in each bin. `bincount` where TensorFlow runs
     the op (several times faster on a CPU than a segment sum), a segment sum where XLA
@@ -39,7 +51,7 @@ def _count(index, bins):
     return tf.math.bincount(index, minlength=bins, maxlength=bins)
 
 
-CHUNK_ELEMENTS = 1 << 18     # per-example gradient elements built at a time (1 MiB of float32)
+CHUNK_ELEMENTS = 1 << 19     # per-example gradient elements built at a time (2 MiB of float32)
 
 
 def _over_chunks(batch, shape, count, bins):
@@ -64,7 +76,7 @@ def element_counts(measurement, bins=100, low=LOW, high=HIGH):
         for i, v in enumerate(measurement.variables):
             def count(start, stop, i=i, shape=tuple(v.shape), piece=piece):
                 g = piece.explicit(i, shape, start, stop)
-                return _count(tf.reshape(_bins(g, low, high, bins), [-1]), bins)
+                return _count(tf.reshape(_fused_bins(g, low, high, bins), [-1]), bins)
             counts += tf.cast(_over_chunks(piece.batch, tuple(v.shape), count, bins), tf.float64)
     return counts
 
@@ -124,7 +136,7 @@ def counts_2d(measurement, rows=40, columns=50):
 
             def count(start, stop, i=i, shape=tuple(v.shape), column=column, piece=piece):
                 g = piece.explicit(i, shape, start, stop)
-                row = _bins(tf.reshape(g, [tf.shape(g)[0], -1]), LOW, HIGH, rows)
+                row = _fused_bins(tf.reshape(g, [tf.shape(g)[0], -1]), LOW, HIGH, rows)
                 return _count(tf.reshape(row * columns + column[None], [-1]), rows * columns)
             found = _over_chunks(piece.batch, tuple(v.shape), count, rows * columns)
             counts += tf.cast(found, tf.float64)
