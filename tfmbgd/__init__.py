@@ -12,8 +12,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "buffer", "callbacks", "checkpoints", "compare", "config", "data", "distribute", "errors", "fit",
-    "forms", "gradients", "launch", "layerwise", "losses", "models", "moments", "optimizers", "rules",
+    "buffer", "callbacks", "checkpoints", "compare", "config", "curvature", "data", "distribute", "errors",
+    "fit", "forms", "gradients", "launch", "layerwise", "losses", "models", "moments", "optimizers", "rules",
     "runner", "signals", "stats", "steps", "study", "summaries", "training", "zoo", "fields", "instruments",
 )
 
