@@ -409,3 +409,11 @@ def test_gradient_accumulation_gives_the_whole_batchs_instruments(problem):
     for tag in ("grad_test/inner", "grad_test/ortho", "grad_test/norm", "step/update_size"):
         assert out[4][tag] == pytest.approx(out[None][tag], rel=1e-4), tag
     np.testing.assert_allclose(out[4]["grad_hist/elements"], out[None]["grad_hist/elements"], atol=2)
+
+
+def test_instruments_that_need_the_forms_refuse_replicas_before_a_run_starts(tmp_path):
+    config = TrainConfig(dataset="linear", model="linear", batch_size=8, epochs=1, strategy="mirrored",
+                         cpu_devices=2, instruments=("alpha", "norm_test"), logdir=str(tmp_path))
+    with pytest.raises(UserError, match="alpha: not computed across replicas yet; run on one device"):
+        training.train(config, verbose=0)
+    assert not any(tmp_path.iterdir())           # no run directory left behind

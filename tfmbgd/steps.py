@@ -236,6 +236,11 @@ class Steps:
             instruments = instruments_lib.default()
         self.instruments = instruments_lib.build(list(instruments), model.trainable_variables)
         self.needs = instruments_lib.needs(self.instruments)
+        local = {instruments_lib.DOTS, instruments_lib.BATCH}       # not merged across replicas yet
+        if replicas is not None and self.needs & local:
+            names = [i.name for i in self.instruments if i.needs & local]
+            raise UserError(f"{', '.join(names)}: not computed across replicas yet; run on one device "
+                            "(norm_test, update_size and distance work across replicas)")
         self.finite_only = instruments_lib.finite_only(self.instruments,
                                                        [v.path for v in model.trainable_variables])
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)     # set by at_step
