@@ -215,6 +215,15 @@ class Projector:
         """The projectors of disjoint parts of the batch that this one joins (itself)."""
         return [self]
 
+    def outer(self, i):
+        """`(a [B, K], d [B, C], scale)` when variable i's per-example gradients are one plain
+        outer product `scale * a_n^T d_n` (a Dense kernel), else None."""
+        uses = self.parts[i]
+        if len(uses) == 1 and isinstance(uses[0][0], Outer) and uses[0][0].a.shape.rank == 2:
+            form, _, scale = uses[0]
+            return form.a, form.d, scale
+        return None
+
     def scaled(self, factor):
         """The projector of the per-example gradients times `factor` (a loss scale undone)."""
         return _Scaled(self, factor)
@@ -258,6 +267,10 @@ class _Scaled(Projector):
 
     def pieces(self):
         return [_Scaled(p, self.factor) for p in self.inner.pieces()]
+
+    def outer(self, i):
+        found = self.inner.outer(i)
+        return None if found is None else (found[0], found[1], found[2] * self.factor)
 
 
 
