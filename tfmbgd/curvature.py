@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from tfmbgd import losses
 from tfmbgd.errors import UserError
+from tfmbgd.fields import flatten, unflatten
 from tfmbgd.moments import gradient_moments
 
 ESTIMATORS = ("hutchinson", "exact", "ggn_mc")
@@ -65,14 +66,9 @@ def hessian(model, loss_fn, x, y, limit=4096):
         with tf.GradientTape() as inner:
             loss = mean_loss(model, loss_fn, x, y)
         grads = inner.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+        flat = flatten(grads)
     rows = outer.jacobian(flat, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return tf.concat([tf.reshape(r, [size, -1]) for r in rows], 1)
-
-
-def _unflat(flat, variables):
-    sizes = [math.prod(v.shape) for v in variables]
-    return [tf.reshape(t, v.shape) for t, v in zip(tf.split(flat, sizes), variables)]
 
 
 def rademacher(variables, seed):
@@ -143,12 +139,10 @@ def max_eigenvalue(model, loss_fn, x, y, max_iterations=100, rtol=1e-3, atol=1e-
     nearly the same magnitude (common: the Hessian of a network is indefinite), and a
     stopping rule on the change of its estimate then fires far from the answer."""
     variables = model.trainable_variables
-    shapes = [tuple(v.shape) for v in variables]
-    sizes = [math.prod(s) for s in shapes]
-    size = sum(sizes)
+    size = sum(math.prod(v.shape) for v in variables)
     seed = tf.cast(tf.convert_to_tensor(seed), tf.int32)
-    flat = lambda vs: tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for v in vs], 0)
-    unflat = lambda vector: [tf.reshape(t, s) for t, s in zip(tf.split(vector, sizes), shapes)]
+    flat = lambda vs: flatten([tf.cast(v, tf.float32) for v in vs])
+    unflat = lambda vector: unflatten(vector, variables)
     random = tf.random.stateless_normal([size], seed, dtype=tf.float32)
     q = random
     if start is not None:

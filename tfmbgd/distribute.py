@@ -198,7 +198,8 @@ class Replicas:
             # vectors (norms, losses; float64 holds float32 exactly): fewer, larger transfers.
             leaves = tf.nest.flatten(joined)
             vectors = [tf.cast(t, tf.float64) for t in leaves if t.shape.rank == 1]
-            out = dict(sums=_flat(tf.nest.flatten(added)), vectors=tf.stack(vectors, axis=1),
+            out = dict(sums=moments_lib.flatten(tf.nest.flatten(added)),
+                       vectors=tf.stack(vectors, axis=1),
                        others=[t for t in leaves if t.shape.rank != 1])
             if two_sizes:
                 out["mean_sq"] = tf.add_n([tf.reduce_sum(tf.square(g)) for g in m.mean])
@@ -212,7 +213,8 @@ class Replicas:
             tf.cast(next(columns), s.dtype) if s.shape.rank == 1 else next(others)
             for s in tf.nest.flatten(layout["joined"])])
         specs = tf.nest.flatten(layout["added"])
-        added = tf.nest.pack_sequence_as(layout["added"], _unflat(self.sum(parts["sums"]), specs))
+        summed = moments_lib.unflatten(self.sum(parts["sums"]), specs)
+        added = tf.nest.pack_sequence_as(layout["added"], summed)
         m = moments_lib.unpack(added, joined, batch)
         return m, (self.mean(parts["mean_sq"]) if two_sizes else None)
 
@@ -225,7 +227,8 @@ def flat_for_merge(m):
     replicas (`tfmbgd.fields.pack`: B_r * mean, sum_sq) in one vector, and the per-example
     squared norms and losses as the columns of `[B_r, V + 1]` rows."""
     added, _ = moments_lib.pack(m)
-    sums = _flat([tf.cast(t, tf.float32) for t in added["mean"] + (added.get("sum_sq") or [])])
+    sums = moments_lib.flatten([tf.cast(t, tf.float32)
+                                for t in added["mean"] + (added.get("sum_sq") or [])])
     rows = tf.stack([tf.cast(t, tf.float32) for t in [*m.var_norms_sq, m.losses]], axis=1)
     return sums, rows
 
@@ -244,21 +247,12 @@ def merge_flat(ctx, sums, rows, variables, elementwise):
     rows = tf.reshape(ctx.all_gather(rows, axis=0), [-1, count + 1])     # the gather loses the width
     batch = tf.shape(rows)[0]
     shapes = list(variables) * (2 if elementwise else 1)
-    parts = [tf.cast(t, v.dtype) for t, v in zip(_unflat(sums, shapes), shapes)]
+    parts = [tf.cast(t, v.dtype) for t, v in zip(moments_lib.unflatten(sums, shapes), shapes)]
     return moments_lib.GradientMoments(
         mean=[p / tf.cast(batch, p.dtype) for p in parts[:count]], sum_sq=parts[count:] or None,
         var_norms_sq=tf.unstack(rows[:, :count], axis=1), losses=rows[:, count], outputs=None,
         batch_size=batch)
 
-
-def _flat(tensors):
-    return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
-
-
-def _unflat(flat, variables):
-    """Splits `flat` into tensors shaped like `variables` (variables, tensors or specs)."""
-    sizes = [math.prod(tuple(v.shape)) for v in variables]
-    return [tf.reshape(t, v.shape) for t, v in zip(tf.split(flat, sizes), variables)]
 
 
 def _weighted(loss_fn, y, w):

@@ -6,6 +6,7 @@ so micro-batches (`combine`) and replicas (`tfmbgd.distribute`) merge them with 
 generic function, and a new field is one line. Imports no other tfmbgd module.
 """
 
+import math
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -110,3 +111,15 @@ def combine(parts):
     added = tf.nest.map_structure(lambda *ts: tf.add_n(ts), *[a for a, _ in packs])
     joined = tf.nest.map_structure(lambda *ts: tf.concat(ts, 0), *[j for _, j in packs])
     return unpack(added, joined, sum(sizes))
+
+
+def flatten(tensors):
+    """One vector of all elements of `tensors`, in order (a list of any shapes)."""
+    return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
+
+
+def unflatten(flat, like):
+    """`flatten`'s inverse: `flat` split into tensors shaped like `like` (variables, tensors
+    or specs)."""
+    sizes = [math.prod(tuple(v.shape)) for v in like]
+    return [tf.reshape(t, v.shape) for t, v in zip(tf.split(flat, sizes), like)]

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from tfmbgd import curvature
 from tfmbgd.errors import UserError
+from tfmbgd.fields import unflatten
 from tfmbgd.instruments.base import BATCH, ELEMENTWISE, Chart, Instrument, per_variable
 
 EPSILON = 1e-7
@@ -50,7 +51,7 @@ def diagonal(measurement, estimator, samples=1):
         variables = model.trainable_variables
         if estimator == "exact":
             h = tf.linalg.diag_part(curvature.hessian(model, loss_fn, x, y))
-            return [tf.cast(t, tf.float32) for t in curvature._unflat(h, variables)]
+            return [tf.cast(t, tf.float32) for t in unflatten(h, variables)]
         if estimator == "ggn_mc":
             return curvature.ggn_mc_diagonal(model, loss_fn, x, measurement.moments.outputs,
                                              _seed(measurement, 7))
