@@ -55,16 +55,18 @@ def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
         mixes the examples of a batch, so per-example gradients are not defined), or
         arguments that cannot work (`tfmbgd.gradients.check_call`).
     """
+    _check(model, loss_fn, x, y, method)
+    if method in ("auto", "layerwise"):       # the rules, with the exact fallback where none applies
+        return layerwise.moments(model, loss_fn, x, y, elementwise, strict=method == "layerwise")
+    return from_per_example(gradients.per_example(model, loss_fn, x, y, method), elementwise)
+
+
+def _check(model, loss_fn, x, y, method):
+    """What every moments call checks before it traces anything (see `gradient_moments`)."""
     if method not in METHODS:
         raise UserError(f"gradient method must be one of {', '.join(METHODS)}; got {method!r}")
     gradients.check_call(model, loss_fn, x, y)
     _refuse_batch_norm(model)
-    if method in ("auto", "layerwise"):
-        m = layerwise.moments(model, loss_fn, x, y, elementwise, strict=method == "layerwise")
-        if m is not None:
-            return m
-        method = "vectorized"       # no layer has a rule: the exact fallback for all
-    return from_per_example(gradients.per_example(model, loss_fn, x, y, method), elementwise)
 
 
 def measured_moments(model, loss_fn, x, y, method="auto", elementwise=True, micro_batch=None):
@@ -76,23 +78,13 @@ def measured_moments(model, loss_fn, x, y, method="auto", elementwise=True, micr
     if not tf.inside_function():
         return _eager_measured(model, loss_fn, x, y, method, elementwise, micro_batch)
     if micro_batch is not None:
-        parts, previous = [], []
-        for start, stop in micro_batches(x.shape[0], micro_batch):
-            with tf.control_dependencies(previous):
-                parts.append(measured_moments(model, loss_fn, x[start:stop], y[start:stop], method,
-                                              elementwise))
-            previous = parts[-1][0].mean
+        parts = _one_after_another(lambda x, y: measured_moments(model, loss_fn, x, y, method, elementwise),
+                                   x, y, micro_batch)
         return combine([m for m, _ in parts]), forms.Projector.concat([p for _, p in parts])
-    if method not in METHODS:
-        raise UserError(f"gradient method must be one of {', '.join(METHODS)}; got {method!r}")
-    gradients.check_call(model, loss_fn, x, y)
-    _refuse_batch_norm(model)
+    _check(model, loss_fn, x, y, method)
     if method in ("auto", "layerwise"):
-        found = layerwise._traced_moments(model, loss_fn, x, y, elementwise, method == "layerwise",
-                                          projector=True)
-        if found is not None:
-            return found
-        method = "vectorized"
+        return layerwise._traced_moments(model, loss_fn, x, y, elementwise, method == "layerwise",
+                                         projector=True)
     per_ex = gradients.per_example(model, loss_fn, x, y, method)
     m = from_per_example(per_ex, elementwise)
     variables = model.trainable_variables
@@ -149,12 +141,21 @@ def accumulated_moments(model, loss_fn, x, y, micro_batch, method="auto", elemen
     For gradient accumulation: memory holds one micro-batch, the moments are exactly those
     of the whole batch (see `combine`). The batch size must be static.
     """
+    parts = _one_after_another(lambda x, y: (gradient_moments(model, loss_fn, x, y, method, elementwise),),
+                               x, y, micro_batch)
+    return combine([m for m, in parts])
+
+
+def _one_after_another(compute, x, y, size):
+    """`compute(x_k, y_k)` of each micro-batch of `size` examples, in order, each after the
+    previous one's moments (`compute` returns a tuple whose first item is the moments), so
+    memory holds one micro-batch's work at a time."""
     parts, previous = [], []
-    for start, stop in micro_batches(x.shape[0], micro_batch):
-        with tf.control_dependencies(previous):        # one micro-batch after another
-            part = gradient_moments(model, loss_fn, x[start:stop], y[start:stop], method, elementwise)
+    for start, stop in micro_batches(x.shape[0], size):
+        with tf.control_dependencies(previous):
+            part = compute(x[start:stop], y[start:stop])
         parts.append(part)
-        previous = part.mean
-    return combine(parts)
+        previous = part[0].mean
+    return parts
 
 
