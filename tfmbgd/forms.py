@@ -184,8 +184,9 @@ class Projector:
     optimizer's step `v` is known).
 
     `parts[i]` is variable i's list of `(form, shape, scale)` (its uses; empty when no
-    gradient reaches it), or several such projectors' concatenation along the batch
-    (`concat`). The per-example gradients are `scale` times those the form describes.
+    gradient reaches it); the per-example gradients are `scale` times those the form
+    describes. `concat` joins projectors of disjoint batches (micro-batches), `scaled`
+    multiplies one by a factor; each answers the same methods.
     """
 
     def __init__(self, parts, batch):
@@ -235,9 +236,8 @@ class Projector:
 
 
 class _Concatenated(Projector):
-    def __init__(self, projectors):
+    def __init__(self, projectors):       # no `parts`: its pieces have theirs
         self.projectors = projectors
-        self.parts = projectors[0].parts
         self.batch = sum(p.batch for p in projectors)
 
     def __call__(self, vectors):
@@ -251,11 +251,13 @@ class _Concatenated(Projector):
     def pieces(self):
         return [piece for p in self.projectors for piece in p.pieces()]
 
+    def outer(self, i):
+        return None          # a variable's factors are its pieces'; see pieces()
+
 
 class _Scaled(Projector):
     def __init__(self, inner, factor):
-        self.inner, self.factor = inner, factor
-        self.parts, self.batch = inner.parts, inner.batch
+        self.inner, self.factor, self.batch = inner, factor, inner.batch
 
     def __call__(self, vectors):
         dots = self.inner(vectors)
@@ -271,7 +273,6 @@ class _Scaled(Projector):
     def outer(self, i):
         found = self.inner.outer(i)
         return None if found is None else (found[0], found[1], found[2] * self.factor)
-
 
 
 def _sliced(form, cut):
