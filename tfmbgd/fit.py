@@ -62,17 +62,10 @@ class _Recorder:
         self.settings = settings
         variables = model.trainable_variables
         names = [v.path for v in variables]
-        sgd = _plain_sgd(model.optimizer)
-        named = [n for n in settings.more_instruments if isinstance(n, str)]     # presets and names
-        active = instruments.default(settings.elementwise, settings.noise_scale_decay) + instruments.create(
-            named, _learning_rate(model.optimizer), "sgd" if sgd else type(model.optimizer).__name__) + [
-            i for i in settings.more_instruments if not isinstance(i, str)]
-        instruments.check_sgd(active, sgd, type(model.optimizer).__name__)
+        active = active_instruments(model.optimizer, settings.more_instruments, settings.elementwise,
+                                    settings.noise_scale_decay)
+        instruments.refuse_replicas(active, model.distribute_strategy.num_replicas_in_sync > 1)
         self.needs = instruments.needs(active)
-        if model.distribute_strategy.num_replicas_in_sync > 1 and self.needs & {instruments.DOTS,
-                                                                                instruments.BATCH}:
-            raise UserError("the gradient tests' dot products, alpha, the element histograms and curvature "
-                            "are not computed across replicas yet; fit on one device")
         scalar_tags, histogram_tags = instruments.tag_kinds(active, names)
         self.width = min(instruments.width(active), settings.freq)
         self.lags = instruments.lags(active)
@@ -89,6 +82,20 @@ class _Recorder:
 def _batch_size(x):
     """The examples in the batch `x` (a tensor, or a list or dict of them), as a tensor."""
     return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+
+
+def active_instruments(optimizer, more, elementwise=False, noise_scale_decay=0.9):
+    """The instruments of a `fit` or a `tfmbgd.instruments.Cockpit` with `optimizer`: the
+    defaults, then `more` (instances, names and presets), each name made for the optimizer's
+    learning rate; instruments defined for plain SGD only are refused with another
+    optimizer."""
+    sgd = _plain_sgd(optimizer)
+    named = [n for n in more if isinstance(n, str)]
+    active = instruments.default(elementwise, noise_scale_decay) + instruments.create(
+        named, _learning_rate(optimizer), "sgd" if sgd else type(optimizer).__name__) + [
+        i for i in more if not isinstance(i, str)]
+    instruments.check_sgd(active, sgd, type(optimizer).__name__)
+    return active
 
 
 def _learning_rate(optimizer):
@@ -304,10 +311,10 @@ class GradientStatisticsMixin:
             raise UserError("gradient statistics take no sample weights")
         if any(getattr(layer, "activity_regularizer", None) for layer in all_layers(self)):
             raise UserError("gradient statistics do not support activity regularizers")
-        data_loss = rec.settings.loss or per_example_loss(self.loss)
+        data_loss = self._data_loss()
         scale = tf.cast(self.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
         # float32 before the scale (2^15 at first): 16-bit losses times it would overflow
-        loss_fn = lambda y_true, y_pred: tf.cast(data_loss(y_true, y_pred), tf.float32) * scale
+        loss_fn = lambda y_true, y_pred: data_loss(y_true, y_pred) * scale
         needs = rec.needs if needs is None else needs
         measured = steps.measure(self, loss_fn, x, y, needs=needs - {instruments.REPLICA_NORMS},
                                  method=rec.settings.method)

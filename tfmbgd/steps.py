@@ -104,7 +104,7 @@ def measure(model, loss_fn, x, y, *, needs=frozenset(), method="auto", reduction
     """
     elementwise = instruments_lib.ELEMENTWISE in needs
     small_sq = project = None
-    if replicas is not None and needs & {instruments_lib.DOTS, instruments_lib.BATCH}:
+    if replicas is not None and needs & instruments_lib.ONE_DEVICE:
         raise UserError("the gradient tests' dot products, alpha, the element histograms and curvature "
                         "are not computed across replicas yet; run them on one device")
     if instruments_lib.DOTS in needs:
@@ -236,11 +236,7 @@ class Steps:
             instruments = instruments_lib.default()
         self.instruments = instruments_lib.build(list(instruments), model.trainable_variables)
         self.needs = instruments_lib.needs(self.instruments)
-        local = {instruments_lib.DOTS, instruments_lib.BATCH}       # not merged across replicas yet
-        if replicas is not None and self.needs & local:
-            names = [i.name for i in self.instruments if i.needs & local]
-            raise UserError(f"{', '.join(names)}: not computed across replicas yet; run on one device "
-                            "(norm_test, update_size and distance work across replicas)")
+        instruments_lib.refuse_replicas(self.instruments, replicas is not None)
         self.finite_only = instruments_lib.finite_only(self.instruments,
                                                        [v.path for v in model.trainable_variables])
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)     # set by at_step

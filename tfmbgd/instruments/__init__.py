@@ -127,6 +127,20 @@ def check_sgd(active, plain_sgd, what):
                             f"the run has {what}: use SGD without momentum, or drop the instrument")
 
 
+# What the step provides on one device only: the per-example forms and the batch itself are
+# not merged across replicas yet.
+ONE_DEVICE = frozenset({DOTS, BATCH})
+
+
+def refuse_replicas(active, on_replicas):
+    """A `UserError` naming the instruments of `active` that need `ONE_DEVICE`, when the run
+    is `on_replicas`."""
+    names = [i.name for i in active if i.needs & ONE_DEVICE]
+    if on_replicas and names:
+        raise UserError(f"{', '.join(names)}: not computed across replicas yet; run on one device "
+                        "(norm_test, update_size and distance work across replicas)")
+
+
 def build(active, variables):
     """Builds every instrument (their state) for `variables`; returns `active`. Names must be
     unique: they key the checkpointed state."""

@@ -35,14 +35,9 @@ class Cockpit:
     def __init__(self, model, loss_fn, optimizer, instruments="economy", method="auto", elementwise=False):
         if not model.built or not model.trainable_variables:
             raise UserError("Cockpit needs a built model with trainable variables: call it on a batch first")
-        names = [instruments] if isinstance(instruments, str) else list(instruments)
-        given = [i for i in names if not isinstance(i, str)]
-        from tfmbgd.fit import _learning_rate, _plain_sgd
-        learning_rate = _learning_rate(optimizer)
-        made = instruments_lib.create([n for n in names if isinstance(n, str)], learning_rate,
-                                      "sgd" if _plain_sgd(optimizer) else type(optimizer).__name__)
-        active = instruments_lib.default(elementwise) + made + given
-        instruments_lib.check_sgd(active, _plain_sgd(optimizer), type(optimizer).__name__)
+        from tfmbgd.fit import active_instruments
+        active = active_instruments(optimizer, [instruments] if isinstance(instruments, str) else instruments,
+                                    elementwise)
         self.model, self.optimizer = model, optimizer
         self.steps = steps.Steps(model, loss_fn, steps.optimizer_update(optimizer, model.trainable_variables),
                                  method=method, classification=loss_fn is losses.crossentropy,
