@@ -193,7 +193,7 @@ def images(active):
 
 def histogram_bins(active):
     """`{tag: bins}` of the histograms the instruments give as rows of fixed bins."""
-    return {tag: bins for i in active for tag, bins in getattr(i, "bins", {}).items()}
+    return {tag: bins for i in active for tag, bins in i.bins.items()}
 
 
 def lags(active):

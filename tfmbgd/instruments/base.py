@@ -73,6 +73,8 @@ class Instrument:
       histograms: the tags whose values are vectors, written as histograms (the others
         are scalars). A compiled step keeps both kinds in buffers of fixed shapes until
         Python writes them (`tfmbgd.buffer`), so it needs to know which is which.
+      bins: `{tag: bins}` of the histogram tags whose values are already TensorBoard's
+        `[bins, 3]` rows (fixed bins), not vectors to bucket.
       images: `{tag: shape}` of the tags whose values are `[1, H, W, 3]` uint8 images
         (written as images; the shape, for a compiled step's buffer).
       before_update: `compute` runs before the step's update, at the weights that measured
@@ -89,6 +91,7 @@ class Instrument:
     finite_only = False
     summaries = ()
     histograms = frozenset()
+    bins = {}
     images = {}
     sgd_only = False
     before_update = False

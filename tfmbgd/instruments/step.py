@@ -10,15 +10,19 @@ measures from the same start).
 
 import tensorflow as tf
 
-from tfmbgd.errors import UserError
 from tfmbgd.instruments.base import DOTS, PARAMETERS, Chart, Instrument, per_variable
 
 
 def _before(measurement):
-    if measurement.before is None:
-        raise UserError("update_size and distance need the weights before the update (PARAMETERS): "
-                        "pass steps.snapshot(...) to steps.statistics")
-    return measurement.before
+    return measurement.require(PARAMETERS, measurement.before)
+
+
+def update(measurement):
+    """The update the step applied, `theta_{t+1} - theta_t` per variable (float32), computed
+    once per step for every instrument that reads it."""
+    return measurement.cached("update", lambda: [
+        tf.cast(a, tf.float32) - tf.cast(b, tf.float32)
+        for a, b in zip(measurement.variables, _before(measurement))])
 
 
 def _norms(differences):
@@ -42,8 +46,7 @@ class UpdateSize(Instrument):
         return [Chart("Cockpit", "update size ||theta_t+1 - theta_t||", ("^step/update_size$",))]
 
     def compute(self, measurement):
-        after = [tf.convert_to_tensor(v) for v in measurement.variables]
-        vector, total = _norms([a - b for a, b in zip(after, _before(measurement))])
+        vector, total = _norms(update(measurement))
         return {**per_variable("step/update_size", vector, measurement.names), "step/update_size": total}
 
 
@@ -113,8 +116,9 @@ class Alpha(Instrument):
     It needs two points: at step t the losses and their derivatives along the update
     `d = theta_{t+1} - theta_t` on batch t (before the update, `g_n . d` from the step's
     per-example forms, whatever the optimizer), and at step t + 1 the same on batch t + 1
-    at `theta_{t+1}`. So the step after each statistics step is one too (`two_step`), and
-    the value computed there is written at step t (`lags`). The update direction is kept
+    at `theta_{t+1}`. So the step after each statistics step measures this end point
+    (`two_step`: only the two-step instruments run there), and the value computed there is
+    written at step t (`lags`). The update direction is kept
     as state (one copy of the weights, not B of them).
     """
 
@@ -154,11 +158,11 @@ class Alpha(Instrument):
         alpha = tf.where(tf.equal(self.start_step, step - 1), alpha, tf.constant(float("nan"), tf.float64))
         # this step as the next one's start: the update it just made, and its point along it
         with tf.control_dependencies([alpha]):
-            update = [tf.cast(a, tf.float32) - tf.cast(b, tf.float32)
-                      for a, b in zip(measurement.variables, measurement.before)]
-            new_length = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(u, tf.float64))) for u in update]))
-            point = _point(measurement, update, tf.maximum(new_length, 1e-30))
-            saved = [d.assign(u) for d, u in zip(self.direction, update)]
+            applied = update(measurement)
+            new_length = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(u, tf.float64)))
+                                           for u in applied]))
+            point = _point(measurement, applied, tf.maximum(new_length, 1e-30))
+            saved = [d.assign(u) for d, u in zip(self.direction, applied)]
             saved += [self.start.assign(point), self.length.assign(new_length), self.start_step.assign(step)]
         with tf.control_dependencies(saved):
             return {"step/alpha": tf.cast(tf.identity(alpha), tf.float32)}
