@@ -80,7 +80,7 @@ class Instrument:
       before_update: `compute` runs before the step's update, at the weights that measured
         the batch (curvature); otherwise after it.
       two_step: the values describe the previous step too (Cockpit's alpha): the step after
-        each statistics step is a statistics step as well.
+        each statistics step is an end step, where only the two-step instruments run.
       lags: `{tag: k}`: the value a step returns for `tag` describes the step k steps back,
         and is written there.
     """
