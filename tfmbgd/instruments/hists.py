@@ -13,6 +13,7 @@ that is not nearly free.
 parameter magnitude at that step), as an image: log(1 + count), dark = many.
 """
 
+import functools
 import math
 
 import tensorflow as tf
@@ -28,16 +29,26 @@ def _bins(values, low, high, bins):
     return tf.cast(tf.clip_by_value(index, 0, bins - 1), tf.int32)
 
 
-_FUSED = {}
+def _outer_products(a, d, scale):
+    """`scale * a_n^T d_n`, `[n, K, C]`: a Dense kernel's per-example gradients."""
+    return scale * a[:, :, None] * d[:, None, :]
 
 
-def _fused_bins(values, low, high, bins):
-    """`_bins` in one XLA-fused pass over `values` (TensorFlow's kernels make one pass per
-    op: measured 1.8x slower over a Dense layer's per-example gradients)."""
-    if bins not in _FUSED:
-        _FUSED[bins] = tf.function(lambda v, lo, hi: _bins(v, lo, hi, bins), jit_compile=True,
-                                   autograph=False)
-    return _FUSED[bins](values, tf.cast(low, tf.float32), tf.cast(high, tf.float32))
+@functools.cache
+def _fused(make, bins):
+    """`_bins(make(*args), low, high, bins)` as one XLA-compiled function: a single fused pass
+    (TensorFlow's kernels make one pass per op: measured 1.8x slower over a Dense layer's
+    per-example gradients), and with `_outer_products` the products are never stored as
+    floats (the MLP's element histogram 21x -> 18x a plain step)."""
+    def index(*args):
+        *args, low, high = args
+        return _bins(make(*args), low, high, bins)
+    return tf.function(index, jit_compile=True, autograph=False)
+
+
+def _fused_bins(make, *args, low, high, bins):
+    """Edge-clamped bin indices of `make(*args)`, in one XLA-fused pass (`_fused`)."""
+    return _fused(make, bins)(*(tf.cast(t, tf.float32) for t in (*args, low, high)))
 
 
 def _count(index, bins):
@@ -52,21 +63,6 @@ def _count(index, bins):
 
 
 CHUNK_ELEMENTS = 1 << 19     # per-example gradient elements built at a time (2 MiB of float32)
-
-
-_OUTER = {}
-
-
-def _outer_bins(a, d, scale, low, high, bins):
-    """`_bins` of the outer products `scale * a_n^T d_n` (`[n, K, C]`), made and binned in one
-    XLA-fused pass: the per-example gradients of a Dense kernel are never stored as floats
-    (measured: the MLP's element histogram 21x -> 18x a plain step)."""
-    if bins not in _OUTER:
-        def index(a, d, scale, lo, hi):
-            return _bins(scale * a[:, :, None] * d[:, None, :], lo, hi, bins)
-        _OUTER[bins] = tf.function(index, jit_compile=True, autograph=False)
-    f32 = lambda t: tf.cast(t, tf.float32)
-    return _OUTER[bins](f32(a), f32(d), f32(scale), f32(low), f32(high))
 
 
 def _over_chunks(batch, shape, count, bins):
@@ -94,9 +90,11 @@ def element_counts(measurement, bins=100, low=LOW, high=HIGH):
             def count(start, stop, i=i, shape=tuple(v.shape), piece=piece, outer=outer):
                 if outer is not None:
                     a, d, scale = outer
-                    index = _outer_bins(a[start:stop], d[start:stop], scale, low, high, bins)
+                    index = _fused_bins(_outer_products, a[start:stop], d[start:stop], scale,
+                                        low=low, high=high, bins=bins)
                 else:
-                    index = _fused_bins(piece.explicit(i, shape, start, stop), low, high, bins)
+                    index = _fused_bins(tf.identity, piece.explicit(i, shape, start, stop),
+                                        low=low, high=high, bins=bins)
                 return _count(tf.reshape(index, [-1]), bins)
             counts += tf.cast(_over_chunks(piece.batch, tuple(v.shape), count, bins), tf.float64)
     return counts
@@ -157,7 +155,8 @@ def counts_2d(measurement, rows=40, columns=50):
 
             def count(start, stop, i=i, shape=tuple(v.shape), column=column, piece=piece):
                 g = piece.explicit(i, shape, start, stop)
-                row = _fused_bins(tf.reshape(g, [tf.shape(g)[0], -1]), LOW, HIGH, rows)
+                row = _fused_bins(tf.identity, tf.reshape(g, [tf.shape(g)[0], -1]),
+                                  low=LOW, high=HIGH, bins=rows)
                 return _count(tf.reshape(row * columns + column[None], [-1]), rows * columns)
             found = _over_chunks(piece.batch, tuple(v.shape), count, rows * columns)
             counts += tf.cast(found, tf.float64)
