@@ -49,6 +49,16 @@ def make_problem(spec, dtype="float32", seed=0):
     return model, losses.per_example(spec["loss"]), tf.constant(x), tf.constant(y)
 
 
+@pytest.fixture
+def xla_allowed():
+    """Op determinism off for one test: Keras turns XLA off while it is on. (TensorFlow
+    exports enable_op_determinism but not its inverse; this test may use the inner module.)"""
+    from tensorflow.python.framework import config as tf_config
+    tf_config.disable_op_determinism()
+    yield
+    tf.config.experimental.enable_op_determinism()
+
+
 @pytest.fixture(params=PROBLEMS, ids=[p["id"] for p in PROBLEMS])
 def problem(request):
     return request.param

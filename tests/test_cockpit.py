@@ -18,15 +18,6 @@ from tfmbgd.instruments.step import fit_alpha
 from tfmbgd.moments import measured_moments, per_example_dots
 
 
-@pytest.fixture
-def xla_allowed():
-    """Op determinism off for one test: Keras turns XLA off while it is on."""
-    from tensorflow.python.framework import config as tf_config
-    tf_config.disable_op_determinism()
-    yield
-    tf.config.experimental.enable_op_determinism()
-
-
 def _flat_loop_gradients(model, loss_fn, x, y):
     """`[B, P]` per-example gradients from the single-example loop, float64."""
     g = gradients.per_example_gradients(model, loss_fn, x, y, method="loop")

@@ -22,16 +22,6 @@ def _data(n=64, seed=0):
     return x, (x[:, 0] + x[:, 1] > 0).astype(np.int32) + (x[:, 2] > 0.5).astype(np.int32)
 
 
-@pytest.fixture
-def xla_allowed():
-    """Op determinism off for one test: Keras turns XLA off while it is on. (TensorFlow
-    exports enable_op_determinism but not its inverse; this test may use the inner module.)"""
-    from tensorflow.python.framework import config as tf_config
-    tf_config.disable_op_determinism()
-    yield
-    tf.config.experimental.enable_op_determinism()
-
-
 @pytest.mark.parametrize("jit_compile,steps_per_execution", [(False, 1), (True, 1), (True, 8), (False, 3)],
                          ids=["plain", "xla", "xla spe=8", "spe=3"])
 def test_fit_statistics_equal_the_custom_loops(tmp_path, xla_allowed, jit_compile, steps_per_execution):
