@@ -1,23 +1,23 @@
 """Train a small network by mini-batch gradient descent and watch its gradients in TensorBoard.
 
-  python train.py                                  # digits, mlp, batch 32, ~1 minute
+  python train.py                                  # digits, mlp, batch 32, about 20 seconds
   python train.py --batch_size=1                   # SGD: one example per update
   python train.py --batch_size=full                # full-batch gradient descent
   python train.py --mode=compare --batch_size=16   # every gradient method side by side
 
-One flag per field of `tfmbgd.config.TrainConfig` (`tfmbgd.cli`); `tfmbgd.launch` does the
-work, as `tfmbgd.run(config)` does in a notebook. Here only what a command line needs:
-TensorFlow's start-up kept off stderr, and Ctrl-C (`tfmbgd.signals`) ending a run
-with a checkpoint.
+One flag per field of `tfmbgd.config.TrainConfig` (`tfmbgd.app.cli`); `tfmbgd.app.launch`
+does the work, as `tfmbgd.run(config)` does in a notebook. Here only what a command line
+needs: TensorFlow's start-up kept off stderr, and Ctrl-C (`tfmbgd.app.signals`) ending a
+run with a checkpoint.
 """
 
 import os
 import signal
 import sys
 
-from tfmbgd import cli, launch, signals
+from tfmbgd.app import cli, launch, signals
+from tfmbgd.app.signals import StopOnSignals
 from tfmbgd.errors import Interrupted, UserError
-from tfmbgd.signals import StopOnSignals
 
 FLAGS = cli.define_flags()
 

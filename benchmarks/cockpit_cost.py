@@ -40,9 +40,11 @@ COCKPIT = {"economy": "1.5x", "business": "2.0x", "full": "21x", "full, every 16
 
 
 def steps_for(model, names):
-    from tfmbgd import instruments, losses, steps
+    from tfmbgd import instruments, losses
+    from tfmbgd.loop import steps
+    from tfmbgd.loop.update import make_update
 
-    apply = steps.make_update("manual", model.trainable_variables, 1e-4)
+    apply = make_update("manual", model.trainable_variables, 1e-4)
     return steps.Steps(model, losses.crossentropy, apply,
                        instruments=instruments.default() + instruments.create(names, 1e-4))
 
@@ -62,7 +64,7 @@ def materialized(model_name, batch, budget):
     import tensorflow as tf
 
     from tfmbgd import losses
-    from tfmbgd.moments import measured_moments
+    from tfmbgd.engine.moments import measured_moments
 
     model, x, y = make(model_name, batch)
     x, y = as_tensors(x, y)
@@ -87,7 +89,7 @@ def in_the_loop(model_name, batch, names, every, budget, steps_per_call=64):
     import numpy as np
     import tensorflow as tf
 
-    from tfmbgd import runner
+    from tfmbgd.loop import runner
 
     model, x, y = make(model_name, batch)
     x_all, y_all = tf.constant(np.concatenate([x] * 8)), tf.constant(np.concatenate([y] * 8))

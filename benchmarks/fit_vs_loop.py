@@ -7,7 +7,7 @@ Same model (MLP 784-256-256-10, ReLU), same synthetic data (8192 examples), batc
 plain mini-batch SGD. All rows are built in one process and take turns, one epoch each per
 round, so that a slow spell of the shared machine hits them alike; each reports its median
 epoch's samples per second, and ratios compare rows of the same run. The custom loop is
-`tfmbgd.runner.StepRunner` (many steps per compiled call, summaries written inside);
+`tfmbgd.loop.runner.StepRunner` (many steps per compiled call, summaries written inside);
 `fit` is Keras' own, best at a large `steps_per_execution`.
 """
 
@@ -53,11 +53,14 @@ def loop_epoch(steps_per_call, stats_every=0, jit_compile=False):
     import numpy as np
     import tensorflow as tf
 
-    from tfmbgd import losses, steps, summaries
-    from tfmbgd import runner as runner_lib
+    from tfmbgd import losses
+    from tfmbgd.loop import runner as runner_lib
+    from tfmbgd.loop import steps
+    from tfmbgd.loop import tensorboard as summaries
+    from tfmbgd.loop.update import make_update
 
     model, x, y = make()
-    apply = steps.make_update("custom", model.trainable_variables, 0.01)
+    apply = make_update("custom", model.trainable_variables, 0.01)
     writers = summaries.RunWriters(tempfile.mkdtemp())
     the_steps = steps.Steps(model, losses.crossentropy, apply)
     if jit_compile:

@@ -5,7 +5,7 @@
 
 The CPU is split into two logical devices before TensorFlow starts. Each row trains the
 same model on the same synthetic data with the same *global* batch through
-`tfmbgd.runner.StepRunner` (32 steps per compiled call) and reports the median steps per
+`tfmbgd.loop.runner.StepRunner` (32 steps per compiled call) and reports the median steps per
 second over many calls; the settings take turns, call by call, so that the noise of a
 shared machine falls on all of them alike. Rows:
 
@@ -41,8 +41,8 @@ def main():
     import tensorflow as tf
 
     from tfmbgd import config as cfg
-    from tfmbgd import training
-    from tfmbgd.runner import StepRunner
+    from tfmbgd.loop import training
+    from tfmbgd.loop.runner import StepRunner
 
     rng = np.random.default_rng(0)
     data = os.path.join(tempfile.mkdtemp(), "synthetic.npz")

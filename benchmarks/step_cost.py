@@ -2,7 +2,7 @@
 
     python benchmarks/step_cost.py            # full table, a few minutes on 2 cores
     python benchmarks/step_cost.py --quick    # fewer cases and iterations
-    python benchmarks/step_cost.py --zoo      # only the models users bring (tfmbgd.zoo)
+    python benchmarks/step_cost.py --zoo      # only the models users bring (tests/zoo.py)
 
 Every ratio compares two steps measured in the same process, interleaved call by call, as
 a ratio of medians: the machine is shared and noisy, absolute times mean little. A "plain"
@@ -26,6 +26,9 @@ import subprocess
 import sys
 import time
 
+# The models users bring live with the tests that check them (tests/zoo.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
 CASES = [("mlp", 32), ("mlp", 128), ("mlp", 512), ("cnn", 128)]
 METHODS = [  # (label, method, elementwise)
     ("auto, norm tier", "auto", False),
@@ -39,7 +42,8 @@ METHODS = [  # (label, method, elementwise)
 def make(model_name, batch):
     import numpy as np
 
-    from tfmbgd import models, zoo
+    import zoo  # tests/zoo.py: the models users bring
+    from tfmbgd import models
 
     if model_name in zoo.NAMES:
         model, x, y = zoo.make(model_name, batch, size="bench")
@@ -55,9 +59,11 @@ def make(model_name, batch):
 
 
 def steps_for(model, method="auto", elementwise=False):
-    from tfmbgd import instruments, losses, steps
+    from tfmbgd import instruments, losses
+    from tfmbgd.loop import steps
+    from tfmbgd.loop.update import make_update
 
-    apply = steps.make_update("manual", model.trainable_variables, 1e-4)
+    apply = make_update("manual", model.trainable_variables, 1e-4)
     return steps.Steps(model, losses.crossentropy, apply, method=method,
                        instruments=instruments.default(elementwise))
 
@@ -116,7 +122,7 @@ def time_amortised(model_name, batch, every, budget_s, steps_per_call=64):
     import numpy as np
     import tensorflow as tf
 
-    from tfmbgd import runner
+    from tfmbgd.loop import runner
 
     model, x, y = make(model_name, batch)
     reps = 8
@@ -159,12 +165,13 @@ def measure_memory_in_child(model_name, batch, method, elementwise=False):
 
 
 def zoo_tables(budget, quick):
-    """The models users bring (`tfmbgd.zoo`, bench sizes) at B=64: both tiers, the share of
+    """The models users bring (`tests/zoo.py`, bench sizes) at B=64: both tiers, the share of
     variables on the fast path, statistics every 16 steps in train.py's loop, and the
     transformer's peak memory at B=256."""
-    from tfmbgd import layerwise, zoo
+    import zoo
+    from tfmbgd import layerwise
 
-    print("\nThe models users bring (tfmbgd.zoo, bench sizes), B=64, auto:\n")
+    print("\nThe models users bring (tests/zoo.py, bench sizes), B=64, auto:\n")
     print("| model | variables by the rules | plain step | norm tier | elementwise tier | rounds |")
     print("|---|---|---|---|---|---|")
     for name in zoo.NAMES:

@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 import tfmbgd
+from tfmbgd.loop import rundir
 
 
 @keras.saving.register_keras_serializable(package="example")
@@ -37,7 +38,7 @@ class ClippedSGD(tfmbgd.optimizers.MiniBatchSGD):
 def main(logdir="logs", epochs=5):
     """Trains the example model in a new run directory under `logdir`; returns the model
     and that directory."""
-    run_dir = tfmbgd.summaries.new_run_dir(logdir, time.strftime("keras-fit-example-%Y%m%d-%H%M%S"))
+    run_dir = rundir.new_run_dir(logdir, time.strftime("keras-fit-example-%Y%m%d-%H%M%S"))
     data = tfmbgd.data.load("digits")
     (x, y), (x_test, y_test) = data.train, data.test
 

@@ -124,7 +124,7 @@ def final_weights(run_dir):
     """The arrays of a run's `final.weights.h5`, in file order."""
     import h5py
 
-    from tfmbgd import training
+    from tfmbgd.loop import training
     weights = []
     with h5py.File(os.path.join(run_dir, training.FINAL_WEIGHTS)) as f:
         f.visititems(lambda _, obj: weights.append(np.array(obj)) if isinstance(obj, h5py.Dataset) else None)

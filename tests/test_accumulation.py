@@ -8,9 +8,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import PROBLEMS, make_problem, oracle_per_example
-from tfmbgd import losses, models, steps, training
+from tfmbgd import losses, models
 from tfmbgd.config import TrainConfig
-from tfmbgd.moments import accumulated_moments, gradient_moments
+from tfmbgd.engine.moments import accumulated_moments, gradient_moments
+from tfmbgd.loop import steps, training
+from tfmbgd.loop.update import make_update
 
 
 @pytest.mark.parametrize("micro", [1, 2, 4, 5])
@@ -31,7 +33,7 @@ def _updated(micro, reduction, stats_on, n_updates=3, update_batch=12):
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(3)
     model = models.build("mlp", (5,), 3, hidden=(4,), seed=2)
-    apply = steps.make_update("keras", model.trainable_variables, 0.2, "momentum")
+    apply = make_update("keras", model.trainable_variables, 0.2, "momentum")
     s = steps.Steps(model, losses.crossentropy, apply, reduction=reduction, micro_batch=micro)
     outs = []
     for i in range(n_updates):

@@ -173,7 +173,7 @@ def test_bad_data_and_logdir_are_one_line_errors(tmp_path):
 def test_flags_become_the_config():
     from absl import flags
 
-    from tfmbgd import cli
+    from tfmbgd.app import cli
     config = cli.config_from_argv(["train.py", "--batch_sizes=4,full", "--lr_scaling=sqrt", "--hidden=16,8",
                                    "--batch_size=full", "--accumulate=2", "--optimizer=adam",
                                    "--elementwise_stats", "--instruments=a,b"],
@@ -189,7 +189,7 @@ def test_every_setting_is_a_flag_whose_default_is_the_settings_default():
 
     from absl import flags
 
-    from tfmbgd import cli
+    from tfmbgd.app import cli
     from tfmbgd.config import TrainConfig
     flag_values = cli.define_flags(flags.FlagValues())
     assert sorted(flag_values) == sorted(f.name for f in dataclasses.fields(TrainConfig))
@@ -199,7 +199,7 @@ def test_every_setting_is_a_flag_whose_default_is_the_settings_default():
 def test_a_flag_error_shows_the_flag_as_typed():
     from absl import flags
 
-    from tfmbgd import cli
+    from tfmbgd.app import cli
     for args, line in [(["--epochs=1.5"], "--epochs=1.5: must be an integer"),
                        (["--hidden=64,,32"], "--hidden=64,,32: must be positive integers separated by"),
                        (["--batch_size=0"], "--batch_size=0: must be a positive integer, or full")]:

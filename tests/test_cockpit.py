@@ -9,13 +9,17 @@ import pytest
 import tensorflow as tf
 from test_layerwise import FALLBACK, PROBLEMS, SPEC, in_dtype, make
 
+import zoo
 from conftest import make_problem, oracle_per_example, read_histograms, read_scalars
-from tfmbgd import curvature, gradients, instruments, losses, models, steps, training, zoo
+from tfmbgd import instruments, losses, models
 from tfmbgd.config import TrainConfig
+from tfmbgd.engine import gradients, hessian
+from tfmbgd.engine.moments import measured_moments, per_example_dots
 from tfmbgd.errors import UserError
 from tfmbgd.instruments import Cockpit
 from tfmbgd.instruments.step import fit_alpha
-from tfmbgd.moments import measured_moments, per_example_dots
+from tfmbgd.loop import steps, training
+from tfmbgd.loop.update import make_update
 
 
 def _flat_loop_gradients(model, loss_fn, x, y):
@@ -85,7 +89,7 @@ def _values(model, loss_fn, x, y, active, learning_rate=0.1):
     """One statistics step of plain SGD with `active` (built here), as train.py runs it."""
     x, y = tf.constant(x), tf.constant(y)
     variables = model.trainable_variables
-    s = steps.Steps(model, loss_fn, steps.make_update("manual", variables, learning_rate), instruments=active,
+    s = steps.Steps(model, loss_fn, make_update("manual", variables, learning_rate), instruments=active,
                     classification=loss_fn is losses.crossentropy)
     return {k: v.numpy() for k, v in s.with_stats(x, y).items()}
 
@@ -174,7 +178,7 @@ def test_hessian_vector_products_match_finite_differences():
     variables = model.trainable_variables
     rng = np.random.default_rng(3)
     v = [tf.constant(rng.normal(size=w.shape)) for w in variables]
-    got = np.concatenate([np.ravel(t) for t in curvature.hvp(model, losses.crossentropy, x, y, v)])
+    got = np.concatenate([np.ravel(t) for t in hessian.hvp(model, losses.crossentropy, x, y, v)])
 
     def grad_at(sign, eps=1e-5):
         for w, d in zip(variables, v):
@@ -196,8 +200,8 @@ def test_hessian_trace_eigenvalue_and_tic_match_the_whole_hessian():
     top = eig[np.argmax(np.abs(eig))]
     g = _flat_loop_gradients(model, losses.crossentropy, x, y)
     noise = np.sum(g ** 2, 0) / len(g)                     # S2_k / B
-    value, vector, cold = curvature.max_eigenvalue(model, losses.crossentropy, x, y)
-    again, _, warm = curvature.max_eigenvalue(model, losses.crossentropy, x, y, start=vector)
+    value, vector, cold = hessian.max_eigenvalue(model, losses.crossentropy, x, y)
+    again, _, warm = hessian.max_eigenvalue(model, losses.crossentropy, x, y, start=vector)
     assert float(value) == pytest.approx(top, rel=1e-3) and float(again) == pytest.approx(top, rel=1e-3)
     assert int(warm) < int(cold)                  # started from the eigenvector
     active = [instruments.HessTrace("exact"), instruments.HessMaxEV(), instruments.TICDiag("exact"),
@@ -222,7 +226,7 @@ def test_top_eigenvalue_of_an_indefinite_hessian_with_a_near_tie():
     a = np.array([1.0, -0.99, 0.1], np.float32)
     x, y = tf.constant(np.eye(3, dtype=np.float32)), tf.constant(a[:, None])
     quadratic = lambda y, z: 1.5 * y[:, 0] * z[:, 0] ** 2          # mean over B=3 -> sum a_i w_i^2 / 2
-    value, vector, iterations = curvature.max_eigenvalue(model, quadratic, x, y)
+    value, vector, iterations = hessian.max_eigenvalue(model, quadratic, x, y)
     assert float(value) == pytest.approx(1.0, rel=1e-5) and int(iterations) <= 4
     np.testing.assert_allclose(np.abs(np.ravel(vector[0])), [1, 0, 0], atol=1e-4)
 
@@ -231,11 +235,11 @@ def test_hutchinson_is_v_h_v_and_unbiased():
     model, x, y = _small()
     h = _oracle_hessian(model, losses.crossentropy, x, y)
     variables = model.trainable_variables
-    v = np.concatenate([np.ravel(t) for t in curvature.rademacher(variables, tf.constant([4, 2]))])
+    v = np.concatenate([np.ravel(t) for t in hessian.rademacher(variables, tf.constant([4, 2]))])
     assert set(np.unique(v)) == {-1.0, 1.0}
-    trace, _ = curvature.hutchinson(model, losses.crossentropy, x, y, samples=1, seed=[4, 2])
+    trace, _ = hessian.hutchinson(model, losses.crossentropy, x, y, samples=1, seed=[4, 2])
     assert float(trace) == pytest.approx(v @ h @ v, rel=1e-5)
-    many, diag = curvature.hutchinson(model, losses.crossentropy, x, y, samples=400, seed=[1, 1])
+    many, diag = hessian.hutchinson(model, losses.crossentropy, x, y, samples=400, seed=[1, 1])
     spread = np.sqrt(2 * np.sum(h ** 2) / 400)     # the estimator's standard error, Rademacher
     assert abs(float(many) - np.trace(h)) < 4 * spread
 
@@ -250,7 +254,7 @@ def test_ggn_mc_diagonal_expects_the_hessians_of_a_linear_softmax_model():
     y = tf.constant(rng.integers(0, 3, 8).astype(np.int32))
     want = np.diag(_oracle_hessian(model, losses.crossentropy, x, y))
     outputs = model(x)
-    draw = tf.function(lambda seed: tf.concat([tf.reshape(d, [-1]) for d in curvature.ggn_mc_diagonal(
+    draw = tf.function(lambda seed: tf.concat([tf.reshape(d, [-1]) for d in hessian.ggn_mc_diagonal(
         model, losses.crossentropy, x, outputs, seed)], 0))
     got = np.mean([draw(tf.constant([s, 0])).numpy() for s in range(300)], 0)
     np.testing.assert_allclose(got, want, rtol=0.15, atol=0.02 * want.max())
@@ -310,9 +314,9 @@ def test_presets_and_refusals_are_one_line():
         instruments.HessTrace("diag")
     model, x, y = _small(dtype="float32")
     with pytest.raises(UserError, match="exact Hessian of 31 parameters is too large"):
-        curvature.hessian(model, losses.crossentropy, x, y, limit=10)
+        hessian.hessian(model, losses.crossentropy, x, y, limit=10)
     with pytest.raises(UserError, match="ggn_mc curvature samples labels"):
-        curvature.sampled_labels(lambda y, z: z[:, 0], tf.zeros([2, 3]), tf.constant([0, 0]))
+        hessian.sampled_labels(lambda y, z: z[:, 0], tf.zeros([2, 3]), tf.constant([0, 0]))
     with pytest.raises(UserError, match="built model"):
         Cockpit(keras.Sequential([keras.layers.Dense(2)]), losses.mse, keras.optimizers.SGD(0.1))
 
@@ -392,7 +396,7 @@ def test_gradient_accumulation_gives_the_whole_batchs_instruments(problem):
     out = {}
     for micro in (None, 4):
         model.set_weights(weights)
-        s = steps.Steps(model, loss_fn, steps.make_update("manual", model.trainable_variables, 0.1),
+        s = steps.Steps(model, loss_fn, make_update("manual", model.trainable_variables, 0.1),
                         instruments=instruments.create(["economy"]), micro_batch=micro)
         out[micro] = {k: v.numpy() for k, v in s.with_stats(x, y).items()}
     size = sum(int(np.prod(v.shape)) for v in model.trainable_variables)

@@ -19,8 +19,11 @@ import tensorflow as tf
 
 from conftest import final_weights, make_problem, oracle_per_example, read_scalars, user_env
 from tfmbgd import config as cfg
-from tfmbgd import data, distribute, losses, models, stats, training
+from tfmbgd import data, distribute, losses, models, stats
+from tfmbgd.engine.replicas import Replicas
 from tfmbgd.instruments.noise_scale import two_batch_terms
+from tfmbgd.loop import training
+from tfmbgd.loop.rundir import resume_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,7 +75,7 @@ def test_mirrored_on_two_devices_matches_one_device(tmp_path, case):
 def test_merged_moments_are_those_of_the_global_batch(problem, batch):
     """Uneven shares (5 = 3 + 2 padded), even ones, and a batch of one on two replicas."""
     model, loss_fn, x, y = make_problem({**problem, "batch": batch})
-    replicas = distribute.Replicas(mirrored())
+    replicas = Replicas(mirrored())
     m, small_sq = tf.function(
         lambda x, y: replicas.moments(model, loss_fn, x, y, "auto", True, two_batch=True))(x, y)
     grads, finite, per_example, _ = tf.function(
@@ -92,7 +95,7 @@ def test_merged_moments_are_those_of_the_global_batch(problem, batch):
 
 def test_two_batch_terms_against_numpy_on_the_oracle(problem):
     model, loss_fn, x, y = make_problem({**problem, "batch": 6})
-    replicas = distribute.Replicas(mirrored())
+    replicas = Replicas(mirrored())
 
     @tf.function
     def step(x, y):
@@ -120,7 +123,7 @@ def test_two_batch_noise_scale_matches_closed_form_on_linear_data():
     model.trainable_variables[1].assign([bias])
     mean, cov = data.linear_gradient_moments(kernel, bias, truth)
     expected = np.trace(cov) / (mean @ mean)
-    replicas = distribute.Replicas(strategy)
+    replicas = Replicas(strategy)
     ema = stats.NoiseScaleEMA(decay=0.995, dtype=tf.float64)
 
     @tf.function
@@ -215,7 +218,7 @@ def test_a_run_resumes_on_two_replicas(tmp_path):
     whole = training.train(cfg.TrainConfig(**common, epochs=2, logdir=str(tmp_path / "whole")), verbose=0)
     half = training.train(cfg.TrainConfig(**common, epochs=1, logdir=str(tmp_path / "half")), verbose=0)
     more = {"epochs": 2, "strategy": "mirrored", "cpu_devices": 2}
-    resumed = training.train(cfg.resume(half.run_dir, more), verbose=0)
+    resumed = training.train(resume_config(half.run_dir, more), verbose=0)
     assert resumed.run_dir == half.run_dir          # a resumed run goes on in its own directory
     assert resumed.steps == whole.steps
     for a, b in zip(final_weights(whole.run_dir), final_weights(resumed.run_dir)):

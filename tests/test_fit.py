@@ -9,9 +9,10 @@ import tensorflow as tf
 
 from conftest import read_histograms, read_scalars
 from tfmbgd import callbacks as tfmbgd_callbacks
-from tfmbgd import fit, gradients, losses, models, optimizers, stats
+from tfmbgd import fit, losses, models, optimizers, stats
+from tfmbgd.engine import gradients
+from tfmbgd.engine.moments import gradient_moments
 from tfmbgd.errors import UserError
-from tfmbgd.moments import gradient_moments
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

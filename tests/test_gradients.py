@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import PROBLEMS, make_problem, oracle_per_example
-from tfmbgd import gradients
+from tfmbgd.engine import gradients
 
 METHODS = gradients.METHODS
 

@@ -11,9 +11,12 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from conftest import make_problem, oracle_per_example, read_scalars
-from tfmbgd import data, instruments, losses, models, steps, training
-from tfmbgd.config import TrainConfig, resume
+from tfmbgd import data, instruments, losses, models
+from tfmbgd.config import TrainConfig
 from tfmbgd.errors import UserError
+from tfmbgd.loop import steps, training
+from tfmbgd.loop.rundir import resume_config
+from tfmbgd.loop.update import make_update
 
 
 class SquaredNormSum(instruments.Instrument):
@@ -55,7 +58,7 @@ def test_an_instrument_defined_here_is_written_charted_and_resumed(tmp_path):
                   checkpoint_every=0, instruments=(SquaredNormSum.name,), deterministic=True)
     whole = training.train(TrainConfig(**common, epochs=2, logdir=str(tmp_path / "whole")), verbose=0)
     half = training.train(TrainConfig(**common, epochs=1, logdir=str(tmp_path / "half")), verbose=0)
-    resumed = training.train(resume(half.run_dir, {"epochs": 2}), verbose=0)
+    resumed = training.train(resume_config(half.run_dir, {"epochs": 2}), verbose=0)
     full, again = read_scalars(f"{whole.run_dir}/train"), read_scalars(f"{resumed.run_dir}/train")
     stats_steps = [s for s, _ in full["grad/norm"]]
     # The state was restored: the count goes on from the first half's, as in the whole run.
@@ -71,11 +74,11 @@ def test_an_instrument_defined_here_is_written_charted_and_resumed(tmp_path):
 def test_the_instruments_needs_are_what_the_step_computes(problem):
     model, loss_fn, x, y = make_problem(problem)
     x, y = tf.constant(x), tf.constant(y)
-    plain = steps.measure(model, loss_fn, x, y, needs=instruments.needs(instruments.default()))
+    plain = steps.measure(model, loss_fn, x, y, needs=instruments.Panel(instruments.default()).needs)
     assert plain.moments.sum_sq is None          # nothing asked for the elementwise tier
-    active = instruments.build(instruments.default() + [SquaredNormSum()], model.trainable_variables)
-    measured = steps.measure(model, loss_fn, x, y, needs=instruments.needs(active))
-    values = steps.statistics(measured, model.trainable_variables, active)
+    active = instruments.Panel(instruments.default() + [SquaredNormSum()]).build(model.trainable_variables)
+    measured = steps.measure(model, loss_fn, x, y, needs=active.needs)
+    values = active.compute(steps.measurement(measured, model.trainable_variables, step=None))
     oracle = oracle_per_example(model, loss_fn, x, y)
     s2 = sum(np.sum(g ** 2) for g in oracle)
     np.testing.assert_allclose(float(values["test/s2"]), s2, rtol=1e-5)
@@ -87,13 +90,13 @@ def test_every_built_in_writes_only_the_tags_it_declares(problem):
     names = [v.path for v in model.trainable_variables]
     for cls in instruments.BUILT_IN:
         instrument = cls.for_run(learning_rate=0.1, optimizer="sgd")
-        instruments.build([instrument], model.trainable_variables)
+        panel = instruments.Panel([instrument]).build(model.trainable_variables)
         x, y = tf.constant(x), tf.constant(y)
         measured = steps.measure(model, loss_fn, x, y, needs=instrument.needs)
         before = steps.snapshot(model.trainable_variables, instrument.needs)     # PARAMETERS only
-        values = steps.statistics(measured, model.trainable_variables, [instrument], before=before,
-                                  batch=(model, loss_fn, x, y), step=tf.constant(0, tf.int64),
-                                  before_update=instrument.before_update)
+        values = panel.compute(steps.measurement(measured, model.trainable_variables, before=before,
+                                                 batch=(model, loss_fn, x, y), step=tf.constant(0, tf.int64)),
+                               before_update=instrument.before_update)
         assert set(values) <= set(instrument.tags(names)), cls.name
         if cls is not instruments.TwoBatchNoiseScale:       # that one needs replicas
             assert values, cls.name
@@ -110,7 +113,7 @@ def test_registry_and_configuration_errors_are_one_line():
     with pytest.raises(UserError, match="registered already"):
         instruments.register(Other)
     with pytest.raises(UserError, match="on twice"):
-        instruments.build([SquaredNormSum(), SquaredNormSum()], [])
+        instruments.Panel([SquaredNormSum(), SquaredNormSum()]).build([])
     with pytest.raises(UserError, match="instruments has repeats"):
         TrainConfig(instruments=("a", "a"))
     assert dataclasses.replace(TrainConfig(), instruments=("a",)).instruments == ("a",)
@@ -156,7 +159,7 @@ def test_update_size_and_distance_by_hand_on_a_one_weight_quadratic():
     from tfmbgd.instruments import Distance, UpdateSize
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
     model.layers[0].kernel.assign([[2.0]])
-    apply = steps.make_update("manual", model.trainable_variables, 0.1)
+    apply = make_update("manual", model.trainable_variables, 0.1)
     run = steps.Steps(model, losses.per_example("mse"), apply, classification=False,
                           instruments=[UpdateSize(), Distance()])
     x, y = tf.constant([[1.0], [2.0]]), tf.constant([[0.0], [0.0]])
@@ -203,9 +206,9 @@ def test_cabs_and_eb_match_cockpits_formulas_in_numpy(problem):
     loss = float(np.mean(loss_fn(y, model(x)).numpy()))
     want_cabs = lr * np.sum(sgs - b * grad ** 2) / (b * loss)
     want_eb = 1 - b * np.mean(grad ** 2 / ((sgs - b * grad ** 2) / (b - 1) + 1e-5))
-    active = instruments.build([CABS(lr), EarlyStopping()], model.trainable_variables)
-    measured = steps.measure(model, loss_fn, x, y, needs=instruments.needs(active))
-    values = steps.statistics(measured, model.trainable_variables, active)
+    active = instruments.Panel([CABS(lr), EarlyStopping()]).build(model.trainable_variables)
+    measured = steps.measure(model, loss_fn, x, y, needs=active.needs)
+    values = active.compute(steps.measurement(measured, model.trainable_variables, step=None))
     assert float(values["batch_size/cabs"]) == pytest.approx(want_cabs, rel=1e-4)
     assert float(values["early_stopping/eb"]) == pytest.approx(want_eb, rel=1e-3)   # as GSNR's
 
@@ -214,8 +217,8 @@ def test_sgd_only_instruments_refuse_other_optimizers(tmp_path):
     from tfmbgd import callbacks, fit, optimizers
     from tfmbgd.instruments import CABS
     with pytest.raises(UserError, match="instrument cabs is defined for plain SGD only.*--optimizer=adam"):
-        training.run_instruments(TrainConfig(instruments=("cabs",), optimizer="adam"))
-    assert [i.learning_rate for i in training.run_instruments(
+        training.run_panel(TrainConfig(instruments=("cabs",), optimizer="adam"))
+    assert [i.learning_rate for i in training.run_panel(
         TrainConfig(instruments=("cabs",), learning_rate=0.05)) if i.name == "cabs"] == [0.05]
     model = fit.with_statistics(models.build("mlp", (6,), 3, hidden=(8,), seed=5))
     model.compile(optimizer=optimizers.Adam(0.01),
@@ -236,8 +239,9 @@ def test_norm_test_matches_cockpits_formula_and_is_the_noise_scale_over_b(proble
     grad_sq = sum(np.sum(o.mean(axis=0) ** 2) for o in oracle)
     batch_l2 = sum(np.sum((o / b) ** 2) for o in oracle)
     want = np.sqrt((b * batch_l2 - grad_sq) / ((b - 1) * grad_sq))
-    active = instruments.build([NormTest()] + instruments.default(), model.trainable_variables)
-    values = steps.statistics(steps.measure(model, loss_fn, x, y), model.trainable_variables, active)
+    active = instruments.Panel([NormTest()] + instruments.default()).build(model.trainable_variables)
+    values = active.compute(steps.measurement(steps.measure(model, loss_fn, x, y), model.trainable_variables,
+                                              step=None))
     norm = float(values["grad_test/norm"])
     assert norm == pytest.approx(want, rel=1e-4)
     # norm^2 = B_simple / B with B_simple = tr(Sigma) / |mean|^2, from the variance and norm tags

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from tfmbgd import data, losses, models, stats
-from tfmbgd.moments import gradient_moments
+from tfmbgd.engine.moments import gradient_moments
 
 
 def test_smoothed_b_simple_matches_closed_form_on_linear_data():

@@ -9,7 +9,9 @@ import numpy as np
 import tensorflow as tf
 
 from conftest import read_scalars, user_env
-from tfmbgd import losses, models, steps
+from tfmbgd import losses, models
+from tfmbgd.loop import steps
+from tfmbgd.loop.update import NonFiniteGuard, make_update
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _steps(mode):
     keras.utils.set_random_seed(0)
     model = models.build("mlp", (4,), 3, hidden=(5,), seed=0)
-    apply = steps.make_update("custom", model.trainable_variables, 0.1)
-    guard = steps.NonFiniteGuard(apply, mode)
+    apply = make_update("custom", model.trainable_variables, 0.1)
+    guard = NonFiniteGuard(apply, mode)
     return model, guard, steps.Steps(model, losses.crossentropy, apply, guard=guard)
 
 
@@ -87,13 +89,14 @@ def test_skip_mode_logs_the_count(tmp_path):
 
 def test_a_nan_in_one_replicas_share_skips_the_update_on_every_replica():
     from tfmbgd import distribute
+    from tfmbgd.engine.replicas import Replicas
     strategy = distribute.make_strategy("mirrored", 2)
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = models.build("mlp", (4,), 3, hidden=(5,), seed=0)
-        apply = steps.make_update("custom", model.trainable_variables, 0.1)
-        guard = steps.NonFiniteGuard(apply, "skip")
-        replicas = distribute.Replicas(strategy)
+        apply = make_update("custom", model.trainable_variables, 0.1)
+        guard = NonFiniteGuard(apply, "skip")
+        replicas = Replicas(strategy)
         s = steps.Steps(model, losses.crossentropy, apply, guard=guard, replicas=replicas)
         s.plain(*_batch(0))
         before = _weights(model)
@@ -139,8 +142,8 @@ def test_guard_takes_sparse_and_missing_gradients():
         model = _SparseAndUnused()
         model(ids)
         unused = [v.numpy().copy() for v in model.unused.trainable_variables]
-        apply = steps.make_update(rule, model.trainable_variables, 0.5)
-        guard = steps.NonFiniteGuard(apply, "skip")
+        apply = make_update(rule, model.trainable_variables, 0.5)
+        guard = NonFiniteGuard(apply, "skip")
         steps.Steps(model, losses.crossentropy, apply, guard=guard).plain(tf.constant(ids), tf.constant(y))
         np.testing.assert_allclose(model.embed.embeddings.numpy(), expected, rtol=1e-6, err_msg=rule)
         for a, b in zip(model.unused.trainable_variables, unused):

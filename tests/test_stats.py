@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from conftest import PROBLEMS, make_problem, oracle_per_example
 from tfmbgd import stats
-from tfmbgd.moments import gradient_moments
+from tfmbgd.engine.moments import gradient_moments
 
 METHODS = ("jacobian", "vectorized", "loop")
 

@@ -11,7 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tfmbgd import study
+from tfmbgd.app import study
 from tfmbgd.config import TrainConfig
 
 SCALAR_TAGS = ["loss", "accuracy", "grad/norm", "grad/norm/hidden_1/kernel", "grad_var/trace",

@@ -11,9 +11,12 @@ import tensorflow as tf
 
 from conftest import final_weights, read_histograms, read_scalars
 from tfmbgd import data as tfmbgd_data
-from tfmbgd import layerwise, losses, models, steps, summaries, training
+from tfmbgd import losses, models
 from tfmbgd.config import TrainConfig
+from tfmbgd.engine import layerwise
 from tfmbgd.errors import UserError
+from tfmbgd.loop import rundir, steps, training
+from tfmbgd.loop.update import make_update
 
 
 def _batches(n_batches=4, b=8, seed=0):
@@ -25,7 +28,7 @@ def _batches(n_batches=4, b=8, seed=0):
 def _steps(rule, learning_rate=0.3, reduction="mean", method="vectorized"):
     keras.utils.set_random_seed(0)
     model = models.build("mlp", (6,), 3, hidden=(5,), seed=1)
-    apply = steps.make_update(rule, model.trainable_variables, learning_rate)
+    apply = make_update(rule, model.trainable_variables, learning_rate)
     return model, steps.Steps(model, losses.crossentropy, apply, reduction=reduction, method=method)
 
 
@@ -68,7 +71,7 @@ def test_auto_statistics_step_on_a_cnn_applies_the_same_update_as_the_plain_step
     weights = []
     for stats_on in ((), (0, 1, 2)):
         model = models.build("cnn", (8, 8, 1), 3, seed=1)
-        apply = steps.make_update("manual", model.trainable_variables, 0.3)
+        apply = make_update("manual", model.trainable_variables, 0.3)
         _run(steps.Steps(model, losses.crossentropy, apply, method="auto"), batches, stats_on)
         weights.append([v.numpy() for v in model.trainable_variables])
     start = models.build("cnn", (8, 8, 1), 3, seed=1).trainable_variables[0].numpy()
@@ -159,9 +162,9 @@ def test_cnn_needs_images(tmp_path, tiny_npz):
 
 
 def test_new_run_dir_never_reuses_a_directory(tmp_path):
-    first = summaries.new_run_dir(str(tmp_path), "run")
+    first = rundir.new_run_dir(str(tmp_path), "run")
     open(os.path.join(first, "keep"), "w").close()
-    second = summaries.new_run_dir(str(tmp_path), "run")
+    second = rundir.new_run_dir(str(tmp_path), "run")
     assert second != first and os.path.basename(second) == "run-2"
     assert os.listdir(first) == ["keep"] and os.listdir(second) == []
 
@@ -170,7 +173,7 @@ def test_logdir_that_is_a_file_is_refused(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")
     with pytest.raises(UserError, match="is a file"):
-        summaries.new_run_dir(str(path), "run")
+        rundir.new_run_dir(str(path), "run")
 
 
 def test_stats_every_skips_the_moments_on_other_steps(tmp_path, tiny_npz, monkeypatch):
@@ -238,7 +241,7 @@ def test_custom_loop_family_matches_keras_builtins(optimizer):
     for rule in ("custom", "keras"):
         keras.utils.set_random_seed(0)
         model = models.build("mlp", (6,), 3, hidden=(5,), seed=1)
-        apply = steps.make_update(rule, model.trainable_variables, 0.05, optimizer)
+        apply = make_update(rule, model.trainable_variables, 0.05, optimizer)
         _run(steps.Steps(model, losses.crossentropy, apply), batches, stats_on={0, 4})
         weights[rule] = [v.numpy() for v in model.trainable_variables]
     for a, b in zip(weights["custom"], weights["keras"]):

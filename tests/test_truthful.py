@@ -11,11 +11,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import zoo
 from conftest import make_problem, oracle_per_example, read_scalars, tree_hash
-from tfmbgd import compare, fit, gradients, losses, models, summaries, training, zoo
-from tfmbgd.config import CHECKPOINTS, TrainConfig, ignored, resume
+from tfmbgd import fit, instruments, losses, models
+from tfmbgd.app import compare
+from tfmbgd.config import TrainConfig, ignored
+from tfmbgd.engine import gradients
+from tfmbgd.engine.moments import gradient_moments
 from tfmbgd.errors import UserError
-from tfmbgd.moments import gradient_moments
+from tfmbgd.loop import rundir, tensorboard, training
+from tfmbgd.loop.rundir import CHECKPOINTS, resume_config
 
 SMALL = dict(dataset="linear", model="linear", batch_size=16, stats_every=5, log_every=5)
 
@@ -39,7 +44,7 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path):
     done = training.train(TrainConfig(**SMALL, epochs=1, logdir=str(tmp_path)), verbose=0)
     before = tree_hash(tmp_path)
     with pytest.raises(UserError, match="has finished its 1 epochs; nothing was changed. Pass --epochs=2"):
-        training.train(resume(done.run_dir, {"epochs": 1}), verbose=0)
+        training.train(resume_config(done.run_dir, {"epochs": 1}), verbose=0)
     assert tree_hash(tmp_path) == before
 
 
@@ -79,14 +84,14 @@ def test_batch_size_is_also_written_at_the_last_step(tmp_path):
 
 def test_a_new_run_appears_under_its_name_with_config_and_first_checkpoint(tmp_path, monkeypatch):
     seen = {}
-    real = summaries.publish
+    real = rundir.publish
 
     def spy(staged, path):
         seen["logdir before"] = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
         seen["staged"] = sorted(os.listdir(staged))
         seen["checkpoint"] = tf.train.latest_checkpoint(os.path.join(staged, CHECKPOINTS))
         return real(staged, path)
-    monkeypatch.setattr(summaries, "publish", spy)
+    monkeypatch.setattr(rundir, "publish", spy)
     run = training.train(TrainConfig(**SMALL, epochs=1, logdir=str(tmp_path)), verbose=0)
     assert seen["logdir before"] == []                 # no directory under the run's name until then
     assert seen["staged"] == ["checkpoints", "config.json"]     # no event file before the checkpoint
@@ -235,7 +240,8 @@ def test_compare_says_what_a_batch_of_one_is():
 def test_each_chart_shows_one_quantity():
     # One tag per chart, so that the runs of a study are its only lines (B_simple's two
     # estimators, one of them only written under replicas, share one chart).
-    layout = summaries.layout(["dense/kernel", "dense/bias"])
+    charts = instruments.Panel(instruments.default()).charts(["dense/kernel", "dense/bias"])
+    layout = tensorboard.layout(charts)
     for category in layout.category:
         for chart in category.chart:
             tags = list(chart.multiline.tag)

@@ -10,8 +10,10 @@ import pytest
 import tensorflow as tf
 from test_layerwise import in_dtype, linear_loss, make
 
-from tfmbgd import gradients, layerwise, losses, zoo
-from tfmbgd.moments import gradient_moments
+import zoo
+from tfmbgd import losses
+from tfmbgd.engine import gradients, layerwise
+from tfmbgd.engine.moments import gradient_moments
 
 L = keras.layers
 
@@ -291,8 +293,8 @@ class Divide(L.Layer):
 
 
 def test_a_registered_rule_extends_the_fast_path(monkeypatch):
-    from tfmbgd import rules
-    from tfmbgd.forms import Explicit
+    from tfmbgd.engine import rules
+    from tfmbgd.engine.forms import Explicit
 
     def real_div(op, operand, ctx):
         # z = x / s: dz/ds = -x / s^2, summed per example over the positions s is broadcast to
@@ -308,7 +310,7 @@ def test_a_registered_rule_extends_the_fast_path(monkeypatch):
     scale = model.layers[1].scale.path
     assert "RealDiv" in layerwise.coverage(model)[scale]
     monkeypatch.setitem(rules.RULES, "RealDiv", None)       # restored after the test
-    layerwise.register("RealDiv", real_div)
+    rules.register("RealDiv", real_div)
     assert not any(layerwise.coverage(model).values())
     oracle = gradient_moments(model, loss_fn, x, y, method="loop")
     assert_close(gradient_moments(model, loss_fn, x, y, method="layerwise"), oracle, rtol=1e-10)

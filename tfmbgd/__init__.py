@@ -1,21 +1,41 @@
 """tfmbgd: see and measure how mini-batch gradient descent updates a network's weights.
 
+The package is a house of floors, each importing only the floors below it (checked by
+import-linter, see `setup.cfg`):
+
+    app/          train.py's command line, launch, signals, the study and compare modes
+    fit/          the statistics inside model.fit (mixin, callback, settings)
+    loop/         the statistics step and its schedule, the custom loop, Cockpit, run dirs
+    instruments/  one module per statistic, and the Panel of a run's active ones
+    engine/       one batch -> GradientMoments: per-example methods, layer-wise rules
+    leaves        config, choices, errors, data, models, losses, optimizers, distribute
+
 Submodules are imported on first use (PEP 562), so `import tfmbgd` and `train.py --help`
 stay fast and do not start TensorFlow until something needs it:
 
     import tfmbgd
     ds = tfmbgd.data.load("digits")          # imports tfmbgd.data (and numpy) here
+
+The public names of the library face are attributes here: `tfmbgd.gradients`,
+`tfmbgd.moments`, `tfmbgd.layerwise` (the engine's), `tfmbgd.stats`, `tfmbgd.instruments`,
+`tfmbgd.fit`, `tfmbgd.callbacks`, `tfmbgd.data`, `tfmbgd.models`, `tfmbgd.losses`,
+`tfmbgd.optimizers`, `tfmbgd.config`, `tfmbgd.run`.
 """
 
 import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = (
-    "buffer", "callbacks", "checkpoints", "compare", "config", "curvature", "data", "distribute", "errors",
-    "fit", "forms", "gradients", "launch", "layerwise", "losses", "models", "moments", "optimizers", "rules",
-    "runner", "signals", "stats", "steps", "study", "summaries", "training", "zoo", "fields", "instruments",
-)
+# The modules reachable as attributes, by the name a user types: the top-level ones, and
+# the library faces that live on a floor.
+_SUBMODULES = {
+    **{name: name for name in ("app", "callbacks", "choices", "config", "data", "distribute", "engine",
+                               "errors", "fit", "instruments", "loop", "losses", "models", "optimizers",
+                               "stats")},
+    "gradients": "engine.gradients", "moments": "engine.moments", "layerwise": "engine.layerwise",
+    "fields": "engine.fields", "forms": "engine.forms", "rules": "engine.rules",
+    "curvature": "engine.hessian",
+}
 
 __all__ = list(_SUBMODULES) + ["run"]
 
@@ -23,14 +43,14 @@ __all__ = list(_SUBMODULES) + ["run"]
 def run(config, should_stop=None):
     """All that `python train.py` does with a `tfmbgd.config.TrainConfig`: the checks before
     TensorFlow starts, then the training run, study or comparison; returns the exit status.
-    See `tfmbgd.launch.run`."""
-    from tfmbgd import launch
+    See `tfmbgd.app.launch.run`."""
+    from tfmbgd.app import launch
     return launch.run(config, should_stop)
 
 
 def __getattr__(name):
     if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
+        return importlib.import_module(f"{__name__}.{_SUBMODULES[name]}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -1,6 +1,6 @@
 """TrainConfig: every setting of a run, in one frozen, validated object.
 
-Each field carries its flag's help text and its allowed values (`_setting`): `tfmbgd.cli`
+Each field carries its flag's help text and its allowed values (`_setting`): `tfmbgd.app.cli`
 makes `train.py`'s flags from them, and `__post_init__` checks them, so a setting is
 described and validated once. Library code takes the config (or plain arguments) and never
 reads flags or the environment. This module imports no TensorFlow, so that bad settings
@@ -10,21 +10,22 @@ are reported before TensorFlow starts.
 import dataclasses
 import json
 import math
-import os
 
+from tfmbgd.choices import (
+    DATASETS,
+    GRAD_METHODS,
+    LR_SCALINGS,
+    MODELS,
+    MODES,
+    ON_NONFINITE,
+    OPTIMIZERS,
+    PRECISIONS,
+    REDUCTIONS,
+    STRATEGIES,
+    UPDATES,
+)
 from tfmbgd.errors import SettingError, UserError
 
-DATASETS = ("digits", "linear", "mnist", "fashion_mnist")  # plus "npz:PATH"
-MODELS = ("linear", "mlp", "cnn")
-REDUCTIONS = ("mean", "sum")
-UPDATES = ("manual", "custom", "keras")
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adagrad", "adam")
-GRAD_METHODS = ("auto", "layerwise", "vectorized", "jacobian", "loop")
-MODES = ("train", "compare")
-LR_SCALINGS = ("none", "linear", "sqrt")
-STRATEGIES = ("default", "mirrored", "multi_worker")
-PRECISIONS = ("none", "mixed_bfloat16", "mixed_float16")      # Keras dtype policies
-ON_NONFINITE = ("stop", "skip")
 # Settings that may differ when a run is resumed; every other one must match the run's.
 # (resume and logdir last: the help of --resume lists the others.)
 CHANGEABLE_ON_RESUME = ("epochs", "log_every", "steps_per_call", "checkpoint_every", "keep_checkpoints",
@@ -33,7 +34,7 @@ CHANGEABLE_ON_RESUME = ("epochs", "log_every", "steps_per_call", "checkpoint_eve
 
 
 def _setting(default, help, choices=None, minimum=None, parse=None, form=None):
-    """A `TrainConfig` field with what its flag needs (`tfmbgd.cli`): the help text, the
+    """A `TrainConfig` field with what its flag needs (`tfmbgd.app.cli`): the help text, the
     allowed values or the minimum (checked by `TrainConfig` itself, for flags and Python
     callers alike), and for tuples and `None` values how a flag's text becomes the value
     (`parse`, which raises ValueError on text it cannot read, and `form`, what it reads)."""
@@ -227,20 +228,6 @@ def _check_dataset(name):
 # Checks of the world a run needs, made before TensorFlow starts (train.py) and again by
 # the library where it uses them.
 
-def check_logdir(logdir):
-    """Creates `logdir` if needed; a `UserError` if it is a file or cannot be created."""
-    if os.path.exists(logdir) and not os.path.isdir(logdir):
-        raise UserError(f"logdir {logdir!r} is a file, not a directory; pass another --logdir")
-    if os.path.islink(logdir) and not os.path.exists(logdir):
-        # makedirs would say "File exists": the link is there, what it names is not
-        raise UserError(f"logdir {logdir!r} is a symbolic link to {os.readlink(logdir)!r}, which does not "
-                        "resolve to a directory (missing, or a loop of links); pass another --logdir")
-    try:
-        os.makedirs(logdir, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create logdir {logdir!r} ({err.strerror}); pass another --logdir") from err
-
-
 def check_update_size(batch_size, accumulate, n, dataset):
     """Examples per update (`batch_size` x `accumulate`; None = full batch) against the `n`
     training examples of `dataset`: a `UserError` if there are too few."""
@@ -281,48 +268,3 @@ def reports(config, tf_config_text):
     task = spec["task"]
     return task["type"] == "chief" or (task["type"] == "worker" and int(task["index"]) == 0
                                        and "chief" not in spec["cluster"])
-
-
-# Saving a run's settings and resuming it (no TensorFlow needed).
-
-CONFIG_FILE = "config.json"
-CHECKPOINTS = "checkpoints"
-
-def save(run_dir, config):
-    with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=1, sort_keys=True)
-
-
-def load(run_dir):
-    """The `TrainConfig` a run was started with; `UserError` if `run_dir` holds no run."""
-    path = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise UserError(f"{run_dir!r} holds no run to resume (no {CONFIG_FILE}); "
-                        "pass a directory that train.py wrote")
-    if not os.path.isdir(os.path.join(run_dir, CHECKPOINTS)):
-        raise UserError(f"{run_dir!r} holds {CONFIG_FILE} but no {CHECKPOINTS}/: the run stopped before its "
-                        "first checkpoint, so there is nothing to resume; start it again")
-    try:
-        with open(path) as f:
-            values = json.load(f)
-        values["hidden"] = tuple(values["hidden"])
-        values["batch_sizes"] = tuple(values["batch_sizes"])
-        values["instruments"] = tuple(values.get("instruments", ()))
-        return TrainConfig(**values)
-    except (ValueError, TypeError, KeyError) as err:
-        raise UserError(f"{path} cannot be read as a run's settings ({err})") from err
-
-
-def resume(run_dir, overrides):
-    """The saved config of `run_dir` with the changeable `overrides` applied.
-
-    Raises:
-      UserError: an override that contradicts the run (another model, data set, ...).
-    """
-    saved = load(run_dir)
-    for name, value in overrides.items():
-        if name not in CHANGEABLE_ON_RESUME and getattr(saved, name) != value:
-            raise UserError(f"--{name}={value} contradicts the run in {run_dir}, which has "
-                            f"{name}={getattr(saved, name)}; drop the flag or start a new run")
-    allowed = {k: v for k, v in overrides.items() if k in CHANGEABLE_ON_RESUME}
-    return dataclasses.replace(saved, **allowed, resume=run_dir, logdir=os.path.dirname(run_dir.rstrip("/")))

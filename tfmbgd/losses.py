@@ -8,7 +8,7 @@ the mean of the per-example gradients) or `reduce_sum` (B times that).
 import keras
 import tensorflow as tf
 
-from tfmbgd.config import REDUCTIONS  # noqa: F401  (public here too)
+from tfmbgd.choices import REDUCTIONS  # noqa: F401  (public here too)
 from tfmbgd.errors import UserError
 
 

@@ -14,11 +14,11 @@ Variances need B >= 2: for a batch of one they are undefined and not reported.
 """
 
 from tfmbgd import instruments
+from tfmbgd.engine.moments import GradientMoments, gradient_moments  # noqa: F401
 from tfmbgd.instruments.gsnr import mean_gsnr  # noqa: F401  (public API)
 from tfmbgd.instruments.noise_scale import NoiseScaleEMA, noise_scale_terms  # noqa: F401
 from tfmbgd.instruments.norms import gradient_norms  # noqa: F401
 from tfmbgd.instruments.variance import variance, variance_traces  # noqa: F401
-from tfmbgd.moments import GradientMoments, gradient_moments  # noqa: F401
 
 
 def statistics(m, names):
@@ -39,7 +39,7 @@ def statistics(m, names):
     active = [instruments.GradientNorm(), instruments.VarianceTrace(), instruments.PerExampleNorms()]
     if m.sum_sq is not None:
         active.append(instruments.MeanGSNR())
-    return instruments.compute(active, instruments.Measurement(m, names))
+    return instruments.Panel(active).compute_all(instruments.Measurement(m, names))
 
 
 def summarize(m, variables):

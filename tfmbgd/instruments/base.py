@@ -72,7 +72,7 @@ class Instrument:
         optimizer refuses the instrument.
       histograms: the tags whose values are vectors, written as histograms (the others
         are scalars). A compiled step keeps both kinds in buffers of fixed shapes until
-        Python writes them (`tfmbgd.buffer`), so it needs to know which is which.
+        Python writes them (`tfmbgd.loop.buffer`), so it needs to know which is which.
       bins: `{tag: bins}` of the histogram tags whose values are already TensorBoard's
         `[bins, 3]` rows (fixed bins), not vectors to bucket.
       images: `{tag: shape}` of the tags whose values are `[1, H, W, 3]` uint8 images
@@ -131,7 +131,7 @@ class Measurement:
 
     Attributes:
       moments: the step's `GradientMoments` (unscaled per-example gradients; see
-        `tfmbgd.moments`).
+        `tfmbgd.engine.moments`).
       names: the trainable variables' paths, the per-variable tags' suffixes.
       small_sq: the replicas' mean squared norm of their shares' mean gradients (the
         `REPLICA_NORMS` need), or None.

@@ -2,7 +2,7 @@
 
 Cockpit's HessTrace, HessMaxEV, TICDiag and TICTrace (Schneider et al. 2021), computed
 before the step's update from the model, the loss and the batch (the `BATCH` need), by the
-estimators of `tfmbgd.curvature`:
+estimators of `tfmbgd.engine.hessian`:
 
 - `curvature/hess_trace`: the trace of the Hessian of the batch's mean loss. Cockpit takes
   BackPACK's exact diagonal Hessian; here `estimator` is "hutchinson" (default: Rademacher
@@ -23,17 +23,17 @@ estimators of `tfmbgd.curvature`:
 
 import tensorflow as tf
 
-from tfmbgd import curvature
+from tfmbgd.engine import hessian
+from tfmbgd.engine.fields import unflatten
 from tfmbgd.errors import UserError
-from tfmbgd.fields import unflatten
 from tfmbgd.instruments.base import BATCH, ELEMENTWISE, Chart, Instrument, per_variable
 
 EPSILON = 1e-7
 
 
 def _check(estimator):
-    if estimator not in curvature.ESTIMATORS:
-        raise UserError(f"curvature estimator must be one of {', '.join(curvature.ESTIMATORS)}; "
+    if estimator not in hessian.ESTIMATORS:
+        raise UserError(f"curvature estimator must be one of {', '.join(hessian.ESTIMATORS)}; "
                         f"got {estimator!r}")
     return estimator
 
@@ -50,12 +50,12 @@ def diagonal(measurement, estimator, samples=1):
         model, loss_fn, x, y = measurement.require(BATCH, measurement.batch)
         variables = model.trainable_variables
         if estimator == "exact":
-            h = tf.linalg.diag_part(curvature.hessian(model, loss_fn, x, y))
+            h = tf.linalg.diag_part(hessian.hessian(model, loss_fn, x, y))
             return [tf.cast(t, tf.float32) for t in unflatten(h, variables)]
         if estimator == "ggn_mc":
-            return curvature.ggn_mc_diagonal(model, loss_fn, x, measurement.moments.outputs,
+            return hessian.ggn_mc_diagonal(model, loss_fn, x, measurement.moments.outputs,
                                              _seed(measurement, 7))
-        _, diag = curvature.hutchinson(model, loss_fn, x, y, samples, _seed(measurement, 11))
+        _, diag = hessian.hutchinson(model, loss_fn, x, y, samples, _seed(measurement, 11))
         return [tf.cast(t, tf.float32) for t in diag]
     return measurement.cached(("diagonal", estimator, samples), make)
 
@@ -115,7 +115,7 @@ class HessMaxEV(Instrument):
 
     def compute(self, measurement):
         model, loss_fn, x, y = measurement.require(BATCH, measurement.batch)
-        value, vector, _ = curvature.max_eigenvalue(model, loss_fn, x, y, self.max_iterations, self.rtol,
+        value, vector, _ = hessian.max_eigenvalue(model, loss_fn, x, y, self.max_iterations, self.rtol,
                                                     self.atol, seed=_seed(measurement, 13),
                                                     start=[v.read_value() for v in self.vector])
         with tf.control_dependencies([v.assign(t) for v, t in zip(self.vector, vector)]):

@@ -13,7 +13,7 @@ gradients agree with the mean in direction, `sqrt((sum_n P_n^2 - B |mean|^4) /
 (B (B - 1) |mean|^4))`, and the orthogonality test how large their parts orthogonal to it
 are, `sqrt((S2 - sum_n P_n^2 / |mean|^2) / (B (B - 1) |mean|^2))`, with `P_n = g_n . mean`
 (the `DOTS` need: from the layer-wise forms, one matrix product per layer, no per-example
-gradient built; see `tfmbgd.forms.project`).
+gradient built; see `tfmbgd.engine.forms.project`).
 """
 
 import tensorflow as tf

@@ -4,6 +4,7 @@ import tensorflow as tf
 
 from tfmbgd.errors import UserError
 from tfmbgd.instruments.base import ELEMENTWISE, Instrument, batch_float
+from tfmbgd.instruments.variance import spreads
 
 
 def mean_gsnr(m):
@@ -17,10 +18,9 @@ def mean_gsnr(m):
     if m.sum_sq is None:
         raise UserError("GSNR needs the elementwise moments: call gradient_moments(..., elementwise=True)")
     total, count = 0.0, 0.0
-    for mean, sum_sq in zip(m.mean, m.sum_sq):
-        mean2 = tf.square(mean)
-        spread = tf.maximum(sum_sq - batch_float(m, mean.dtype) * mean2, 0)     # (B - 1) * variance
-        total += tf.reduce_sum(tf.math.divide_no_nan(mean2, spread))
+    for mean, spread in zip(m.mean, spreads(m)):
+        spread = tf.maximum(spread, 0)         # (B - 1) * variance
+        total += tf.reduce_sum(tf.math.divide_no_nan(tf.square(mean), spread))
         count += tf.reduce_sum(tf.sign(spread))      # spread >= 0: counts the non-zero ones
     b = batch_float(m, total.dtype)
     return tf.math.divide_no_nan((b - 1) * total, count)

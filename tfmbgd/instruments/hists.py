@@ -37,9 +37,9 @@ def _outer_products(a, d, scale):
 @functools.cache
 def _fused(make, bins):
     """`_bins(make(*args), low, high, bins)` as one XLA-compiled function: a single fused pass
-    (TensorFlow's kernels make one pass per op: measured 1.8x slower over a Dense layer's
-    per-example gradients), and with `_outer_products` the products are never stored as
-    floats (the MLP's element histogram 21x -> 18x a plain step)."""
+    (TensorFlow's kernels make one pass per op, slower over a Dense layer's per-example
+    gradients), and with `_outer_products` the products are never stored as floats (the
+    costs: `benchmarks/cockpit_cost.py`)."""
     def index(*args):
         *args, low, high = args
         return _bins(make(*args), low, high, bins)
@@ -69,7 +69,7 @@ def _over_chunks(batch, shape, count, bins):
     """`sum_k count(start_k, stop_k)` (`[bins]` int32 each) over the batch in chunks of as
     many examples as make `CHUNK_ELEMENTS` elements of a variable of `shape` (at least one):
     a loop, so one chunk's per-example gradients live at a time, and they stay in the CPU's
-    caches (measured 2x faster than the whole batch at once)."""
+    caches (faster than the whole batch at once)."""
     chunk = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape)))
     b = tf.cast(batch, tf.int32)
 

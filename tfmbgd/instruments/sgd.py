@@ -15,6 +15,7 @@ SGD only; a run with another optimizer is refused (`sgd_only`).
 import tensorflow as tf
 
 from tfmbgd.instruments.base import ELEMENTWISE, Chart, Instrument
+from tfmbgd.instruments.variance import spreads
 
 EPSILON = 1e-5      # Cockpit's EarlyStopping default
 
@@ -65,10 +66,8 @@ class EarlyStopping(Instrument):
     def compute(self, measurement):
         m = measurement.moments
         total, count = 0.0, 0
-        for mean, sum_sq in zip(m.mean, m.sum_sq):
-            b = measurement.b(mean.dtype)
-            mean2 = tf.square(mean)
-            variance = (sum_sq - b * mean2) / (b - 1)
-            total += tf.reduce_sum(mean2 / (variance + EPSILON))
+        for mean, spread in zip(m.mean, spreads(m)):
+            variance = spread / (measurement.b(mean.dtype) - 1)
+            total += tf.reduce_sum(tf.square(mean) / (variance + EPSILON))
             count += mean.shape.num_elements()
         return {"early_stopping/eb": 1 - measurement.b(total.dtype) * total / count}

@@ -13,6 +13,13 @@ from tfmbgd.errors import UserError
 from tfmbgd.instruments.base import Chart, Instrument, Summary, batch_float, mean_norms_sq, per_variable
 
 
+def spreads(m):
+    """Per variable, shaped like it: `sum_n (g_n - mean)^2 = sum_sq - B * mean^2`, which is
+    B - 1 times the unbiased per-parameter variance; not clipped (round-off can take it a
+    hair below zero where the variance is ~0). Needs the elementwise tier."""
+    return [sum_sq - batch_float(m, mean.dtype) * tf.square(mean) for mean, sum_sq in zip(m.mean, m.sum_sq)]
+
+
 def variance(m):
     """Unbiased per-parameter variance of the per-example gradients, per variable.
 
@@ -23,11 +30,7 @@ def variance(m):
     if m.sum_sq is None:
         raise UserError("per-parameter variance needs the elementwise moments: "
                         "call gradient_moments(..., elementwise=True)")
-    out = []
-    for mean, sum_sq in zip(m.mean, m.sum_sq):
-        b = batch_float(m, mean.dtype)
-        out.append(tf.maximum((sum_sq - b * tf.square(mean)) / (b - 1), 0))
-    return out
+    return [tf.maximum(s / (batch_float(m, s.dtype) - 1), 0) for s in spreads(m)]
 
 
 def trace_vector(m, mean_sq=None, example_sq=None):

@@ -1,11 +1,12 @@
-"""tfmbgd's own summary writers against TensorBoard's: the same records, read back."""
+"""tfmbgd's own summary writers (`tfmbgd.loop.tensorboard`) against TensorBoard's: the same
+records, read back."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from tfmbgd import summaries
+from tfmbgd.loop import tensorboard
 
 RNG = np.random.default_rng(0)
 CASES = {
@@ -35,7 +36,7 @@ def _written(tmp_path, name, write):
 
 
 def _ours(values):
-    return tf.function(lambda: summaries.histogram("h", tf.constant(values)))
+    return tf.function(lambda: tensorboard.histogram("h", tf.constant(values)))
 
 
 @pytest.mark.parametrize("values", CASES.values(), ids=CASES.keys())

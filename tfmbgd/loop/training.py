@@ -1,10 +1,11 @@
-"""The custom mini-batch training loop: a `tf.function` step, a Python loop that logs.
+"""A run of `train.py`: build it, train it epoch by epoch, checkpoint, evaluate, report.
 
-One step takes a mini-batch, computes the batch gradient and applies it once — one update
-per batch, never per example. The gradient is that of the `reduce_mean` (or `reduce_sum`)
-of the unscaled per-example losses. On statistics steps it comes from the gradient
-moments instead: their `mean` *is* the gradient of the mean loss, so the update is the
-same and the statistics are of the very batch that was applied.
+`train(config)` makes the data, the model, the update rule and the `Steps` (`tfmbgd.loop.
+steps`) of a `TrainConfig`, then drives the compiled calls of a `runner` over each epoch's
+batches. It owns the run's life: a new run directory set up hidden and published with its
+first checkpoint (`rundir`), resume from the last checkpoint (`checkpoints`), the test set
+after every epoch, Ctrl-C and non-finite losses stopped with what is kept said, and the
+progress bar (`progress`).
 """
 
 import contextlib
@@ -19,13 +20,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmbgd import checkpoints, data, distribute, instruments, layerwise, losses, models, summaries
 from tfmbgd import config as config_lib
+from tfmbgd import data, distribute, losses, models
+from tfmbgd.engine import layerwise
+from tfmbgd.engine.replicas import Replicas
 from tfmbgd.errors import Interrupted, UserError
+from tfmbgd.instruments import Panel
+from tfmbgd.loop import checkpoints, rundir, tensorboard
+from tfmbgd.loop.progress import RunProgress
+from tfmbgd.loop.runner import StepRunner, XlaStepRunner, epoch_batches
+from tfmbgd.loop.steps import Steps
+from tfmbgd.loop.update import NonFiniteGuard, make_update, optimizer_update
 from tfmbgd.optimizers import make_optimizer
-from tfmbgd.progress import RunProgress
-from tfmbgd.runner import StepRunner, XlaStepRunner, epoch_batches
-from tfmbgd.steps import NonFiniteGuard, Steps, make_update, optimizer_update
 
 FINAL_WEIGHTS = "final.weights.h5"
 
@@ -94,7 +100,7 @@ def train(config, verbose=1, run_dir=None, should_stop=None, dataset=None):
 
     Args:
       run_dir: where to write: a path that does not exist yet, or by default a new name
-        (`summaries.run_name`) under `config.logdir`; the directory appears there, renamed
+        (`rundir.run_name`) under `config.logdir`; the directory appears there, renamed
         from a hidden one, once it holds config.json and the first checkpoint (`-2`, `-3`,
         ... is added to a name taken meanwhile). An existing empty directory is written
         directly. With `config.resume` the run continues in that directory from its last
@@ -107,7 +113,7 @@ def train(config, verbose=1, run_dir=None, should_stop=None, dataset=None):
     updates, computed on the batch of update s + 1.
 
     Under `config.strategy` "mirrored" or "multi_worker" the batch size is the global
-    batch, split across the replicas (see `tfmbgd.distribute`). Only the chief writes the
+    batch, split across the replicas (see `tfmbgd.engine.replicas`). Only the chief writes the
     run; every other worker writes its summaries and checkpoints (which tf.distribute
     needs every worker to make) to a temporary directory that it removes at the end.
 
@@ -155,8 +161,8 @@ def _train(config, verbose, run_dir, should_stop, strategy, dataset):
     # exists. (A worker's temporary directory, which exists already, is written directly.)
     staged = None
     if new and (run_dir is None or not os.path.exists(run_dir)):
-        staged = summaries.staging_dir(config.logdir if run_dir is None else os.path.dirname(run_dir))
-        run_dir = run_dir or os.path.join(config.logdir, summaries.run_name(config))
+        staged = rundir.staging_dir(config.logdir if run_dir is None else os.path.dirname(run_dir))
+        run_dir = run_dir or os.path.join(config.logdir, rundir.run_name(config))
     where = _Where(run_dir, staged)
     try:
         return _train_in(config, verbose, where, should_stop, strategy, parts, new)
@@ -175,7 +181,7 @@ class _Where:
 
     def publish(self):
         if not self.published:
-            self.run_dir, self.published = summaries.publish(self.staged, self.run_dir), True
+            self.run_dir, self.published = rundir.publish(self.staged, self.run_dir), True
         return self.run_dir
 
 
@@ -196,7 +202,7 @@ def _check_unfinished(config):
     latest = checkpoints.latest(config.resume)
     if latest is None:
         raise UserError(f"no checkpoint in {config.resume}; nothing to resume")
-    done = int(tf.train.load_variable(latest, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    done = checkpoints.epochs_done(latest)
     if done >= config.epochs:
         raise UserError(f"the run in {config.resume} has finished its {done} epochs; nothing was "
                         f"changed. Pass --epochs={done + 1} or more to train it further")
@@ -207,9 +213,9 @@ def _train_in(config, verbose, where, should_stop, strategy, parts, new):
     the first step, so that the directory can be resumed from the moment it holds a run."""
     home = where.staged or where.run_dir
     if new:
-        config_lib.save(home, config)
+        rundir.save_config(home, config)
     rng = np.random.default_rng(config.seed)
-    with summaries.RunWriters(where.run_dir) as writers:
+    with tensorboard.RunWriters(where.run_dir) as writers:
         with strategy.scope():          # the writer is made once the directory has its name
             train_writer = lambda: writers.writer("train")
             runner = (XlaStepRunner(parts.steps, train_writer, config.log_every, config.stats_every,
@@ -218,14 +224,13 @@ def _train_in(config, verbose, where, should_stop, strategy, parts, new):
         # The run's counters are this process's own (outside the strategy's scope: a
         # multi-worker strategy cannot broadcast the string that holds the rng state).
         state = checkpoints.RunState(home, parts.model, parts.optimizer, runner.variables(),
-                                     config.keep_checkpoints, instruments.state(parts.steps.instruments))
+                                     config.keep_checkpoints, parts.steps.panel.state())
         if new:
             state.remember_rng(rng)
             state.save()
             writers.run_dir = where.publish()
             state.moved_to(where.run_dir)
-            summaries.write_layout(writers.writer("train"), [v.path for v in parts.model.trainable_variables],
-                                   parts.steps.instruments)
+            tensorboard.write_layout(writers.writer("train"), parts.steps.panel.charts())
         else:
             latest = state.restore(config.resume)
             if verbose:
@@ -310,19 +315,20 @@ def _build(config, strategy, dataset=None):
         optimizer = make_optimizer(config.optimizer, config.learning_rate, config.update)
         apply = optimizer_update(optimizer, model.trainable_variables)
     guard = NonFiniteGuard(apply, config.on_nonfinite)
-    replicas = None if config.strategy == "default" else distribute.Replicas(strategy)
+    replicas = None if config.strategy == "default" else Replicas(strategy)
     steps = Steps(model, loss_fn, apply, reduction=config.reduction, method=config.grad_method,
-                  classification=ds.num_classes > 0, instruments=run_instruments(config),
+                  classification=ds.num_classes > 0, instruments=run_panel(config),
                   micro_batch=micro, guard=guard, replicas=replicas)
     x_all, y_all = tf.constant(ds.train[0]), tf.constant(ds.train[1])
     return _Parts(ds, x_all, y_all, model, loss_fn, batch, optimizer, guard, steps)
 
 
-def run_instruments(config):
-    """The instruments of a run of `config` (unbuilt): `tfmbgd.instruments.default` for its
-    settings, then the registered ones that `config.instruments` names."""
-    return (instruments.default(config.elementwise_stats, config.noise_scale_decay)
-            + instruments.create(config.instruments, config.learning_rate, config.optimizer))
+def run_panel(config):
+    """The instruments of a run of `config` (unbuilt): the defaults for its settings, then
+    the registered ones that `config.instruments` names (`Panel.for_run`)."""
+    return Panel.for_run(config.instruments, elementwise=config.elementwise_stats,
+                         noise_scale_decay=config.noise_scale_decay, learning_rate=config.learning_rate,
+                         optimizer=config.optimizer)
 
 
 def _train_epoch(config, parts, runner, state, rng, progress, should_stop):

@@ -5,7 +5,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfmbgd import buffer, instruments, summaries
+from tfmbgd.loop import buffer, tensorboard
+from tfmbgd.loop.steps import Schedule, capacity
 
 MILLISECONDS = ("The mini-batch loss against milliseconds of training since this process's first step: "
                 "the time to trace and compile the train step is left out, so runs compare by the "
@@ -32,11 +33,9 @@ class StepRunner:
         """`writer`: a `tf.summary` writer, or a function that returns one, called when the
         first call is traced (a new run's event files appear once its directory is in place)."""
         self.steps, self._writer = steps, writer
-        self.log_every, self.stats_every = log_every, stats_every
-        # Two-step instruments (alpha) need the step after each statistics step measured too.
-        self.width = min(instruments.width(steps.instruments), stats_every or 1)
-        self.lags = instruments.lags(steps.instruments)
-        averaged = [s.tag for s in instruments.summaries(steps.instruments)]
+        self.log_every, self.schedule = log_every, Schedule(stats_every, steps.panel)
+        self.lags = steps.panel.lags
+        averaged = [s.tag for s in steps.panel.summaries()]
         self._sums = {tag: (tf.Variable(0.0, trainable=False, dtype=tf.float64),
                             tf.Variable(0, trainable=False, dtype=tf.int64)) for tag in averaged}
         self._compiled = {}
@@ -89,14 +88,13 @@ class StepRunner:
         `n` rows of `index`, default all); returns the sum of their mean losses (float32;
         NaN if one was).
 
-        No step sits in a `tf.cond`: a step wrapped in a cond costs about 8% more on a CPU
-        (measured on the MLP), so choosing the step kind per step would make every step pay
-        for `--stats_every`. The statistics steps of a call are known from `first_step`
-        alone: the plain steps before the first of them run in a loop, then each statistics
-        step is followed by a loop of the plain steps up to the next one. With a two-step
-        instrument (`self.width` 2) the step after each statistics step is an end step
-        (`Steps.end_step`: the two-step instruments only), the steps s with
-        `s % stats_every == 1`.
+        No step sits in a `tf.cond`: a step wrapped in a cond measured slower on a CPU, so
+        choosing the step kind per step would make every step pay for `--stats_every`. The
+        statistics steps of a call (`self.schedule`) are known from `first_step` alone: the
+        plain steps before the first of them run in a loop, then each statistics step is
+        followed by a loop of the plain steps up to the next one. With a two-step
+        instrument (width 2) the step after each statistics step is an end step
+        (`Steps.end_step`: the two-step instruments only).
         """
         n = tf.shape(index)[0] if n is None else n
         batch = tf.cast(tf.shape(index)[1], tf.int64)
@@ -122,9 +120,9 @@ class StepRunner:
         def plain_steps(start, stop, total):
             return steps_from(start, stop, 1, total, lambda i, total: total + one(i, "plain"))
 
-        if not self.stats_every:
+        if not self.schedule.every:
             return plain_steps(0, n, tf.constant(0.0))
-        every, width = self.stats_every, self.width
+        every, width = self.schedule.every, self.schedule.width
 
         def end_steps(start, stop, total):
             return steps_from(start, stop, 1, total, lambda i, total: total + one(i, "end"))
@@ -170,12 +168,12 @@ class StepRunner:
     def _write(self, values, where):
         step, examples = where
         values = self._with_skipped(values)
-        summaries.write_in_graph(self.writer, values, step, self.steps.finite_only, lags=self.lags)
+        tensorboard.write_in_graph(self.writer, values, step, self.steps.finite_only, lags=self.lags)
         now = _clock()
         origin = self._origin.assign(tf.where(self._origin < 0, now, self._origin))
         elapsed_ms = tf.cast((now - origin) * 1000.0, tf.int64)
-        summaries.write_in_graph(self.writer, {"loss_by/examples_seen": values["loss"]}, examples)
-        summaries.write_in_graph(self.writer, {"loss_by/milliseconds": values["loss"]}, elapsed_ms,
+        tensorboard.write_in_graph(self.writer, {"loss_by/examples_seen": values["loss"]}, examples)
+        tensorboard.write_in_graph(self.writer, {"loss_by/milliseconds": values["loss"]}, elapsed_ms,
                                  description=MILLISECONDS)
         return tf.constant(True)
 
@@ -188,7 +186,7 @@ class XlaStepRunner(StepRunner):
     `jit_compile=True`).
 
     Nothing inside an XLA-compiled function can write a summary, so the steps record their
-    values in a `tfmbgd.buffer.StatisticsBuffer` and Python writes them after each call.
+    values in a `tfmbgd.loop.buffer.StatisticsBuffer` and Python writes them after each call.
     Every call runs `steps_per_call` rows of indices, the unused ones padding, and takes the
     number of steps as a tensor: XLA compiles once per batch size, not once per call length.
     The time axis of `loss_by/milliseconds` is the host clock around each call, shared
@@ -199,15 +197,10 @@ class XlaStepRunner(StepRunner):
     def __init__(self, steps, writer, log_every, stats_every, steps_per_call):
         super().__init__(steps, writer, log_every, stats_every)
         self.steps_per_call = steps_per_call
-        names = [v.path for v in steps.model.trainable_variables]
-        scalars, histograms = instruments.tag_kinds(steps.instruments, names)
         base = ["loss"] + ["accuracy"] * steps.classification + \
             ["nonfinite/skipped"] * (steps.skipped() is not None) + [EXAMPLES]
-        rows = buffer.capacity(steps_per_call, log_every) + (
-            buffer.capacity(steps_per_call, stats_every) * self.width if stats_every else 0)
-        self._buffer = buffer.StatisticsBuffer(base + scalars, histograms, rows,
-                                               widths=instruments.histogram_bins(steps.instruments),
-                                               images=instruments.images(steps.instruments))
+        rows = capacity(steps_per_call, log_every) + self.schedule.rows(steps_per_call)
+        self._buffer = buffer.StatisticsBuffer.for_panel(steps.panel, rows, base)
         self._began, self._paused = None, 0.0      # the first call's start; compiling since
         self._write_rows = None                    # the buffer's writer function, made at first use
 
@@ -260,11 +253,10 @@ class XlaStepRunner(StepRunner):
 def _clock():
     """Seconds since the epoch, as `time.time()`, read when the op runs (float64 scalar).
 
-    `tf.timestamp` costs about a microsecond but is refused under op determinism
-    (`--deterministic`); there the host clock is read through `tf.numpy_function`, about
-    0.1 ms on this CPU (`tf.py_function`: 0.3 ms). Whether determinism is on is known
-    only through TensorFlow's internal `is_op_determinism_enabled`; where it is missing
-    the safe choice is taken.
+    `tf.timestamp` is one cheap op but is refused under op determinism (`--deterministic`);
+    there the host clock is read through `tf.numpy_function` (cheaper than
+    `tf.py_function`). Whether determinism is on is known only through TensorFlow's
+    internal `is_op_determinism_enabled`; where it is missing the safe choice is taken.
     """
     from tensorflow.python.framework import config as tf_config  # no public accessor
 

@@ -33,7 +33,8 @@ def check(config):
     ds = data.load(config.dataset, config.seed)
     cfg.check_update_size(config.batch_size, config.accumulate, len(ds.train[0]), ds.name)
     if not config.resume:
-        cfg.check_logdir(config.logdir)
+        from tfmbgd.loop import rundir  # no TensorFlow
+        rundir.check_logdir(config.logdir)
     return ds
 
 
@@ -85,13 +86,13 @@ def dispatch(config, should_stop=None, dataset=None):
       tfmbgd.errors.Interrupted: `should_stop` said so; a checkpoint was saved.
     """
     if config.mode == "compare":
-        from tfmbgd import compare
+        from tfmbgd.app import compare
         return 0 if compare.run(config, should_stop=should_stop) else 1
     if config.batch_sizes:
-        from tfmbgd import study
+        from tfmbgd.app import study
         study.run(config, should_stop=should_stop)
         return 0
-    from tfmbgd import training
+    from tfmbgd.loop import training
     training.train(config, should_stop=should_stop, dataset=dataset)
     return 0
 

@@ -9,7 +9,7 @@ Each run records its settings and final results with TensorBoard's HParams plugi
 batch size, learning rate, reduction, gradient method; metrics: final test loss and
 accuracy, and the means its instruments' `summaries` name, such as the mean smoothed
 B_simple). Every run, in a study or not, also carries the
-custom-scalars layout of `tfmbgd.summaries.layout`.
+custom-scalars layout of `tfmbgd.loop.tensorboard.layout`.
 """
 
 import dataclasses
@@ -20,8 +20,9 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
 from tfmbgd import config as config_lib
-from tfmbgd import data, instruments, summaries, training
+from tfmbgd import data
 from tfmbgd.errors import Interrupted, UserError
+from tfmbgd.loop import rundir, training
 
 HPARAMS = {
     "batch_size": hp.HParam("batch_size", hp.IntInterval(1, 2 ** 31 - 1), "examples per update"),
@@ -67,9 +68,9 @@ def run(config, verbose=1, should_stop=None):
     ds = data.load(config.dataset, config.seed)     # read once, shared by every run
     n = len(ds.train[0])
     reference = n if config.batch_size is None else config.batch_size
-    name = f"study-{config.lr_scaling}-" + summaries.run_name(config, with_batch=False)
-    study_dir = summaries.new_run_dir(config.logdir, name)
-    averaged = instruments.summaries(training.run_instruments(config))
+    name = f"study-{config.lr_scaling}-" + rundir.run_name(config, with_batch=False)
+    study_dir = rundir.new_run_dir(config.logdir, name)
+    averaged = training.run_panel(config).summaries()
     with tf.summary.create_file_writer(study_dir).as_default():
         hp.hparams_config(hparams=list(HPARAMS.values()), metrics=metrics(averaged))
     results = {}

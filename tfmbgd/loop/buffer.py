@@ -7,13 +7,13 @@ of fixed-shape, non-trainable variables; XLA compiles the assignments), and afte
 a `writer_function` (an ordinary `tf.function`) writes every row at its own step.
 Scalars are kept in float64 with a mask of the tags a step wrote (an instrument can skip
 a step: a batch of one has no variance); histograms as TensorBoard's `[30, 3]` rows
-(`summaries.histogram_rows`), so a batch of any size fits.
+(`tensorboard.histogram_rows`), so a batch of any size fits.
 """
 
 import tensorflow as tf
 
-from tfmbgd import summaries
 from tfmbgd.errors import UserError
+from tfmbgd.loop import tensorboard
 
 BUCKETS = 30
 
@@ -62,6 +62,14 @@ class StatisticsBuffer:
         self.count = variable([], tf.int32)      # rows recorded since the last drain
         self.lost = variable([], tf.int32)       # rows that found the buffer full
 
+    @classmethod
+    def for_panel(cls, panel, capacity, extra_scalars=()):
+        """Room for `capacity` steps of the tags of the instruments `panel` (built), after the
+        scalar tags `extra_scalars` (the loss, ...)."""
+        spec = panel.buffer_spec()
+        return cls([*extra_scalars, *spec["scalar_tags"]], spec["histogram_tags"], capacity,
+                   widths=spec["widths"], images=spec["images"])
+
     def record(self, values, step):
         """Records `values` (`{tag: tensor}`, tags among this buffer's) at `step`, in the
         next free row; a full buffer counts the row as lost (the writer then says so)."""
@@ -95,16 +103,16 @@ class StatisticsBuffer:
         if value.shape.rank == 2:
             rows = tf.cast(value, tf.float64)
         else:
-            rows = summaries.histogram_rows(value, BUCKETS)
+            rows = tensorboard.histogram_rows(value, BUCKETS)
         return tf.pad(rows, [[0, self.width - rows.shape[0]], [0, 0]])
 
     def writer_function(self, writer, finite_only=(), skip=(), extra=None, lags=None):
         """A `tf.function` (not XLA-compiled) that writes the recorded rows with `writer`,
         each at its step, and empties the buffer; it returns the number of rows written.
 
-        In one call, not one eager write per value: eager `tf.summary.scalar` calls cost
-        about 0.1 ms each, which for some thirty tags per statistics step is most of what
-        the statistics cost `fit`. Tags in `finite_only` are written only when finite, tags
+        In one call, not one eager write per value: eager `tf.summary.scalar` calls are
+        slow enough that, for some thirty tags per statistics step, they would be most of
+        what the statistics cost `fit`. Tags in `finite_only` are written only when finite, tags
         in `skip` not at all; `extra(values, step, *args)` (traced once per row, `values`
         `{tag: scalar tensor}`) writes more from a row, with the function's `*args`.
         `lags` `{tag: j}`: those tags are written at their row's step minus j.
@@ -141,7 +149,7 @@ class StatisticsBuffer:
                         tf.cond(wrote[t + k],
                                 lambda tag=tag, rows=histograms[i, k, :self.widths[tag]], at=at: _unscoped(
                                     tf.summary.write, tag, rows, step=at,
-                                    metadata=summaries.HISTOGRAM_METADATA),
+                                    metadata=tensorboard.HISTOGRAM_METADATA),
                                 lambda: tf.constant(False))
                     for k, tag in enumerate(self.image_shapes):
                         at = step - lags.get(tag, 0)
@@ -161,9 +169,3 @@ def _unscoped(write, *args, **kwargs):
     """`write(...)` outside the loop's and branches' name scopes, which would prefix the tags."""
     with tf.compat.v1.name_scope(None):
         return write(*args, **kwargs)
-
-
-def capacity(steps_per_call, stats_every):
-    """Rows a buffer needs for the statistics steps of one call of `steps_per_call` steps:
-    at most one every `stats_every` steps, wherever the call starts."""
-    return max(1, -(-int(steps_per_call) // int(stats_every)))

@@ -1,13 +1,13 @@
 """Checkpoints of a run and exact resume.
 
-A run directory holds `config.json` (the settings it was started with, see
-`tfmbgd.config.save` and `resume`) and `checkpoints/` (`tf.train.CheckpointManager`): the
-model, the optimizer with its slots, the step, the epoch and the steps done in it, the
-state of the random generator that orders the epoch's examples (drawn at the epoch's
-start), the running sums behind a study's means, and each instrument's state (the
-noise-scale smoothing, ...). Batches are gathered by indices from that
-generator, so the position in the data is the generator state plus the steps done in the
-epoch: a resumed run sees exactly the batches the uninterrupted run would have seen.
+A run directory (`tfmbgd.loop.rundir`) holds `config.json` (the settings it was started
+with) and `checkpoints/` (`tf.train.CheckpointManager`): the model, the optimizer with its
+slots, the step, the epoch and the steps done in it, the state of the random generator
+that orders the epoch's examples (drawn at the epoch's start), the running sums behind a
+study's means, and each instrument's state (the noise-scale smoothing, ...). Batches are
+gathered by indices from that generator, so the position in the data is the generator
+state plus the steps done in the epoch: a resumed run sees exactly the batches the
+uninterrupted run would have seen.
 """
 
 import json
@@ -15,8 +15,8 @@ import os
 
 import tensorflow as tf
 
-from tfmbgd.config import CHECKPOINTS
 from tfmbgd.errors import UserError
+from tfmbgd.loop.rundir import CHECKPOINTS
 
 
 def latest(run_dir):
@@ -29,16 +29,25 @@ def step_of(path):
     return int(path.rsplit("-", 1)[-1])
 
 
+EPOCH = "epoch"     # the checkpoint's name of the run's epoch counter (`RunState`)
+
+
+def epochs_done(path):
+    """The epochs the run had finished when the checkpoint `path` was saved (read from the
+    file, without building the run)."""
+    return int(tf.train.load_variable(path, f"{EPOCH}/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
 class RunState:
     """The counters of a run and the checkpoint that holds them with model and optimizer."""
 
     def __init__(self, run_dir, model, optimizer, extra_variables, keep, instruments=None):
         """`extra_variables`: more variables to save; `instruments`: `{name: {name: variable}}`
-        (`tfmbgd.instruments.state`)."""
+        (`tfmbgd.instruments.Panel.state`)."""
         counter = lambda: tf.Variable(0, dtype=tf.int64, trainable=False)
         self.step, self.epoch, self.in_epoch, self.examples = counter(), counter(), counter(), counter()
         self.rng_state = tf.Variable("", dtype=tf.string, trainable=False)
-        items = dict(model=model, step=self.step, epoch=self.epoch, in_epoch=self.in_epoch,
+        items = dict(model=model, step=self.step, **{EPOCH: self.epoch}, in_epoch=self.in_epoch,
                      examples=self.examples, rng_state=self.rng_state, extra=list(extra_variables))
         if instruments:
             items["instruments"] = {name: dict(state) for name, state in instruments.items()}

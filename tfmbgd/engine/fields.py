@@ -2,7 +2,7 @@
 
 Every producer (the layer-wise rules, the per-example methods, the replicas' merge)
 returns a `GradientMoments`; `MERGES` says how each field combines over disjoint batches,
-so micro-batches (`combine`) and replicas (`tfmbgd.distribute`) merge them with one
+so micro-batches (`combine`) and replicas (`tfmbgd.engine.replicas`) merge them with one
 generic function, and a new field is one line. Imports no other tfmbgd module.
 """
 

@@ -19,9 +19,9 @@ Every `freq` optimizer steps the step computes the gradient moments of its batch
 weight regularization penalties) and computes the tags of the custom loop at the optimizer
 step, counted from 0 as there; other steps are Keras' own step. The choice is made inside
 the compiled step (`tf.cond`), so it works with `steps_per_execution > 1` and under XLA:
-the values go into a `tfmbgd.buffer.StatisticsBuffer`, and the callback writes them after
+the values go into a `tfmbgd.loop.buffer.StatisticsBuffer`, and the callback writes them after
 each execution. Under a `tf.distribute` strategy each replica measures its share and the
-moments are merged into those of the global batch (`distribute.merge_flat`). With a
+moments are merged into those of the global batch (`tfmbgd.engine.replicas.merge_flat`). With a
 `LossScaleOptimizer` (Keras' `mixed_float16`) the moments are taken of the scaled loss, as
 Keras' own step takes its gradient, and divided by the scale before any statistic. Sample
 weights and activity regularizers are refused on statistics steps: the moments are of the
@@ -31,52 +31,66 @@ unweighted per-example data loss.
 import keras
 import tensorflow as tf
 
-from tfmbgd import buffer, distribute, fields, gradients, instruments, layerwise, steps
+from tfmbgd.engine import fields, gradients, layerwise, replicas
 from tfmbgd.errors import UserError
+from tfmbgd.fit.callback import GradientStatistics
+from tfmbgd.fit.settings import Settings, check_settings, per_example_loss
+from tfmbgd.instruments import ELEMENTWISE, REPLICA_NORMS, Panel
+from tfmbgd.loop import buffer, steps
 from tfmbgd.models import all_layers
-from tfmbgd.moments import METHODS
 
 
-def per_example_loss(compiled_loss):
-    """The per-example (unreduced) form of the loss given to `compile`."""
-    if isinstance(compiled_loss, keras.losses.Loss):
-        return compiled_loss.call           # Loss.call is the unreduced per-example loss
-    fn = keras.losses.get(compiled_loss) if compiled_loss is not None else None
-    if fn is None or isinstance(fn, keras.losses.Loss) or not callable(fn):
-        raise UserError(f"cannot derive a per-example loss from {compiled_loss!r}; "
-                        "pass loss= to configure_statistics")
-    return fn
-
-
-def check_settings(freq, method):
-    if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
-        raise UserError(f"freq (statistics every N optimizer steps) must be an integer >= 1; got {freq!r}")
-    if method not in METHODS:
-        raise UserError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-
-
-class _Recorder:
-    """What the statistics step of one model needs: settings, built instruments, buffer."""
+class Recorder:
+    """What the statistics steps of one model need for one set of settings: the built
+    instruments (`panel`), their `schedule` and the `buffer` the callback writes from."""
 
     def __init__(self, model, settings):
         self.settings = settings
-        variables = model.trainable_variables
-        names = [v.path for v in variables]
-        active = active_instruments(model.optimizer, settings.more_instruments, settings.elementwise,
-                                    settings.noise_scale_decay)
-        instruments.refuse_replicas(active, model.distribute_strategy.num_replicas_in_sync > 1)
-        self.needs = instruments.needs(active)
-        scalar_tags, histogram_tags = instruments.tag_kinds(active, names)
-        self.width = min(instruments.width(active), settings.freq)
-        self.lags = instruments.lags(active)
+        panel = Panel.for_optimizer(model.optimizer, settings.more_instruments,
+                                    elementwise=settings.elementwise,
+                                    noise_scale_decay=settings.noise_scale_decay)
+        panel.refuse_replicas(model.distribute_strategy.num_replicas_in_sync > 1)
+        self.schedule = steps.Schedule(settings.freq, panel)
         with model.distribute_strategy.scope(), buffer.first_replica_variables():
-            self.instruments = instruments.build(active, variables)
-            self.buffer = buffer.StatisticsBuffer(
-                ["loss", *scalar_tags], histogram_tags,
-                buffer.capacity(model.steps_per_execution, settings.freq) * self.width,
-                widths=instruments.histogram_bins(active), images=instruments.images(active))
-        self.finite_only = instruments.finite_only(active, names)
+            self.panel = panel.build(model.trainable_variables)
+            self.buffer = buffer.StatisticsBuffer.for_panel(
+                panel, self.schedule.rows(model.steps_per_execution), ["loss"])
+        self.finite_only, self.lags = panel.finite_only, panel.lags
         self.described = False        # the coverage line is printed once per recorder
+
+
+class StatisticsHook:
+    """A model's statistics state, and the one object its `GradientStatistics` callback
+    talks to: the settings kept with the model (`configured`), those of the fit in progress
+    (`on`), those its train function was traced for (`traced`), the `recorder` of the
+    statistics steps, and the callback that `fit` adds for the configured settings."""
+
+    def __init__(self, model):
+        self.model = model
+        self.configured = self.on = self.traced = self.recorder = self.callback = None
+
+    def use(self, settings):
+        """Before `fit` makes its train function: a new one (traced at its first call) when
+        the statistics settings differ from those the current one was traced with; the
+        same one, not traced again, when they are the same (a fit called epoch by epoch)."""
+        if self.traced != settings:
+            self.on = settings
+            self.model.make_train_function(force=True)
+            self.traced = settings
+
+    def start(self, settings):
+        """As `fit` begins: statistics of `settings` on. The recorder is that of the last
+        `fit` when the settings are the same (the noise scale's averages go on); a new one
+        is made now, or, for a model that `fit` has yet to build, when the step is first
+        traced."""
+        if self.recorder is not None and self.recorder.settings != settings:
+            self.recorder = None
+        self.on = settings
+        if self.recorder is None and self.model.trainable_variables:
+            self.recorder = Recorder(self.model, settings)
+
+    def stop(self):
+        self.on = None
 
 
 def _batch_size(x):
@@ -84,46 +98,14 @@ def _batch_size(x):
     return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
 
 
-def active_instruments(optimizer, more, elementwise=False, noise_scale_decay=0.9):
-    """The instruments of a `fit` or a `tfmbgd.instruments.Cockpit` with `optimizer`: the
-    defaults, then `more` (instances, names and presets), each name made for the optimizer's
-    learning rate; instruments defined for plain SGD only are refused with another
-    optimizer."""
-    sgd = _plain_sgd(optimizer)
-    named = [n for n in more if isinstance(n, str)]
-    active = instruments.default(elementwise, noise_scale_decay) + instruments.create(
-        named, _learning_rate(optimizer), "sgd" if sgd else type(optimizer).__name__) + [
-        i for i in more if not isinstance(i, str)]
-    instruments.check_sgd(active, sgd, type(optimizer).__name__)
-    return active
-
-
-def _learning_rate(optimizer):
-    """The optimizer's learning rate as a float, or None (a schedule)."""
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-    try:
-        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-    except (TypeError, ValueError):
-        return None
-
-
-def _plain_sgd(optimizer):
-    """Whether `optimizer` is plain SGD: tfmbgd's MiniBatchSGD itself, or Keras' SGD without
-    momentum (a LossScaleOptimizer is looked through)."""
-    from tfmbgd.optimizers import MiniBatchSGD
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-    if type(optimizer) is MiniBatchSGD:
-        return True
-    return type(optimizer) is keras.optimizers.SGD and not optimizer.momentum and not optimizer.nesterov
-
-
 class GradientStatisticsMixin:
     """Adds tfmbgd's gradient statistics to `fit`; put it before `keras.Model` in the bases."""
 
-    _statistics_settings = None     # from configure_statistics: kept with the model
-    _statistics_settings_on = None  # the settings of the fit in progress (its callback's)
-    _statistics = None              # their _Recorder: instruments, buffer
-    _statistics_traced = None       # the settings the current train function was made for
+    def statistics_hook(self):
+        """The model's `StatisticsHook` (made at first use)."""
+        if getattr(self, "_statistics_hook", None) is None:
+            self._statistics_hook = StatisticsHook(self)
+        return self._statistics_hook
 
     def configure_statistics(self, log_dir, freq=10, method="auto", elementwise=False,
                              noise_scale_decay=0.9, loss=None, more_instruments=()):
@@ -131,39 +113,27 @@ class GradientStatisticsMixin:
         `log_dir/train` (a `tfmbgd.callbacks.GradientStatistics` callback that `fit` adds,
         unless one is given), and a `.keras` save keeps them (but `loss` and
         `more_instruments`, which are code). Arguments as for that callback."""
-        from tfmbgd.callbacks import Settings
         check_settings(freq, method)
-        self._statistics_settings = Settings(log_dir, freq, method, elementwise, noise_scale_decay, loss,
-                                             tuple(more_instruments))
+        self.statistics_hook().configured = Settings(log_dir, freq, method, elementwise, noise_scale_decay,
+                                                     loss, tuple(more_instruments))
 
     def fit(self, *args, callbacks=None, **kwargs):
-        from tfmbgd.callbacks import GradientStatistics
         if len(args) > 5:        # callbacks given by position: x, y, batch_size, epochs, verbose, callbacks
             args, callbacks = args[:5] + args[6:], args[5]
         callbacks = list(callbacks or [])
-        settings = self._statistics_settings
-        given = any(isinstance(c, GradientStatistics) for c in callbacks)
-        if settings is not None and not given:     # the same callback while the settings are
-            if getattr(self, "_statistics_callback", None) is None or \
-                    self._statistics_callback.settings != settings:
-                self._statistics_callback = GradientStatistics.from_settings(settings)
-            callbacks.append(self._statistics_callback)
-        elif settings is None and not given:
-            self._use_statistics(None)
+        hook = self.statistics_hook()
+        if not any(isinstance(c, GradientStatistics) for c in callbacks):
+            if hook.configured is None:
+                hook.use(None)
+            else:                # the same callback while the settings are the same
+                if hook.callback is None or hook.callback.settings != hook.configured:
+                    hook.callback = GradientStatistics.from_settings(hook.configured)
+                callbacks.append(hook.callback)
         return super().fit(*args, callbacks=callbacks, **kwargs)
-
-    def _use_statistics(self, settings):
-        """Before `fit` makes its train function: a new one (traced at its first call) when
-        the statistics settings differ from those the current one was traced with; the
-        same one, not traced again, when they are the same (a fit called epoch by epoch)."""
-        if self._statistics_traced != settings:
-            self._statistics_settings_on = settings
-            self.make_train_function(force=True)
-            self._statistics_traced = settings
 
     def get_config(self):
         config = super().get_config()
-        settings = self._statistics_settings
+        settings = self.statistics_hook().configured
         if settings is not None:
             config["statistics"] = settings.serializable()
         return config
@@ -177,50 +147,40 @@ class GradientStatisticsMixin:
             model.configure_statistics(**statistics)
         return model
 
-    def _start_statistics(self, settings):
-        """Called by the callback as `fit` begins: statistics of `settings` on. The recorder
-        is that of the last `fit` when the settings are the same (the noise scale's
-        averages go on); a new one is made now, or, for a model that `fit` has yet to
-        build, when the step is first traced."""
-        if self._statistics is not None and self._statistics.settings != settings:
-            self._statistics = None
-        self._statistics_settings_on = settings
-        if self._statistics is None and self.trainable_variables:
-            self._statistics = _Recorder(self, settings)
-
-    def _stop_statistics(self):
-        self._statistics_settings_on = None
-
     def train_step(self, data):
-        settings = self._statistics_settings_on
-        if settings is None:
+        hook = self.statistics_hook()
+        if hook.on is None:
             return super().train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if self._statistics is None:      # a subclassed model, built by this first trace
+        if hook.recorder is None:         # a subclassed model, built by this first trace
             self(x, training=False)       # its variables, as Keras' own first step makes them
             with tf.init_scope():         # the recorder's variables, outside the trace
-                self._statistics = _Recorder(self, settings)
-        rec = self._statistics
-        variables = self.trainable_variables
+                hook.recorder = Recorder(self, hook.on)
+        rec = hook.recorder
         if not self.optimizer.built:                   # slots exist before the branches
             with tf.init_scope():
-                self.optimizer.build(variables)
+                self.optimizer.build(self.trainable_variables)
         step = self.optimizer.iterations + 0           # read once, before this update
-        due = step % rec.settings.freq == 0
-        replicas = self.distribute_strategy.num_replicas_in_sync
-        if replicas == 1:     # all in the branch: a plain step does nothing for the statistics
-            plain = lambda: self._plain_step(x, y, sample_weight)
-            if rec.width > 1:      # a two-step instrument (alpha): the next step measures its end point
-                end = step % rec.settings.freq == 1
-                other, plain = plain, lambda: tf.cond(end, lambda: self._statistics_step(
-                    x, y, sample_weight, step, [i for i in rec.instruments if i.two_step]), other)
-            loss, y_pred = tf.cond(due, lambda: self._statistics_step(x, y, sample_weight, step), plain)
-        else:
-            loss, y_pred = self._replicated_step(x, y, sample_weight, step, due)
+        count = self.distribute_strategy.num_replicas_in_sync
+        if count > 1:
+            loss, y_pred = self._replicated_step(x, y, sample_weight, step)
+        else:     # all in the branches: a plain step does nothing for the statistics
+            def statistics():
+                return self._statistics_step(x, y, sample_weight, step, rec.panel)
+
+            def end():        # a two-step instrument (alpha) measures its end point here
+                return self._statistics_step(x, y, sample_weight, step, rec.panel.two_step())
+
+            def plain():
+                return self._plain_step(x, y, sample_weight)
+
+            def other():
+                return tf.cond(rec.schedule.is_end(step), end, plain) if rec.schedule.width > 1 else plain()
+            loss, y_pred = tf.cond(rec.schedule.is_stats(step), statistics, other)
         # As Keras' own train_step: the loss tracker takes the loss unscaled for
         # distribution, weighted by the batch; compute_metrics the rest.
         tracker = next(m for m in self.metrics if m.name == "loss")
-        tracker.update_state(loss * replicas, sample_weight=_batch_size(x))
+        tracker.update_state(loss * count, sample_weight=_batch_size(x))
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def _plain_gradients(self, x, y, sample_weight, dense=False):
@@ -242,25 +202,21 @@ class GradientStatisticsMixin:
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         return loss, y_pred
 
-    def _statistics_step(self, x, y, sample_weight, step, active=None):
-        """One device: measure, apply the mean gradient, record the statistics (of `active`,
-        default all the instruments)."""
-        active = self._statistics.instruments if active is None else active
-        needs = instruments.needs(active)
-        measured, scale = self._measure(x, y, sample_weight, needs)
-        local, variables = measured.moments, self.trainable_variables
-        measured = self._unscaled(measured, scale)
-        early = steps.statistics(measured, variables, active, step=step,
-                                 batch=(self, self._data_loss(), x, y), before_update=True)
-        with tf.control_dependencies(tf.nest.flatten(early)):      # curvature at the weights measured
-            before = steps.snapshot(variables, needs)
-            self.optimizer.apply_gradients(zip(self._update(local, 1.0, scale), variables))
-        self._record(measured, step, before, early, active)
+    def _statistics_step(self, x, y, sample_weight, step, panel):
+        """One device: measure, then the statistics step of `panel` (`steps.statistics_step`)
+        around the optimizer's update, and record the values."""
+        measured, scale = self._measure(x, y, sample_weight, panel.needs)
+        local, unscaled = measured.moments, self._unscaled(measured, scale)
+        variables = self.trainable_variables
+        update = lambda: self.optimizer.apply_gradients(zip(self._update(local, 1.0, scale), variables))
+        values = steps.statistics_step(unscaled, panel, update, variables=variables, step=step,
+                                       batch=(self, self._data_loss(), x, y))
+        self._record(values, unscaled.moments.losses, step)
         return self._tracked_loss(local, scale), local.outputs
 
     def _data_loss(self):
         """The per-example data loss, in float32 (the statistics' loss)."""
-        data_loss = self._statistics.settings.loss or per_example_loss(self.loss)
+        data_loss = self.statistics_hook().recorder.settings.loss or per_example_loss(self.loss)
         return lambda y_true, y_pred: tf.cast(data_loss(y_true, y_pred), tf.float32)
 
     @staticmethod
@@ -272,41 +228,47 @@ class GradientStatisticsMixin:
         m = fields.unscaled(measured.moments, scale)
         return steps.Measured(m, m.mean, None, project)
 
-    def _replicated_step(self, x, y, sample_weight, step, due):
+    def _replicated_step(self, x, y, sample_weight, step):
         """Several replicas: a branch of `tf.cond` in a replica cannot hold a synchronization
         point (an all-reduce, the optimizer's sum of the gradients), so the branch only
         measures (or takes the plain gradient), and the update and the merge of the moments
-        follow it; on plain steps the merge carries zeros."""
+        follow it; on plain steps the merge carries zeros. (No instrument that runs before
+        the update or on two steps works across replicas: the panel refuses them.)"""
         ctx = tf.distribute.get_replica_context()
-        variables = self.trainable_variables
-        elementwise = instruments.ELEMENTWISE in self._statistics.needs
+        rec, variables = self.statistics_hook().recorder, self.trainable_variables
+        elementwise = ELEMENTWISE in rec.panel.needs
         batch = _batch_size(x)
         share = tf.cast(batch, tf.float32) / ctx.all_reduce("SUM", tf.cast(batch, tf.float32))
 
         def measured():
-            local, scale = self._measure(x, y, sample_weight)
+            local, scale = self._measure(x, y, sample_weight, rec.panel.needs)
             local = local.moments
-            sums, rows = distribute.flat_for_merge(local)
+            sums, rows = replicas.flat_for_merge(local)
             grads = self._update(local, share, scale)
             return self._tracked_loss(local, scale), local.outputs, grads, sums, rows, scale
 
         def plain():
             loss, y_pred, grads = self._plain_gradients(x, y, sample_weight, dense=True)
-            sums, rows = distribute.zeros_for_merge(variables, elementwise, batch)
+            sums, rows = replicas.zeros_for_merge(variables, elementwise, batch)
             return loss, y_pred, grads, sums, rows, tf.constant(1.0)
+        due = rec.schedule.is_stats(step)
         loss, y_pred, grads, sums, rows, scale = tf.cond(due, measured, plain)
-        before = steps.snapshot(variables, self._statistics.needs)     # (every step, if needed)
+        before = steps.snapshot(variables, rec.panel.needs)     # (every step, if needed)
         self.optimizer.apply_gradients(zip(grads, variables))
-        merged = distribute.merge_flat(ctx, sums, rows, variables, elementwise)
-        unscaled = lambda: self._unscaled(steps.Measured(merged, merged.mean, None), scale)
-        tf.cond(due, lambda: self._record(unscaled(), step, before), lambda: tf.constant(False))
+        merged = replicas.merge_flat(ctx, sums, rows, variables, elementwise)
+
+        def record():
+            unscaled = self._unscaled(steps.Measured(merged, merged.mean, None), scale)
+            values = rec.panel.compute(steps.measurement(unscaled, variables, step=step, before=before))
+            return self._record(values, unscaled.moments.losses, step)
+        tf.cond(due, record, lambda: tf.constant(False))
         return loss, y_pred
 
-    def _measure(self, x, y, sample_weight, needs=None):
+    def _measure(self, x, y, sample_weight, needs):
         """The moments of this replica's batch, of the loss times the optimizer's loss scale
         (a LossScaleOptimizer's, 1 otherwise: as Keras takes its gradient, so that float16
-        gradients do not underflow); `(moments, scale)`."""
-        rec = self._statistics
+        gradients do not underflow); `(measured, scale)`."""
+        rec = self.statistics_hook().recorder
         if sample_weight is not None:
             raise UserError("gradient statistics take no sample weights")
         if any(getattr(layer, "activity_regularizer", None) for layer in all_layers(self)):
@@ -315,8 +277,7 @@ class GradientStatisticsMixin:
         scale = tf.cast(self.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
         # float32 before the scale (2^15 at first): 16-bit losses times it would overflow
         loss_fn = lambda y_true, y_pred: data_loss(y_true, y_pred) * scale
-        needs = rec.needs if needs is None else needs
-        measured = steps.measure(self, loss_fn, x, y, needs=needs - {instruments.REPLICA_NORMS},
+        measured = steps.measure(self, loss_fn, x, y, needs=needs - {REPLICA_NORMS},
                                  method=rec.settings.method)
         cover = layerwise.traced_coverage(self)
         if cover is not None and not rec.described:      # once, when the step is first traced
@@ -330,29 +291,24 @@ class GradientStatisticsMixin:
         penalties' gradient, both times the loss scale."""
         grads = [g * tf.cast(share, g.dtype) for g in local.mean]
         if self.losses:
-            replicas = self.distribute_strategy.num_replicas_in_sync
+            count = self.distribute_strategy.num_replicas_in_sync
             penalty = self._penalty_gradients()
-            grads = [g + p * tf.cast(scale / replicas, p.dtype) for g, p in zip(grads, penalty)]
+            grads = [g + p * tf.cast(scale / count, p.dtype) for g, p in zip(grads, penalty)]
         return grads
 
-    def _record(self, measured, step, before=None, early=None, active=None):
-        """The statistics of the (merged, unscaled) measurement into the buffer, with those
-        computed before the update (`early`); `before`: the weights before the update
-        (`steps.snapshot`)."""
-        rec = self._statistics
-        values = steps.statistics(measured, self.trainable_variables,
-                                  rec.instruments if active is None else active, before=before, step=step)
-        values.update(early or {})
-        values["loss"] = tf.reduce_mean(measured.moments.losses)
-        with tf.control_dependencies([rec.buffer.record(values, step)]):
+    def _record(self, values, losses, step):
+        """The statistics `values` of a step and its mean loss `losses` (unscaled) into the
+        buffer."""
+        values = {**values, "loss": tf.reduce_mean(losses)}
+        with tf.control_dependencies([self.statistics_hook().recorder.buffer.record(values, step)]):
             return tf.constant(True)
 
     def _tracked_loss(self, local, scale):
         """The loss Keras' compute_loss gives: the batch's mean data loss plus the penalties,
         divided by the replicas (the tracker multiplies back)."""
         penalty = tf.add_n(self.losses) if self.losses else 0.0
-        replicas = self.distribute_strategy.num_replicas_in_sync
-        return (tf.reduce_mean(tf.cast(local.losses, tf.float32)) / scale + penalty) / replicas
+        count = self.distribute_strategy.num_replicas_in_sync
+        return (tf.reduce_mean(tf.cast(local.losses, tf.float32)) / scale + penalty) / count
 
     def _penalty_gradients(self):
         variables = self.trainable_variables

@@ -23,9 +23,9 @@ import math
 import tensorflow as tf
 
 from tfmbgd import losses
+from tfmbgd.engine.fields import flatten, unflatten
+from tfmbgd.engine.moments import gradient_moments
 from tfmbgd.errors import UserError
-from tfmbgd.fields import flatten, unflatten
-from tfmbgd.moments import gradient_moments
 
 ESTIMATORS = ("hutchinson", "exact", "ggn_mc")
 

@@ -1,6 +1,6 @@
 """The per-example gradients of one variable, kept in the cheapest form that is exact.
 
-A layer-wise rule (`tfmbgd.rules`) never needs the `[B, *variable.shape]` per-example
+A layer-wise rule (`tfmbgd.engine.rules`) never needs the `[B, *variable.shape]` per-example
 gradients of a whole model. It describes those of one variable in one of three forms,
 and this module reduces a form to the variable's moments:
 

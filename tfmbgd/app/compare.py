@@ -14,9 +14,12 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from tfmbgd import data, gradients, steps, training
+from tfmbgd import data
+from tfmbgd.engine import gradients
+from tfmbgd.engine.moments import METHODS, gradient_moments
 from tfmbgd.errors import Interrupted
-from tfmbgd.moments import METHODS, gradient_moments
+from tfmbgd.loop import training
+from tfmbgd.loop.update import make_update
 from tfmbgd.stats import variance, variance_traces
 
 TOLERANCE = 1e-5          # float32: ~100 ulps of the largest gradient entry
@@ -108,7 +111,7 @@ def contrast(model, loss_fn, x, y, learning_rate, note=lambda what: None):
         for v, w in zip(variables, initial):
             v.assign(w)
         start = time.perf_counter()
-        steps.make_update(rule, variables, learning_rate)(g_mean)
+        make_update(rule, variables, learning_rate)(g_mean)
         after[rule] = ([v.numpy() for v in variables], time.perf_counter() - start)
     for v, w in zip(variables, initial):
         v.assign(w)

@@ -4,7 +4,7 @@
     for x, y in batches:
         values = cockpit.step(x, y)        # applies the update; {tag: value} of this step
 
-The same maths as `train.py` and `fit` (`tfmbgd.steps`): the batch's gradient moments, the
+The same statistics step as `train.py` and `fit` (`tfmbgd.loop.steps`): the batch's gradient moments, the
 update of their mean with `optimizer` (any Keras optimizer), and the instruments' values.
 Eagerly each call runs a compiled step; inside a caller's `tf.function` it is traced
 there. A two-step instrument (`step/alpha`) returns, at step t + 1, the value that
@@ -13,9 +13,11 @@ describes step t: eagerly `history[t]` holds it under its own step, as TensorBoa
 
 import tensorflow as tf
 
-from tfmbgd import instruments as instruments_lib
-from tfmbgd import losses, steps
+from tfmbgd import losses
 from tfmbgd.errors import UserError
+from tfmbgd.instruments import Panel
+from tfmbgd.loop.steps import Steps
+from tfmbgd.loop.update import optimizer_update
 
 
 class Cockpit:
@@ -35,15 +37,13 @@ class Cockpit:
     def __init__(self, model, loss_fn, optimizer, instruments="economy", method="auto", elementwise=False):
         if not model.built or not model.trainable_variables:
             raise UserError("Cockpit needs a built model with trainable variables: call it on a batch first")
-        from tfmbgd.fit import active_instruments
-        active = active_instruments(optimizer, [instruments] if isinstance(instruments, str) else instruments,
-                                    elementwise)
+        panel = Panel.for_optimizer(optimizer, [instruments] if isinstance(instruments, str) else instruments,
+                                    elementwise=elementwise)
         self.model, self.optimizer = model, optimizer
-        self.steps = steps.Steps(model, loss_fn, steps.optimizer_update(optimizer, model.trainable_variables),
-                                 method=method, classification=loss_fn is losses.crossentropy,
-                                 instruments=active)
+        self.steps = Steps(model, loss_fn, optimizer_update(optimizer, model.trainable_variables),
+                           method=method, classification=loss_fn is losses.crossentropy, instruments=panel)
         self.iteration = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.lags = instruments_lib.lags(active)
+        self.lags = panel.lags
         self.finite_only = self.steps.finite_only
         self.history = {}
         self._compiled = tf.function(self._step)

@@ -1,14 +1,11 @@
-"""Run directories and TensorBoard writers: dicts of numbers in, event files out.
+"""TensorBoard: dicts of numbers in, event files out.
 
-A run lives in `<logdir>/<run-name>/` with one writer per split (`train/`, `test/`). The
-step of every summary is the optimizer step. A new run never reuses a directory.
+A run (`tfmbgd.loop.rundir`) has one writer per split (`train/`, `test/`). The step of
+every summary is the optimizer step. The custom-scalars layout comes from the instruments'
+charts (`tfmbgd.instruments.Panel.charts`).
 """
 
-import datetime
-import errno
 import os
-import re
-import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -16,69 +13,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 
-from tfmbgd import instruments
-from tfmbgd.config import check_logdir
-from tfmbgd.errors import UserError
-from tfmbgd.instruments import Chart
-
-
-def run_name(config, now=None, with_batch=True):
-    """A readable run name from the main settings plus a timestamp."""
-    data = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.dataset.replace("npz:", "npz-").split("/")[-1])
-    batch = "full" if config.batch_size is None else str(config.batch_size)
-    width = "x".join(map(str, config.hidden)) if config.model == "mlp" else ""
-    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    rule = config.update if config.optimizer == "sgd" else f"{config.update}_{config.optimizer}"
-    batch = f"-b{batch}" if with_batch else ""
-    return (f"{data}-{config.model}{width}{batch}-{config.reduction}-{rule}"
-            f"-lr{config.learning_rate:g}-s{config.seed}-{stamp}")
-
-
-def new_run_dir(logdir, name):
-    """Creates and returns `<logdir>/<name>`, adding `-2`, `-3`, ... if it exists already."""
-    check_logdir(logdir)
-    for attempt in range(1, 1000):
-        path = os.path.join(logdir, name if attempt == 1 else f"{name}-{attempt}")
-        try:
-            os.mkdir(path)   # atomic: two runs started in the same second get two directories
-            return path
-        except FileExistsError:
-            continue
-        except OSError as err:
-            raise UserError(f"cannot write in logdir {logdir!r} ({err.strerror}); "
-                            "pass another --logdir") from err
-    raise UserError(f"too many runs named {name!r} in {logdir!r}")
-
-
-def staging_dir(logdir):
-    """A new hidden directory in `logdir` where a run is set up before it gets its name
-    (`publish`): config.json and the first checkpoint, so that a run directory is
-    resumable from the moment it exists under its own name."""
-    check_logdir(logdir)
-    try:
-        path = tempfile.mkdtemp(prefix=".starting-", dir=logdir)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o777 & ~umask)          # as os.mkdir would make it, not mkdtemp's 0700
-        return path
-    except OSError as err:
-        raise UserError(f"cannot write in logdir {logdir!r} ({err.strerror}); pass another --logdir") from err
-
-
-def publish(staged, path):
-    """Renames the directory `staged` to `path`, or `path-2`, `path-3`, ... if that is
-    taken; returns the name it got. A rename is atomic: the run appears whole."""
-    for attempt in range(1, 1000):
-        target = path if attempt == 1 else f"{path}-{attempt}"
-        if os.path.lexists(target):
-            continue
-        try:
-            os.rename(staged, target)     # onto a name another run took meanwhile: it fails
-            return target
-        except OSError as err:
-            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise UserError(f"cannot name the run {target!r} ({err.strerror})") from err
-    raise UserError(f"too many runs named {os.path.basename(path)!r} in {os.path.dirname(path)!r}")
+from tfmbgd.instruments.base import Chart
 
 
 class RunWriters:
@@ -164,7 +99,7 @@ def histogram_rows(values, buckets=30):
     maximum, a value's bucket `floor((v - min) / width)` with the maximum in the last; all
     values equal: zero-width buckets at that value, all counted in the last. TensorBoard's
     version branches with two `tf.cond`s and counts by a `[size, buckets]` one-hot matrix,
-    about 0.1 ms per write on a CPU; a statistics step writes the per-example norms every
+    several ops per write; a statistics step writes the per-example norms every
     time. Here the bucket index is that of `tf.histogram_fixed_width` (which XLA cannot
     compile), counted by a segment sum, and a single value needs no branch. Values are
     counted in float64: from float32 (or narrower) inputs the range `max - min` cannot
@@ -205,20 +140,19 @@ LOSS_CHARTS = (
 )
 
 
-def layout(variable_paths, active=None):
-    """The custom-scalars layout: the loss charts, then the charts of the instruments
-    `active` (default `tfmbgd.instruments.default()`), grouped by category in order."""
-    active = instruments.default() if active is None else active
+def layout(charts=()):
+    """The custom-scalars layout: the loss charts, then `charts` (a run's instruments',
+    `Panel.charts()`), grouped by category in order."""
     categories = {}
-    for c in LOSS_CHARTS + tuple(instruments.charts(active, variable_paths)):
+    for c in LOSS_CHARTS + tuple(charts):
         categories.setdefault(c.category, []).append(layout_pb2.Chart(
             title=c.title, multiline=layout_pb2.MultilineChartContent(tag=list(c.patterns))))
     return layout_pb2.Layout(category=[layout_pb2.Category(title=title, chart=charts)
                                        for title, charts in categories.items()])
 
 
-def write_layout(writer, variable_paths, active=None):
+def write_layout(writer, charts=()):
     """Writes the custom-scalars `layout` with `writer` (once per run)."""
     with writer.as_default():
         tf.summary.experimental.write_raw_pb(
-            custom_scalar.pb(layout(variable_paths, active)).SerializeToString(), step=0)
+            custom_scalar.pb(layout(charts)).SerializeToString(), step=0)

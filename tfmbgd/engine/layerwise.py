@@ -8,8 +8,8 @@ scan follows reads, casts and reshapes to the ops that *use* the value (`MatMul`
 `Conv2D`, `Mul`, `GatherV2`, ...). Those ops' inputs are tensors of the graph; their
 outputs `z` are differentiated with the variables in the same `GradientTape` call, so one
 backward pass gives the batch gradient and every `dL/dz`. A per-op rule
-(`tfmbgd.rules`) turns an op's input and `dL/dz` into the variable's per-example
-gradients in a cheap form (`tfmbgd.forms`). This works the same for Sequential,
+(`tfmbgd.engine.rules`) turns an op's input and `dL/dz` into the variable's per-example
+gradients in a cheap form (`tfmbgd.engine.forms`). This works the same for Sequential,
 functional and subclassed models, nested layers and models, custom layers and any
 activation (the gradient is taken *after* it), and changes nothing in the model. A
 variable used by several ops (a layer called twice, tied weights) sums its uses'
@@ -32,20 +32,14 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from tfmbgd import forms, gradients, rules
+from tfmbgd.engine import forms, gradients, rules
+from tfmbgd.engine.fields import GradientMoments, batch_size_of, from_per_example
 from tfmbgd.errors import UserError
-from tfmbgd.fields import GradientMoments, batch_size_of, from_per_example
 
 # Ops a variable's value passes through unchanged in content and order.
 PASS_THROUGH = {"ReadVariableOp", "Identity", "Cast", "Reshape", "ExpandDims", "Squeeze"}
 # Ops that read a variable without a gradient flowing back through them.
 NO_GRADIENT = {"Shape", "ShapeN", "Size", "Rank", "VariableShape", "VarIsInitializedOp", "StopGradient"}
-
-
-def register(op_type, rule):
-    """Adds (or replaces) the rule for ops of `op_type`: `rule(op, operand, ctx)` returns a
-    `rules.Pending` or a reason string; see `tfmbgd.rules`."""
-    rules.RULES[op_type] = rule
 
 
 class Use(NamedTuple):
@@ -222,7 +216,7 @@ def moments(model, loss_fn, x, y, elementwise=True, strict=False):
     """Gradient moments by the layer-wise rules, with the exact fallback for the rest.
 
     Works eagerly (through a `tf.function` kept per model, loss and tier) and inside a
-    `tf.function`. Returns a `tfmbgd.fields.GradientMoments`.
+    `tf.function`. Returns a `tfmbgd.engine.fields.GradientMoments`.
 
     Raises:
       UserError: `strict` (method "layerwise") and some variable has no rule.

@@ -1,13 +1,13 @@
 """Gradient moments of one mini-batch: the one quantity every statistic is built from.
 
 For every trainable variable v and the per-example gradients `g_n` (unscaled, see
-`tfmbgd.gradients`), the moments are
+`tfmbgd.engine.gradients`), the moments are
 
 - `mean[v]         = (1/B) sum_n g_n,v`      the gradient of the `reduce_mean` loss
 - `sum_sq[v]       = sum_n g_n,v ** 2`       elementwise; the "elementwise tier"
 - `var_norms_sq[v] = [||g_n,v||^2]_n`        `[B]`; the cheap "norm tier"
 
-The type and how its fields merge are in `tfmbgd.fields`; this module chooses the method
+The type and how its fields merge are in `tfmbgd.engine.fields`; this module chooses the method
 that computes them. `tfmbgd.stats` and `tfmbgd.instruments` turn them into variances,
 norms and the rest without touching a tape.
 """
@@ -17,10 +17,9 @@ import weakref
 import keras
 import tensorflow as tf
 
-from tfmbgd import forms, gradients, layerwise
-from tfmbgd.config import GRAD_METHODS as METHODS
-from tfmbgd.errors import UserError
-from tfmbgd.fields import (  # noqa: F401
+from tfmbgd.choices import GRAD_METHODS as METHODS
+from tfmbgd.engine import forms, gradients, layerwise
+from tfmbgd.engine.fields import (  # noqa: F401
     MERGES,
     GradientMoments,
     batch_size_of,
@@ -29,6 +28,7 @@ from tfmbgd.fields import (  # noqa: F401
     pack,
     unpack,
 )
+from tfmbgd.errors import UserError
 from tfmbgd.models import all_layers
 
 
@@ -39,12 +39,12 @@ def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
       model: a Keras model whose variables exist.
       loss_fn: per-example loss `(y_true, y_pred) -> [B]`, unscaled.
       method: how per-example information is obtained; all give the same moments.
-        "auto" (default): the layer-wise rules of `tfmbgd.layerwise` (matrix products,
+        "auto" (default): the layer-wise rules of `tfmbgd.engine.layerwise` (matrix products,
         convolutions, scales and offsets, gathers, in any Keras model), from one backward
         pass, and `vectorized` per-example gradients for the remaining variables
-        (`tfmbgd.layerwise.coverage` says which). "layerwise": the rules only (an error
+        (`tfmbgd.engine.layerwise.coverage` says which). "layerwise": the rules only (an error
         if a variable has none). "vectorized", "jacobian", "loop": from
-        per-example gradients, see `tfmbgd.gradients.per_example_gradients`.
+        per-example gradients, see `tfmbgd.engine.gradients.per_example_gradients`.
       elementwise: also compute `sum_sq` (needed for per-parameter variance and GSNR).
 
     Returns:
@@ -53,7 +53,7 @@ def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
     Raises:
       UserError: an unknown method, a model with BatchNormalization (its training mode
         mixes the examples of a batch, so per-example gradients are not defined), or
-        arguments that cannot work (`tfmbgd.gradients.check_call`).
+        arguments that cannot work (`tfmbgd.engine.gradients.check_call`).
     """
     _check(model, loss_fn, x, y, method)
     if method in ("auto", "layerwise"):       # the rules, with the exact fallback where none applies
@@ -116,7 +116,7 @@ def per_example_dots(model, loss_fn, x, y, vectors=None, method="auto"):
     """`[B]`: the dot product of each example's gradient `g_n` (all variables) with
     `vectors` (a list aligned with `model.trainable_variables`); by default the batch's mean
     gradient, giving `P_n = g_n . mean` of the gradient tests. No per-example gradient is
-    built by the layer-wise rules (see `tfmbgd.forms.project`). Eager or in a `tf.function`."""
+    built by the layer-wise rules (see `tfmbgd.engine.forms.project`). Eager or in a `tf.function`."""
     m, project = measured_moments(model, loss_fn, x, y, method, elementwise=False)
     return project(m.mean if vectors is None else vectors)
 

@@ -13,6 +13,7 @@ from absl import flags
 
 from tfmbgd import config as cfg
 from tfmbgd.errors import SettingError, UserError
+from tfmbgd.loop import rundir
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -61,7 +62,7 @@ def config_from_argv(argv, flag_values=flags.FLAGS):
                 given[field.name] = values[field.name]
         if values["resume"] is None:
             return cfg.TrainConfig(**values)
-        return cfg.resume(values["resume"], given)
+        return rundir.resume_config(values["resume"], given)
     except SettingError as err:
         flag = flag_values[err.setting]
         if not flag.present:

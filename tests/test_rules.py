@@ -1,0 +1,134 @@
+"""The per-op rules (`tfmbgd.engine.rules`), one op family at a time, against numpy maths
+derived by hand: convolutions (matmul by offset), matrix products on sequences, gathers
+(Embedding), the Dense kernels and biases of an MLP; and the convolution rule leaving the
+filter gradient out of the backward pass. (Moved from test_layerwise.py, which checks the
+method as a whole against the single-example loop.)"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_layerwise import PROBLEMS, SPEC, make
+
+from tfmbgd import stats
+from tfmbgd.engine import forms, rules
+from tfmbgd.engine.moments import gradient_moments
+
+
+def numpy_conv_per_example(x, y, kernel_shape, strides, padding, dilation):
+    """Per-example Conv2D kernel gradients of sum(y * conv(x)) by the definition:
+    g[n, i, j, c, o] = sum_{p, q} x_pad[n, p s_h + i d_h, q s_w + j d_w, c] * y[n, p, q, o]."""
+    (kh, kw, _, _), (sh, sw), (dh, dw) = kernel_shape, strides, dilation
+    n, h, w, _ = x.shape
+    _, oh, ow, _ = y.shape
+    if padding == "same":        # TensorFlow's SAME: the extra row/column goes at the end
+        ph = max((oh - 1) * sh + (kh - 1) * dh + 1 - h, 0)
+        pw = max((ow - 1) * sw + (kw - 1) * dw + 1 - w, 0)
+        x = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    g = np.zeros((n,) + tuple(kernel_shape))
+    for i in range(kh):
+        for j in range(kw):
+            window = x[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw, :]
+            g[:, i, j] = np.einsum("npqc,npqo->nco", window, y)
+    return g
+
+
+
+CONV_CASES = [p for p in PROBLEMS if p["id"].startswith("conv_") and p["id"] != "conv_relu"]
+
+
+@pytest.mark.parametrize("spec", CONV_CASES, ids=[p["id"] for p in CONV_CASES])
+def test_conv2d_matches_numpy_definition(spec):
+    model, loss_fn, x, y = make(spec)
+    conv = model.layers[1]
+    g = numpy_conv_per_example(x.numpy(), y.numpy(), conv.kernel.shape, conv.strides, conv.padding,
+                               conv.dilation_rate)
+    m = gradient_moments(model, loss_fn, x, y, method="layerwise")
+    np.testing.assert_allclose(m.mean[0].numpy(), g.mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(m.sum_sq[0].numpy(), (g ** 2).sum(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(m.var_norms_sq[0].numpy(), (g ** 2).sum(axis=(1, 2, 3, 4)), rtol=1e-10)
+    np.testing.assert_allclose(stats.variance(m)[0].numpy(), np.var(g, axis=0, ddof=1), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [4, 2], ids=["per_example_built", "gram"])
+@pytest.mark.parametrize("elementwise", [True, False], ids=["elementwise", "norms"])
+def test_dense_on_sequences_matches_numpy(steps, elementwise):
+    # Input (steps, 5), Dense(3): with T = 2, T^2 <= 5 * 3: the Gram identity for the norms
+    # and cross terms for the elementwise sums (the batch gradient then comes from the
+    # backward pass); with T = 4 the rule builds the per-example gradients and their sum
+    # is the batch gradient.
+    def build():
+        inputs = keras.Input((steps, 5))
+        return keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    model, loss_fn, x, y = make(dict(SPEC["dense_3d"], build=build))
+    assert forms.builds(steps, 5, 3, elementwise) == (steps * steps > 15 or elementwise and steps > 3)
+    g = np.einsum("nti,nto->nio", x.numpy(), y.numpy())   # per-example kernel gradient
+    gb = y.numpy().sum(axis=1)
+    m = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=elementwise)
+    np.testing.assert_allclose(m.mean[0].numpy(), g.mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(m.mean[1].numpy(), gb.mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(m.var_norms_sq[0].numpy(), (g ** 2).sum(axis=(1, 2)), rtol=1e-10)
+    np.testing.assert_allclose(m.var_norms_sq[1].numpy(), (gb ** 2).sum(axis=1), rtol=1e-10)
+    if elementwise:
+        np.testing.assert_allclose(m.sum_sq[0].numpy(), (g ** 2).sum(axis=0), rtol=1e-10)
+
+
+def _used_filter_gradients(fn, *args):
+    """How many Conv2DBackpropFilter ops of `fn`'s graph feed anything. Tracing a Conv2D's
+    gradient creates its filter gradient op either way; one whose output nothing reads is
+    pruned when the function runs, so it is never computed."""
+    graph = tf.function(fn).get_concrete_function(*args).graph
+    return sum(1 for op in graph.get_operations()
+               if op.type == "Conv2DBackpropFilter" and op.outputs[0].consumers())
+
+
+def test_convolution_filter_gradient_is_not_computed_twice():
+    # The conv rule builds the per-example kernel gradients; their sum is the batch
+    # gradient, so the backward pass must not compute the filter gradient as well.
+    model, loss_fn, x, y = make(SPEC["cnn"], dtype="float32")       # cnn: two Conv2D layers
+
+    def plain(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(loss_fn(y, model(x, training=True)))
+        return tape.gradient(loss, model.trainable_variables)
+
+    assert _used_filter_gradients(plain, x, y) == 2                  # the count can fail
+    for elementwise in (True, False):
+        def mean(x, y, elementwise=elementwise):
+            return gradient_moments(model, loss_fn, x, y, "auto", elementwise).mean
+        assert _used_filter_gradients(mean, x, y) == 0
+
+
+def test_embedding_matches_numpy_with_repeated_ids():
+    model, loss_fn, _, y = make(SPEC["embedding"])
+    ids = np.array([[1, 1, 1, 2, 0, 6], [3, 4, 3, 4, 3, 4], [5, 5, 5, 5, 5, 5],
+                    [0, 1, 2, 3, 4, 5], [6, 6, 0, 0, 2, 2]], np.int32)
+    g = np.zeros((5, 7, 3))
+    for n in range(5):
+        for t in range(6):
+            g[n, ids[n, t]] += y.numpy()[n, t]
+    m = gradient_moments(model, loss_fn, tf.constant(ids), y, method="layerwise")
+    np.testing.assert_allclose(m.mean[0].numpy(), g.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(m.sum_sq[0].numpy(), (g ** 2).sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(m.var_norms_sq[0].numpy(), (g ** 2).sum(axis=(1, 2)), rtol=1e-12)
+
+
+def test_dense_mlp_matches_hand_derived_numpy():
+    from test_gradients import numpy_per_example
+    model, loss_fn, x, y = make(SPEC["mlp_tanh"])
+    g = numpy_per_example(model, x.numpy(), y.numpy(), "crossentropy")
+    m = gradient_moments(model, loss_fn, x, y, method="layerwise")
+    for got_mean, got_sq, got_norm, want in zip(m.mean, m.sum_sq, m.var_norms_sq, g):
+        np.testing.assert_allclose(got_mean.numpy(), want.mean(axis=0), rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(got_sq.numpy(), (want ** 2).sum(axis=0), rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(got_norm.numpy(), (want.reshape(5, -1) ** 2).sum(axis=1), rtol=1e-10)
+
+
+def test_every_op_family_has_its_module_and_register_adds_one(monkeypatch):
+    # RULES maps op types to the families' functions; register is the one way in.
+    families = {rule.__module__.rsplit(".", 1)[-1] for rule in rules.RULES.values()}
+    assert families == {"matmul", "conv", "broadcast", "gather"}
+    assert rules.RULES["MatMul"] is rules.matmul and rules.RULES["ResourceGather"] is rules.gather
+    monkeypatch.setitem(rules.RULES, "Fake", None)          # restored after the test
+    rules.register("Fake", rules.broadcast)
+    assert rules.RULES["Fake"] is rules.broadcast

@@ -1,0 +1,35 @@
+"""Variables broadcast over the batch: biases, and the scales and offsets of the
+normalization layers. The per-example gradient is `dz` summed over the broadcast axes."""
+
+import tensorflow as tf
+
+from tfmbgd.engine.forms import Explicit
+from tfmbgd.engine.rules.base import Pending, cast, is_batch
+
+
+def broadcast(op, operand, ctx):
+    """`Mul`, `AddV2`, `Sub`, `BiasAdd` of a variable broadcast over the batch: biases,
+    the scales and offsets of LayerNormalization, GroupNormalization, RMSNormalization.
+    The per-example gradient is `dz` (times the other factor for Mul, negated for the
+    subtrahend) summed over the axes the variable is broadcast along."""
+    z, w = op.outputs[0], op.inputs[operand]
+    rank = z.shape.rank
+    if not is_batch(z, ctx) or not w.shape.is_fully_defined():
+        return "its rows are not examples"
+    if op.type == "BiasAdd":
+        if op.get_attr("data_format").decode() != "NHWC":
+            return "channels_first"
+        shape = [1] * (rank - 1) + list(w.shape)
+    else:
+        shape = [1] * (rank - w.shape.rank) + list(w.shape)
+    if shape[0] != 1:
+        return "the variable has a batch axis"
+    axes = [i for i in range(1, rank) if shape[i] == 1 and z.shape[i] != 1]
+    other = cast(op.inputs[1 - operand], ctx) if op.type == "Mul" else None
+    sign = -1.0 if op.type == "Sub" and operand == 1 else 1.0
+
+    def make(dz):
+        g = cast(dz, ctx)
+        g = g * other if other is not None else g * sign if sign < 0 else g
+        return Explicit(tf.reduce_sum(g, axes, keepdims=True) if axes else g)
+    return Pending(Explicit, make)

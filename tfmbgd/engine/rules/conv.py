@@ -1,0 +1,162 @@
+"""Convolutions: Conv1D/2D/3D (strides, dilations, paddings, groups), transposed and
+depthwise. The per-example filter gradient, one batched matmul per kernel offset over a
+strided window of the padded input (BackPACK's unfolding, without building the patches)."""
+
+import itertools
+
+import tensorflow as tf
+
+from tfmbgd.engine.forms import Explicit
+from tfmbgd.engine.rules.base import Pending, cast, is_batch
+
+
+def _pads(op, size_in, size_out, kernel, strides, dilations):
+    """`[(before, after)]` per spatial axis, as the op pads its input."""
+    padding = op.get_attr("padding").decode()
+    if padding == "VALID":
+        return [(0, 0)] * len(kernel)
+    if padding == "EXPLICIT":
+        flat = op.get_attr("explicit_paddings")
+        return [(flat[2 * i], flat[2 * i + 1]) for i in range(1, len(kernel) + 1)]
+    pads = []       # SAME: the odd pixel goes at the end, as in TensorFlow
+    for n, m, k, s, d in zip(size_in, size_out, kernel, strides, dilations):
+        total = max((m - 1) * s + (k - 1) * d + 1 - n, 0)
+        pads.append((total // 2, total - total // 2))
+    return pads
+
+
+def _conv_geometry(op, x, y, kernel):
+    """`(strides, dilations, pads)` of a convolution op with input-shaped `x`, output-shaped
+    `y`, or a reason."""
+    if op.get_attr("data_format").decode() not in ("NHWC", "NDHWC"):
+        return "channels_first"
+    if not (x.shape[1:].is_fully_defined() and y.shape[1:].is_fully_defined()):
+        return "spatial size unknown until run time"
+    strides, dilations = op.get_attr("strides")[1:-1], op.get_attr("dilations")[1:-1]
+    return strides, dilations, _pads(op, x.shape[1:-1], y.shape[1:-1], kernel, strides, dilations)
+
+
+def convolution(op, operand, ctx):
+    """`Conv2D` (Keras Conv1D and Conv2D, SeparableConv2D's pointwise step), `Conv3D`, and
+    `Conv2DBackpropInput` (Conv2DTranspose: the gradient of a convolution whose input is
+    `dz` and whose output is the op's input). Strides, dilations, paddings, groups."""
+    transpose = op.type == "Conv2DBackpropInput"
+    if operand != 1:
+        return "the variable is not the filter"
+    kernel = tuple(op.inputs[1].shape[:-2])
+    source = op.inputs[0].op
+    if not transpose and (source.type == "SpaceToBatchND" or
+                          source.type == "ExpandDims" and source.inputs[0].op.type == "SpaceToBatchND"):
+        return _dilated(op, kernel, ctx)
+    x, y = (op.outputs[0], op.inputs[2]) if transpose else (op.inputs[0], op.outputs[0])
+    if not is_batch(x, ctx) or not is_batch(y, ctx):
+        return "its rows are not examples"
+    geometry = _conv_geometry(op, x, y, kernel)
+    if isinstance(geometry, str):
+        return geometry
+    groups = x.shape[-1] // op.inputs[1].shape[-2]
+    if transpose and groups != 1:
+        return "a grouped transposed convolution"
+    if transpose:
+        ya = cast(y, ctx)
+        return Pending(Explicit, lambda dz: Explicit(filter_grads(cast(dz, ctx), ya, kernel, *geometry)))
+    xa = cast(x, ctx)
+    grads = lambda a, d: filter_grads(a, d, kernel, *geometry, groups)
+    if kernel[0] == 1 and x.shape[1] == 1:
+        # Conv1D (a Conv2D of height 1): its per-offset products are many small batched
+        # matmuls, which XLA runs faster than TensorFlow's kernels on a CPU; for 2-D
+        # convolutions the XLA cluster measured slower (`benchmarks/step_cost.py --zoo`).
+        grads = tf.function(grads, jit_compile=True, autograph=False)
+    return Pending(Explicit, lambda dz: Explicit(grads(xa, cast(dz, ctx))))
+
+
+def _dilated(op, kernel, ctx):
+    """A dilated convolution as `tf.nn.convolution` builds it: `SpaceToBatchND` (pads the
+    input by `paddings` and splits it into dilation blocks), a VALID convolution, then
+    `BatchToSpaceND` (joins the blocks and crops by `crops`). Per example this is a
+    convolution with dilation `block` of the padded input, cropped: its filter gradient
+    takes the input before the split and the gradient after the join, zero-padded back.
+    A 1-D convolution runs as a 2-D one of height 1 between the split and the join."""
+    to_batch, z = op.inputs[0].op, op.outputs[0]
+    if to_batch.type == "ExpandDims":         # Conv1D: [B, W, C] -> [B, 1, W, C] -> Conv2D -> Squeeze
+        to_batch, kernel = to_batch.inputs[0].op, kernel[1:]
+        squeezes = z.consumers()
+        if len(squeezes) != 1 or squeezes[0].type != "Squeeze":
+            return "a dilated convolution of unknown layout"
+        z = squeezes[0].outputs[0]
+    joins = [c for c in z.consumers() if c.type == "BatchToSpaceND"]
+    if len(joins) != 1 or len(z.consumers()) != 1 or op.get_attr("padding") != b"VALID":
+        return "a dilated convolution of unknown layout"
+    x, out = to_batch.inputs[0], joins[0].outputs[0]
+    block = tf.get_static_value(to_batch.inputs[1])
+    paddings, crops = tf.get_static_value(to_batch.inputs[2]), tf.get_static_value(joins[0].inputs[2])
+    if block is None or paddings is None or crops is None or not is_batch(x, ctx) or not is_batch(out, ctx):
+        return "a dilated convolution of unknown layout"
+    if any(s != 1 for s in op.get_attr("strides")) or not x.shape[1:].is_fully_defined():
+        return "a dilated convolution of unknown layout"
+    pads = [tuple(int(p) for p in pair) for pair in paddings]
+    xa = tf.pad(cast(x, ctx), [[0, 0], *pads, [0, 0]])
+    ones = [1] * len(kernel)
+    groups = x.shape[-1] // op.inputs[1].shape[-2]
+
+    def make(dz):
+        y = tf.pad(cast(dz, ctx), [[0, 0], *[[int(c) for c in pair] for pair in crops], [0, 0]])
+        dilations = [int(d) for d in block]
+        return Explicit(filter_grads(xa, y, kernel, ones, dilations, [(0, 0)] * len(kernel), groups))
+    return Pending(Explicit, make, output=out)
+
+
+def depthwise(op, operand, ctx):
+    """`DepthwiseConv2dNative` (DepthwiseConv2D, SeparableConv2D's depthwise step):
+    `g[n, i, j, c, m] = sum_{p,q} x_pad[n, ., ., c] dz[n, p, q, c M + m]`."""
+    if operand != 1:
+        return "the variable is not the filter"
+    x, y = op.inputs[0], op.outputs[0]
+    kernel = tuple(op.inputs[1].shape[:2])
+    if not is_batch(x, ctx):
+        return "its rows are not examples"
+    geometry = _conv_geometry(op, x, y, kernel)
+    if isinstance(geometry, str):
+        return geometry
+    c, m = op.inputs[1].shape[2], op.inputs[1].shape[3]
+    xa = cast(x, ctx)
+
+    def make(dz):
+        d4 = tf.reshape(cast(dz, ctx), [ctx.b, -1, c, m])
+        return Explicit(tf.stack([tf.einsum("bpc,bpcm->bcm", w, d4)
+                                  for w in _windows(xa, y.shape[1:-1], kernel, *geometry)], axis=1))
+    return Pending(Explicit, make)
+
+
+def _windows(x, out, kernel, strides, dilations, pads):
+    """For each kernel offset, row-major, the input pixels it meets: `[B, positions, c]`."""
+    if any(p != (0, 0) for p in pads):
+        x = tf.pad(x, [[0, 0], *pads, [0, 0]])
+    b = tf.shape(x)[0]
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        index = tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
+                      for o, d, n, s in zip(offset, dilations, out, strides))
+        yield tf.reshape(x[(slice(None),) + index], [b, -1, x.shape[-1]])
+
+
+def filter_grads(x, y, kernel, strides, dilations, pads, groups=1):
+    """Per-example filter gradients `[B, *kernel, c_x / groups, c_y]` of an N-D convolution
+    of `x [B, *spatial, c_x]` whose output gradient is `y [B, *out, c_y]`: at kernel offset
+    o, `g_n[o] = sum_p x_pad[n, p s + o d, :]^T y[n, p, :]`, one batched matmul per offset
+    over a strided window of the padded input (several times faster on a CPU than
+    `tf.image.extract_patches` and one matmul). With one input channel the windows stack
+    into one matmul; with groups, each group's channels meet only their own outputs."""
+    b, c_x, c_y = tf.shape(x)[0], x.shape[-1], y.shape[-1]
+    y3 = tf.reshape(y, [b, -1, c_y])
+    windows = list(_windows(x, y.shape[1:-1], kernel, strides, dilations, pads))
+    if c_x == 1:      # [B, offsets, positions] x [B, positions, c_y]
+        grads = tf.matmul(tf.stack([w[..., 0] for w in windows], axis=1), y3)
+    elif groups == 1:
+        grads = tf.stack([tf.matmul(w, y3, transpose_a=True) for w in windows], axis=1)
+    else:
+        gx, gy = c_x // groups, c_y // groups
+        grads = tf.stack([tf.concat([tf.matmul(w[..., g * gx:(g + 1) * gx], y3[..., g * gy:(g + 1) * gy],
+                                               transpose_a=True) for g in range(groups)], axis=-1)
+                          for w in windows], axis=1)
+    return tf.reshape(grads, [b, *kernel, c_x // groups, c_y])
+
