@@ -9,6 +9,8 @@ import pytest
 
 from conftest import tree_hash, user_env
 
+pytestmark = pytest.mark.slow     # a train.py process per case
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

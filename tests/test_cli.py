@@ -19,6 +19,7 @@ def run_train(*args, timeout=180):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow     # a train.py process
 def test_train_writes_the_documented_tags(tmp_path):
     logdir = tmp_path / "logs"
     before = time.time()
@@ -67,6 +68,7 @@ def _description(event_dir, tag):
     return acc.SummaryMetadata(tag).summary_description
 
 
+@pytest.mark.slow     # a train.py process
 def test_mirrored_on_two_cpu_devices_from_the_command_line(tmp_path):
     """The README's local simulation: the CPU is split before TensorFlow starts."""
     logdir = tmp_path / "logs"
@@ -82,6 +84,7 @@ def test_mirrored_on_two_cpu_devices_from_the_command_line(tmp_path):
     assert "noise_scale/two_batch" not in train
 
 
+@pytest.mark.slow     # a train.py process
 def test_compare_mode_passes_every_row():
     # --epochs does nothing in compare mode: one warning line says so (issue 16)
     proc = run_train("--mode=compare", "--batch_size=8", "--model=cnn", "--epochs=3")

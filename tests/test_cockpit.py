@@ -231,6 +231,7 @@ def test_top_eigenvalue_of_an_indefinite_hessian_with_a_near_tie():
     np.testing.assert_allclose(np.abs(np.ravel(vector[0])), [1, 0, 0], atol=1e-4)
 
 
+@pytest.mark.slow     # many probes, to show the estimator unbiased
 def test_hutchinson_is_v_h_v_and_unbiased():
     model, x, y = _small()
     h = _oracle_hessian(model, losses.crossentropy, x, y)

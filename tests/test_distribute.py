@@ -189,6 +189,7 @@ def _stop_all(procs):
             p.wait()
 
 
+@pytest.mark.slow     # two worker processes
 def test_multi_worker_with_two_processes_matches_one_device(tmp_path):
     flags = ["--epochs=1", "--batch_size=64", "--stats_every=3", "--log_every=1", "--steps_per_call=8",
              "--checkpoint_every=0", "--deterministic"]
@@ -225,6 +226,7 @@ def test_a_run_resumes_on_two_replicas(tmp_path):
         np.testing.assert_allclose(b, a, atol=1e-6)
 
 
+@pytest.mark.slow     # two worker processes
 def test_a_worker_that_stops_ends_the_other_with_one_line(tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()

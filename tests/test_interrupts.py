@@ -13,6 +13,8 @@ import pytest
 
 from conftest import user_env
 
+pytestmark = pytest.mark.slow     # real train.py processes, signalled
+
 ROOT = Path(__file__).resolve().parent.parent
 ACK = "Ctrl-C: stopping after the current call, with a checkpoint; press Ctrl-C again to stop now"
 COMPARING = "Ctrl-C: stopping after the current computation; press Ctrl-C again to stop now"

@@ -67,6 +67,7 @@ def _run(*args):
                            "--epochs=2", *args], capture_output=True, text=True, timeout=180, env=user_env())
 
 
+@pytest.mark.slow     # a train.py process
 def test_diverging_run_stops_with_one_line_and_keeps_good_checkpoints(tmp_path):
     proc = _run("--learning_rate=5", "--checkpoint_every=10", f"--logdir={tmp_path}")
     lines = proc.stderr.strip().splitlines()
@@ -79,6 +80,7 @@ def test_diverging_run_stops_with_one_line_and_keeps_good_checkpoints(tmp_path):
     assert saved and max(saved) <= bad_step
 
 
+@pytest.mark.slow     # a train.py process
 def test_skip_mode_logs_the_count(tmp_path):
     proc = _run("--learning_rate=5", "--on_nonfinite=skip", "--log_every=1", f"--logdir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]

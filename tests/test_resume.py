@@ -13,6 +13,8 @@ import pytest
 
 from conftest import tree_hash, user_env
 
+pytestmark = pytest.mark.slow     # real train.py processes, killed and resumed
+
 ROOT = Path(__file__).resolve().parent.parent
 # Six epochs: the run trains for about 4 s after its first checkpoint, well past the
 # random delay before an interrupt (with three, a slow start left under 1.5 s, and a signal

@@ -14,6 +14,8 @@ import pytest
 from tfmbgd.app import study
 from tfmbgd.config import TrainConfig
 
+pytestmark = pytest.mark.slow     # a real TensorBoard server over a study
+
 SCALAR_TAGS = ["loss", "accuracy", "grad/norm", "grad/norm/hidden_1/kernel", "grad_var/trace",
                "grad_var/hidden_1/kernel", "grad_var/of_mean", "grad_snr/mean_gsnr",
                "noise_scale/simple", "loss_by/examples_seen", "loss_by/milliseconds", "batch_size"]

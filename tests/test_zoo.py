@@ -1,4 +1,4 @@
-"""The layer-wise rules on the models users bring (`tfmbgd.zoo`) and on every layer with a
+"""The layer-wise rules on the models users bring (`tests/zoo.py`) and on every layer with a
 rule, against the single-example loop and against per-example gradients derived by hand
 in numpy."""
 

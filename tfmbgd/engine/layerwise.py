@@ -117,7 +117,7 @@ def _variable_moments(v, uses, dzs, b, elementwise):
     """`(sum_sq, norms_sq, mean-or-None, parts)` of one variable from its uses' output
     gradients; `parts`: its uses' `(form, shape, scale)` for a `forms.Projector`."""
     checks = [tf.debugging.assert_equal(tf.shape(t)[0], b, message=(
-        f"tfmbgd.layerwise: the leading axis of {t.name} is not the batch, as its rule assumed; "
+        f"tfmbgd.engine.layerwise: the leading axis of {t.name} is not the batch, as its rule assumed; "
         "use method vectorized for this model and report it")) for u in uses for t in u.checks]
     with tf.control_dependencies(checks):
         made = [(u, u.pending.make(dz)) for u, dz in zip(uses, dzs) if dz is not None]

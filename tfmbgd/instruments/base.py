@@ -181,7 +181,7 @@ class Measurement:
         """`value`, or a clear error when the step did not provide the `need`."""
         if value is None:
             raise UserError(f"an instrument needs {need!r} from the step, which did not provide it "
-                            "(steps.measure and steps.statistics provide it when the needs say so)")
+                            "(steps.measure and steps.statistics_step provide it when the needs say so)")
         return value
 
     def b(self, dtype):
