@@ -17,7 +17,7 @@ from tfmbgd.engine import gradients, hessian
 from tfmbgd.engine.moments import measured_moments, per_example_dots
 from tfmbgd.errors import UserError
 from tfmbgd.instruments import Cockpit
-from tfmbgd.instruments.step import fit_alpha
+from tfmbgd.instruments.trajectory import fit_alpha
 from tfmbgd.loop import steps, training
 from tfmbgd.loop.update import make_update
 

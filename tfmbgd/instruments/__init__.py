@@ -15,9 +15,9 @@ built-ins (the first seven are on by default; the rest by name or preset):
 | `per_example_norms` | `norms` | `per_example_grad_norm` (histogram) |
 | `batch_size` | `batch_size` | `batch_size` |
 | `gsnr_biased` | `gsnr` | `grad_snr/mean_gsnr_biased`, Cockpit's MeanGSNR (elementwise) |
-| `update_size` | `step` | `step/update_size[/<path>]`: norm of the update applied |
-| `distance` | `step` | `step/distance[/<path>]`: distance from the initial weights |
-| `alpha` | `step` | `step/alpha`: Cockpit's noise-aware quadratic fit (two-step) |
+| `update_size` | `trajectory` | `step/update_size[/<path>]`: norm of the update applied |
+| `distance` | `trajectory` | `step/distance[/<path>]`: distance from the initial weights |
+| `alpha` | `trajectory` | `step/alpha`: Cockpit's noise-aware quadratic fit (two-step) |
 | `norm_test` | `gradient_tests` | `grad_test/norm` |
 | `inner_test` | `gradient_tests` | `grad_test/inner` |
 | `ortho_test` | `gradient_tests` | `grad_test/ortho` |
@@ -72,7 +72,7 @@ from tfmbgd.instruments.registry import (  # noqa: F401
     register,
 )
 from tfmbgd.instruments.sgd import CABS, EarlyStopping  # noqa: F401
-from tfmbgd.instruments.step import Alpha, Distance, UpdateSize  # noqa: F401
+from tfmbgd.instruments.trajectory import Alpha, Distance, UpdateSize  # noqa: F401
 from tfmbgd.instruments.variance import VarianceTrace  # noqa: F401
 
 

@@ -9,7 +9,7 @@ from tfmbgd.instruments.hists import GradHist1d, GradHist2d
 from tfmbgd.instruments.noise_scale import NoiseScale, TwoBatchNoiseScale
 from tfmbgd.instruments.norms import GradientNorm, PerExampleNorms
 from tfmbgd.instruments.sgd import CABS, EarlyStopping
-from tfmbgd.instruments.step import Alpha, Distance, UpdateSize
+from tfmbgd.instruments.trajectory import Alpha, Distance, UpdateSize
 from tfmbgd.instruments.variance import VarianceTrace
 
 REGISTRY = {}
