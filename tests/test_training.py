@@ -200,7 +200,7 @@ def test_statistics_steps_of_the_loop_take_the_rules_not_the_fallback(tmp_path, 
     # found in that nested graph, or the exact but slow fallback would quietly take over.
     def fallback(*args, **kwargs):
         raise AssertionError("the per-example fallback ran")
-    monkeypatch.setattr(layerwise.gradients, "per_example", fallback)
+    monkeypatch.setattr(layerwise.gradients, "unvectorized", fallback)
     dataset, batch = (tiny_npz, 8) if model == "mlp" else ("digits", 256)      # cnn: images
     result = training.train(_config(tmp_path, dataset, batch_size=batch, epochs=1, stats_every=2,
                                     steps_per_call=4, model=model), verbose=0)

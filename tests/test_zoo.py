@@ -264,15 +264,20 @@ def test_tied_weights_sum_their_uses_before_squaring():
     assert_close(got, oracle, rtol=1e-10)
 
 
-def test_grouped_convolution_is_named_as_not_covered():
+def test_grouped_convolution_is_named_as_not_covered_and_takes_the_fallback():
     # Keras compiles grouped convolutions into a function call of their own: the scan
-    # cannot see inside it, and coverage says so. (TensorFlow's pfor then fails on that
-    # call's filter gradient, so only method "loop" computes its moments today.)
+    # cannot see inside it, and coverage says so. TensorFlow's pfor fails on that call's
+    # filter gradient; the fallback's backward passes in a while loop do not.
     model, loss_fn, x, y = make(dict(build=_single(lambda: L.Conv1D(4, 3, groups=2), (7, 2)), loss="linear"))
     cover = layerwise.coverage(model)
     kernel, bias = (v.path for v in model.trainable_variables)
     assert "PartitionedCall" in cover[kernel] and cover[bias] is None
-    assert layerwise.describe(cover).endswith(f"exact per-example fallback for {kernel} ({cover[kernel]})")
+    assert layerwise.describe(cover).endswith(
+        f"exact per-example fallback (B backward passes, not vectorized) for {kernel} ({cover[kernel]})")
+    oracle = gradient_moments(model, loss_fn, x, y, method="loop")
+    assert_close(gradient_moments(model, loss_fn, x, y, method="auto"), oracle, rtol=1e-10)
+    assert_close(tf.function(lambda x, y: gradient_moments(model, loss_fn, x, y, method="auto"))(x, y),
+                 oracle, rtol=1e-10)
 
 
 def test_example_gradients_take_a_dict_of_inputs():

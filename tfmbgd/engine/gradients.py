@@ -177,6 +177,21 @@ def _jacobian(model, loss_fn, x, y, variables):
     return PerExample(losses, outputs, grads)
 
 
+def unvectorized(model, loss_fn, x, y, variables):
+    """Per-example gradients of `variables` only, by one forward pass and a `tf.while_loop`
+    of B backward passes (`tape.jacobian` without pfor): the fallback of the layer-wise
+    method. Never `tf.vectorized_map` (pfor), which has corrupted the heap and killed the
+    process on KerasHub transformers (GPT-2, BERT, Gemma: SIGSEGV, SIGABRT); a fallback
+    must not be able to take the process down. Returns a `PerExample`."""
+    with tf.GradientTape() as tape:
+        outputs = model(x, training=True)
+        losses = loss_fn(y, outputs)
+    jacobians = tape.jacobian(losses, variables, experimental_use_pfor=False)
+    grads = [tf.zeros(tf.concat([tf.shape(losses), tf.shape(v)], 0), dtype=v.dtype) if g is None else g
+             for v, g in zip(variables, jacobians)]
+    return PerExample(losses, outputs, grads)
+
+
 def _loop(model, loss_fn, x, y, variables):
     fn = _example_fn(model, loss_fn, variables)
     # The first example fixes the dtypes and shapes of the rest, for any model.

@@ -22,8 +22,10 @@ costly as the per-example gradients, is never computed (TensorFlow prunes the un
 
 What it cannot see: a variable read by an op without a rule (`rules.RULES`), by an op that
 mixes the examples of a batch, or inside a nested function call (Keras compiles grouped
-1-D convolutions so) takes the exact fallback: per-example gradients by
-`tf.vectorized_map`, for those variables only. `coverage` says which variables do, and why.
+1-D convolutions so) takes the exact fallback: per-example gradients of those variables
+only, by B backward passes in a `tf.while_loop` (`gradients.unvectorized`; never
+`tf.vectorized_map`, which can crash the process). `coverage` says which variables do, and
+why.
 """
 
 import math
@@ -194,12 +196,12 @@ def _traced_moments(model, loss_fn, x, y, elementwise, strict, projector=False):
 
 
 def _fallback_moments(model, loss_fn, x, y, indices, elementwise, sum_sq, norms, parts):
-    """Fills `sum_sq`, `norms` and the projector's `parts` at `indices` from `vectorized`
-    per-example gradients of those variables only (their mean comes from the one backward
-    pass)."""
+    """Fills `sum_sq`, `norms` and the projector's `parts` at `indices` from the per-example
+    gradients of those variables only (`gradients.unvectorized`; their mean comes from the
+    one backward pass)."""
     variables = model.trainable_variables
     rest = [variables[i] for i in indices]
-    per_ex = gradients.per_example(model, loss_fn, x, y, "vectorized", variables=rest)
+    per_ex = gradients.unvectorized(model, loss_fn, x, y, rest)
     per_ex = per_ex._replace(gradients=[tf.cast(g, v.dtype) for g, v in zip(per_ex.gradients, rest)])
     m = from_per_example(per_ex, elementwise)     # its mean is unused: TensorFlow prunes it
     for k, i in enumerate(indices):
@@ -281,5 +283,6 @@ def describe(cover):
     slow = {path: why for path, why in cover.items() if why is not None}
     line = f"gradient statistics: {len(cover) - len(slow)} of {len(cover)} variables by the layer-wise rules"
     if slow:
-        line += "; exact per-example fallback for " + ", ".join(f"{p} ({w})" for p, w in slow.items())
+        line += ("; exact per-example fallback (B backward passes, not vectorized) for "
+                 + ", ".join(f"{p} ({w})" for p, w in slow.items()))
     return line

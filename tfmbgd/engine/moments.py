@@ -41,8 +41,9 @@ def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
       method: how per-example information is obtained; all give the same moments.
         "auto" (default): the layer-wise rules of `tfmbgd.engine.layerwise` (matrix products,
         convolutions, scales and offsets, gathers, in any Keras model), from one backward
-        pass, and `vectorized` per-example gradients for the remaining variables
-        (`tfmbgd.engine.layerwise.coverage` says which). "layerwise": the rules only (an error
+        pass, and per-example gradients of the remaining variables by B backward passes
+        (`tfmbgd.engine.gradients.unvectorized`; `tfmbgd.engine.layerwise.coverage` says
+        which). "layerwise": the rules only (an error
         if a variable has none). "vectorized", "jacobian", "loop": from
         per-example gradients, see `tfmbgd.engine.gradients.per_example_gradients`.
       elementwise: also compute `sum_sq` (needed for per-parameter variance and GSNR).
