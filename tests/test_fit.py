@@ -289,3 +289,95 @@ def test_fit_called_epoch_by_epoch_traces_once_and_a_fit_without_statistics_writ
     assert [s for s, _ in read_scalars(tmp_path / "train")["grad/norm"]] == [0, 3, 6]
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[statistics])   # 12-15
     assert [s for s, _ in read_scalars(tmp_path / "train")["grad/norm"]] == [0, 3, 6, 12, 15]
+
+
+def _weighted_oracle(twin, x, y, w):
+    """The statistics of one step of Keras' weighted loss `mean_n w_n l_n`, written out: each
+    example's gradient by its own tape, times its weight (numpy), then the moments' maths by
+    hand. Nothing of tfmbgd's moments or fit."""
+    per_example = []
+    for n in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = w[n] * losses.crossentropy(y[n:n + 1], twin(x[n:n + 1]))[0]
+        grads = tape.gradient(loss, twin.trainable_variables)
+        per_example.append(np.concatenate([g.numpy().ravel() for g in grads]))
+    g = np.stack(per_example)
+    b, mean = len(x), g.mean(axis=0)
+    loss = np.mean([w[n] * float(losses.crossentropy(y[n:n + 1], twin(x[n:n + 1]))[0]) for n in range(b)])
+    return {"grad/norm": np.linalg.norm(mean), "grad_var/trace": np.sum(np.var(g, axis=0, ddof=1)),
+            "loss": loss}
+
+
+@pytest.mark.parametrize("how", ["sample_weight", "class_weight"])
+def test_fit_with_sample_or_class_weights_measures_kerass_weighted_loss(tmp_path, how):
+    x, y = _data(n=16)
+    weights = {0: 0.5, 1: 2.0, 2: 1.0}
+    w = np.array([weights[c] for c in y], np.float32) if how == "class_weight" else \
+        np.random.default_rng(1).uniform(0, 2, size=16).astype(np.float32)
+    model = fit.with_statistics(models.build("mlp", (6,), 3, hidden=(8,), seed=5))
+    model.compile(optimizer=optimizers.MiniBatchSGD(0.1), loss=CE)
+    twin = models.build("mlp", (6,), 3, hidden=(8,), seed=5)
+    want = _weighted_oracle(twin, x, y, w)
+    given = dict(sample_weight=w) if how == "sample_weight" else dict(class_weight=weights)
+    history = model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, **given,
+                        callbacks=[tfmbgd_callbacks.GradientStatistics(str(tmp_path), freq=1)])
+    written = read_scalars(tmp_path / "train")
+    for tag in ("grad/norm", "grad_var/trace", "loss"):
+        assert written[tag][0][0] == 0
+        assert written[tag][0][1] == pytest.approx(want[tag], rel=1e-4), tag
+    assert history.history["loss"][0] == pytest.approx(want["loss"], rel=1e-5)   # Keras' own, the same
+    # and the update is SGD on Keras' weighted loss: the twin by hand
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(w * losses.crossentropy(y, twin(x)))
+    for v, g in zip(twin.trainable_variables, tape.gradient(loss, twin.trainable_variables)):
+        v.assign_sub(0.1 * g)
+    for a, b in zip(model.get_weights(), twin.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_token_mask_weighs_each_examples_tokens():
+    # [B, T] per-token losses with a [B, T] mask: example n's loss is the mean over its T
+    # tokens of mask * loss, as Keras' default reduction makes it (sum / (B T)).
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, size=(3, 5)).astype(np.int32)
+    logits = tf.constant(rng.normal(size=(3, 5, 4)).astype(np.float32))
+    mask = (rng.uniform(size=(3, 5)) > 0.3).astype(np.float32)
+    values = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)(y, logits).numpy()
+    per_token = lambda t, p: keras.losses.sparse_categorical_crossentropy(t, p, from_logits=True)
+    loss_fn, packed = losses.weighted(per_token, tf.constant(y), tf.constant(mask))
+    got = loss_fn(packed, logits).numpy()
+    np.testing.assert_allclose(got, (values * mask).mean(axis=1), rtol=1e-6)
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits, sample_weight=mask)
+    assert float(np.mean(got)) == pytest.approx(float(keras_loss), rel=1e-6)
+
+
+def test_a_keras_hub_causal_lm_with_its_padding_mask_logs_statistics(tmp_path):
+    # KerasHub's preprocessor hands a causal LM its padding mask as sample_weight ([B, T]);
+    # the statistics are those of Keras' masked loss (the oracle: Keras' own loss, by a tape).
+    keras_hub = pytest.importorskip("keras_hub")
+
+    def build():
+        keras.utils.set_random_seed(0)
+        backbone = keras_hub.models.GPT2Backbone(vocabulary_size=30, num_layers=1, num_heads=2, hidden_dim=8,
+                                                 intermediate_dim=16, max_sequence_length=8, dropout=0.0)
+        return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 30, size=(4, 9)).astype(np.int32)
+    mask = np.ones((4, 8), np.int32)
+    mask[1, 5:], mask[3, 2:] = 0, 0                    # two padded sequences
+    x = {"token_ids": tokens[:, :-1] * mask, "padding_mask": mask}
+    y, w = tokens[:, 1:] * mask, mask.astype(np.float32)
+    model = fit.with_statistics(build())
+    model.compile(optimizer=optimizers.MiniBatchSGD(0.1), loss=CE)
+    history = model.fit(x, y, sample_weight=w, batch_size=4, epochs=1, verbose=0,
+                        callbacks=[tfmbgd_callbacks.GradientStatistics(str(tmp_path), freq=1)])
+    written = read_scalars(tmp_path / "train")
+    twin = build()
+    with tf.GradientTape() as tape:
+        loss = CE(y, twin(x), sample_weight=w)
+    grads = tape.gradient(loss, twin.trainable_variables)
+    norm = float(tf.linalg.global_norm([tf.convert_to_tensor(g) for g in grads]))
+    assert written["loss"][0] == (0, pytest.approx(float(loss), rel=1e-5))
+    assert history.history["loss"][0] == pytest.approx(float(loss), rel=1e-5)
+    assert written["grad/norm"][0] == (0, pytest.approx(norm, rel=1e-4))
+    assert written["grad_var/trace"][0][1] > 0

@@ -34,6 +34,7 @@ import tensorflow as tf
 from tfmbgd.engine import fields as moments_lib
 from tfmbgd.engine.gradients import dense_gradients
 from tfmbgd.engine.moments import gradient_moments
+from tfmbgd.losses import weighted
 
 
 class Unsummed(NamedTuple):
@@ -128,7 +129,7 @@ class Replicas:
         layout = {}        # the packed fields' structure, recorded when the replica is traced
 
         def replica(x, y, w):
-            weighted_loss, packed = _weighted(loss_fn, y, w)
+            weighted_loss, packed = weighted(loss_fn, y, w)
             m = gradient_moments(model, weighted_loss, x, packed, method, elementwise)
             added, joined = moments_lib.pack(m)         # merged as moments_lib.MERGES says
             spec = lambda t: tf.TensorSpec(t.shape, t.dtype)
@@ -191,21 +192,3 @@ def merge_flat(ctx, sums, rows, variables, elementwise):
         mean=[p / tf.cast(batch, p.dtype) for p in parts[:count]], sum_sq=parts[count:] or None,
         var_norms_sq=tf.unstack(rows[:, :count], axis=1), losses=rows[:, count], outputs=None,
         batch_size=batch)
-
-
-
-def _weighted(loss_fn, y, w):
-    """`(loss_fn', y')`: `y` with the example weights `w` as one more column, and the loss
-    that unpacks them and weighs each example's loss. Packed into `y`, the weights travel
-    with their examples through every per-example method (vectorized, loop, ...).
-    float64 holds labels and float32 or float64 targets exactly."""
-    dtype, tail = y.dtype, list(y.shape[1:])
-    width = math.prod(tail)
-    packed = tf.concat([tf.reshape(tf.cast(y, tf.float64), [-1, width]),
-                        tf.cast(w, tf.float64)[:, None]], axis=1)
-
-    def weighted(packed, outputs):
-        y = tf.reshape(tf.cast(packed[:, :-1], dtype), [-1, *tail])
-        per_example = loss_fn(y, outputs)
-        return per_example * tf.cast(packed[:, -1], per_example.dtype)
-    return weighted, packed

@@ -23,14 +23,16 @@ the values go into a `tfmbgd.loop.buffer.StatisticsBuffer`, and the callback wri
 each execution. Under a `tf.distribute` strategy each replica measures its share and the
 moments are merged into those of the global batch (`tfmbgd.engine.replicas.merge_flat`). With a
 `LossScaleOptimizer` (Keras' `mixed_float16`) the moments are taken of the scaled loss, as
-Keras' own step takes its gradient, and divided by the scale before any statistic. Sample
-weights and activity regularizers are refused on statistics steps: the moments are of the
-unweighted per-example data loss.
+Keras' own step takes its gradient, and divided by the scale before any statistic. With
+sample weights, class weights or a token mask, the per-example loss is weighted as Keras'
+default reduction weighs it (`tfmbgd.losses.weighted`), so the moments' mean is the gradient
+Keras applies. Activity regularizers are refused on statistics steps.
 """
 
 import keras
 import tensorflow as tf
 
+from tfmbgd import losses
 from tfmbgd.engine import fields, gradients, layerwise, replicas
 from tfmbgd.errors import UserError
 from tfmbgd.fit.callback import GradientStatistics
@@ -205,19 +207,28 @@ class GradientStatisticsMixin:
     def _statistics_step(self, x, y, sample_weight, step, panel):
         """One device: measure, then the statistics step of `panel` (`steps.statistics_step`)
         around the optimizer's update, and record the values."""
-        measured, scale = self._measure(x, y, sample_weight, panel.needs)
+        loss_fn, targets = self._weighted_loss(y, sample_weight)
+        measured, scale = self._measure(x, targets, loss_fn, panel.needs)
         local, unscaled = measured.moments, self._unscaled(measured, scale)
         variables = self.trainable_variables
         update = lambda: self.optimizer.apply_gradients(zip(self._update(local, 1.0, scale), variables))
         values = steps.statistics_step(unscaled, panel, update, variables=variables, step=step,
-                                       batch=(self, self._data_loss(), x, y))
+                                       batch=(self, loss_fn, x, targets))
         self._record(values, unscaled.moments.losses, step)
         return self._tracked_loss(local, scale), local.outputs
 
-    def _data_loss(self):
-        """The per-example data loss, in float32 (the statistics' loss)."""
+    def _weighted_loss(self, y, sample_weight):
+        """`(loss_fn, targets)`: the per-example data loss in float32 (the statistics' loss),
+        each example's values averaged as Keras' default reduction does, and the targets it
+        takes. With `sample_weight` (a `[B]` weight, class weights turned into one by Keras,
+        or a `[B, T]` mask) the values are weighted as Keras weighs them and the weights
+        are packed into the targets (`tfmbgd.losses.weighted`): the mean of the per-example
+        losses is the loss Keras optimizes."""
         data_loss = self.statistics_hook().recorder.settings.loss or per_example_loss(self.loss)
-        return lambda y_true, y_pred: tf.cast(data_loss(y_true, y_pred), tf.float32)
+        values = lambda y_true, y_pred: tf.cast(data_loss(y_true, y_pred), tf.float32)
+        if sample_weight is None:
+            return lambda y_true, y_pred: losses.per_example_mean(values(y_true, y_pred)), y
+        return losses.weighted(values, y, sample_weight)
 
     @staticmethod
     def _unscaled(measured, scale):
@@ -241,7 +252,8 @@ class GradientStatisticsMixin:
         share = tf.cast(batch, tf.float32) / ctx.all_reduce("SUM", tf.cast(batch, tf.float32))
 
         def measured():
-            local, scale = self._measure(x, y, sample_weight, rec.panel.needs)
+            loss_fn, targets = self._weighted_loss(y, sample_weight)
+            local, scale = self._measure(x, targets, loss_fn, rec.panel.needs)
             local = local.moments
             sums, rows = replicas.flat_for_merge(local)
             grads = self._update(local, share, scale)
@@ -264,16 +276,13 @@ class GradientStatisticsMixin:
         tf.cond(due, record, lambda: tf.constant(False))
         return loss, y_pred
 
-    def _measure(self, x, y, sample_weight, needs):
-        """The moments of this replica's batch, of the loss times the optimizer's loss scale
-        (a LossScaleOptimizer's, 1 otherwise: as Keras takes its gradient, so that float16
-        gradients do not underflow); `(measured, scale)`."""
+    def _measure(self, x, y, data_loss, needs):
+        """The moments of this replica's batch under the per-example `data_loss`, of the loss
+        times the optimizer's loss scale (a LossScaleOptimizer's, 1 otherwise: as Keras
+        takes its gradient, so that float16 gradients do not underflow); `(measured, scale)`."""
         rec = self.statistics_hook().recorder
-        if sample_weight is not None:
-            raise UserError("gradient statistics take no sample weights")
         if any(getattr(layer, "activity_regularizer", None) for layer in all_layers(self)):
             raise UserError("gradient statistics do not support activity regularizers")
-        data_loss = self._data_loss()
         scale = tf.cast(self.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
         # float32 before the scale (2^15 at first): 16-bit losses times it would overflow
         loss_fn = lambda y_true, y_pred: data_loss(y_true, y_pred) * scale
