@@ -132,3 +132,34 @@ def test_every_op_family_has_its_module_and_register_adds_one(monkeypatch):
     monkeypatch.setitem(rules.RULES, "Fake", None)          # restored after the test
     rules.register("Fake", rules.broadcast)
     assert rules.RULES["Fake"] is rules.broadcast
+
+
+class _Positions(keras.layers.Layer):
+    """A table of positions, sliced to the sequence and broadcast over the batch, as KerasHub's
+    PositionEmbedding does (Slice, then BroadcastTo)."""
+
+    def build(self, shape):
+        self.table = self.add_weight(shape=(7, shape[-1]), initializer="random_normal")
+
+    def call(self, x):
+        rows = keras.ops.slice(self.table, (2, 0), (x.shape[1], x.shape[-1]))
+        return x + keras.ops.broadcast_to(rows, keras.ops.shape(x))
+
+
+def test_a_sliced_table_broadcast_over_the_batch_takes_the_rules():
+    def build():
+        inputs = keras.Input((4, 3))
+        return keras.Model(inputs, keras.layers.Dense(2)(_Positions()(inputs)))
+    model, loss_fn, x, y = make(dict(SPEC["dense_3d"], build=build))
+    table = model.layers[1].table
+    assert rules.RULES["BroadcastTo"] is rules.broadcast_to
+    # by hand: example n's gradient of the table is dz_n at rows 2..5, zero elsewhere, with
+    # dz_n = y_n W^T (the linear loss's output gradient through the Dense kernel)
+    kernel = model.layers[2].kernel.numpy()
+    g = np.zeros((len(x), 7, 3))
+    g[:, 2:6] = np.einsum("nto,io->nti", y.numpy(), kernel)
+    m = gradient_moments(model, loss_fn, x, y, method="layerwise")     # every variable by a rule
+    i = [v.path for v in model.trainable_variables].index(table.path)
+    np.testing.assert_allclose(m.mean[i].numpy(), g.mean(axis=0), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(m.sum_sq[i].numpy(), (g ** 2).sum(axis=0), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(m.var_norms_sq[i].numpy(), (g ** 2).sum(axis=(1, 2)), rtol=1e-10)

@@ -40,6 +40,9 @@ from tfmbgd.errors import UserError
 
 # Ops a variable's value passes through unchanged in content and order.
 PASS_THROUGH = {"ReadVariableOp", "Identity", "Cast", "Reshape", "ExpandDims", "Squeeze"}
+# Ops that pass part of a variable's value on unchanged (KerasHub's position embeddings):
+# followed with the slice's place remembered, so its per-example gradients are padded back.
+SLICES = {"Slice"}
 # Ops that read a variable without a gradient flowing back through them.
 NO_GRADIENT = {"Shape", "ShapeN", "Size", "Rank", "VariableShape", "VarIsInitializedOp", "StopGradient"}
 
@@ -65,16 +68,44 @@ def _handle(graph, variable):
     return None if outer is None or outer is handle else captured.get(id(outer))
 
 
+def _slice(op, t, cut):
+    """`(full shape, pads)` of a `Slice` of the variable's value `t` with static bounds, or a
+    reason. `cut`: the slice already on the way (a second one is not followed)."""
+    begin, size = tf.get_static_value(op.inputs[1]), tf.get_static_value(op.inputs[2])
+    if cut is not None or begin is None or size is None or not t.shape.is_fully_defined():
+        return "used by Slice: not one slice of static bounds"
+    full = tuple(t.shape)
+    size = [n - b if s == -1 else s for b, s, n in zip(begin, size, full)]
+    return full, [(int(b), int(n - b - s)) for b, s, n in zip(begin, size, full)]
+
+
+def _padded(pending, sliced, cut):
+    """`pending` of a slice of the variable, its per-example gradients padded with zeros back
+    to the whole value (`cut`: the value's shape and the slice's pads)."""
+    def make(dz):
+        g = forms.explicit(pending.make(dz), sliced)
+        return forms.Explicit(tf.pad(g, [[0, 0], *cut[1]]))
+    return rules.Pending(forms.Explicit, make, output=pending.output)
+
+
 def _uses(variable, handle, forward, batch, b):
     """The `Use`s of `variable` among the ops named in `forward`, or why it has none we can tap."""
-    uses, front = [], [handle]
+    uses, front = [], [(handle, None)]      # (tensor, the slice on the way: (full shape, pads))
     while front:
-        t = front.pop()
+        t, cut = front.pop()
         for op in t.consumers():
             if op.name not in forward or op.type in NO_GRADIENT:
                 continue
             if op.type in PASS_THROUGH:
-                front.append(op.outputs[0])
+                if cut is not None and op.type not in ("ReadVariableOp", "Identity", "Cast"):
+                    return f"used by {op.type} after a Slice: no rule"
+                front.append((op.outputs[0], cut))
+                continue
+            if op.type in SLICES and op.inputs[0].name == t.name:
+                cut = _slice(op, t, cut)
+                if isinstance(cut, str):
+                    return cut
+                front.append((op.outputs[0], cut))
                 continue
             rule = rules.RULES.get(op.type)
             if rule is None:
@@ -85,6 +116,8 @@ def _uses(variable, handle, forward, batch, b):
                 if isinstance(pending, str):
                     return f"used by {op.type}: {pending}"
                 shape = tuple(variable.shape) if t.dtype == tf.resource else tuple(t.shape)
+                if cut is not None:
+                    pending, shape = _padded(pending, shape, cut), cut[0]
                 uses.append(Use(shape, pending, op.outputs[0] if pending.output is None else pending.output,
                                 ctx.checks))
     return uses

@@ -23,7 +23,7 @@ module here plus one `register` line.
 """
 
 from tfmbgd.engine.rules.base import Context, Pending  # noqa: F401  (what a rule takes and returns)
-from tfmbgd.engine.rules.broadcast import broadcast
+from tfmbgd.engine.rules.broadcast import broadcast, broadcast_to
 from tfmbgd.engine.rules.conv import convolution, depthwise, filter_grads  # noqa: F401
 from tfmbgd.engine.rules.gather import gather
 from tfmbgd.engine.rules.matmul import matmul
@@ -41,6 +41,7 @@ for _types, _rule in ((("MatMul", "BatchMatMulV2", "BatchMatMulV3"), matmul),
                       (("Conv2D", "Conv3D", "Conv2DBackpropInput"), convolution),
                       (("DepthwiseConv2dNative",), depthwise),
                       (("Mul", "AddV2", "Add", "Sub", "BiasAdd"), broadcast),
+                      (("BroadcastTo",), broadcast_to),
                       (("GatherV2", "ResourceGather"), gather)):
     for _type in _types:
         register(_type, _rule)

@@ -1,5 +1,6 @@
-"""Variables broadcast over the batch: biases, and the scales and offsets of the
-normalization layers. The per-example gradient is `dz` summed over the broadcast axes."""
+"""Variables broadcast over the batch: biases, the scales and offsets of the normalization
+layers, and values broadcast to a batch's shape (KerasHub's position embeddings). The
+per-example gradient is `dz` summed over the broadcast axes."""
 
 import tensorflow as tf
 
@@ -31,5 +32,25 @@ def broadcast(op, operand, ctx):
     def make(dz):
         g = cast(dz, ctx)
         g = g * other if other is not None else g * sign if sign < 0 else g
+        return Explicit(tf.reduce_sum(g, axes, keepdims=True) if axes else g)
+    return Pending(Explicit, make)
+
+
+def broadcast_to(op, operand, ctx):
+    """`BroadcastTo` of a variable's value to a shape with the batch as its leading axis (KerasHub's
+    position embeddings: every example gets the same rows): example n's gradient is `dz[n]`,
+    summed over the axes the value was broadcast along."""
+    z, w = op.outputs[0], op.inputs[0]
+    if operand != 0:
+        return "the variable is the shape"
+    if not is_batch(z, ctx) or not w.shape.is_fully_defined() or w.shape.rank > z.shape.rank:
+        return "its rows are not examples"
+    shape = [1] * (z.shape.rank - w.shape.rank) + list(w.shape)
+    if shape[0] != 1:
+        return "the variable has a batch axis"
+    axes = [i for i in range(1, z.shape.rank) if shape[i] == 1 and z.shape[i] != 1]
+
+    def make(dz):
+        g = cast(dz, ctx)
         return Explicit(tf.reduce_sum(g, axes, keepdims=True) if axes else g)
     return Pending(Explicit, make)
