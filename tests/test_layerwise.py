@@ -216,11 +216,16 @@ def test_layerwise_inside_tf_function_float32():
     assert_moments_close(got, oracle, rtol=2e-4)
 
 
-def test_batch_normalization_is_refused():
+def test_batch_normalization_is_measured_by_the_rules_and_refused_by_the_per_example_methods():
+    # (what is measured, against its oracle: test_batch_norm.py)
     inputs = keras.Input((4,))
     h = keras.layers.BatchNormalization()(keras.layers.Dense(3)(inputs))
     model = keras.Model(inputs, h)
-    x, y = tf.zeros((4, 4)), tf.constant([0, 1, 2, 0])
-    for method in ("auto", "vectorized"):
-        with pytest.raises(UserError, match="BatchNormalization"):
-            gradient_moments(model, crossentropy, x, y, method=method)
+    x, y = tf.random.normal((4, 4), seed=1), tf.constant([0, 1, 2, 0])
+    m = gradient_moments(model, crossentropy, x, y, method="auto")
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(crossentropy(y, model(x, training=True)))
+    for got, want in zip(m.mean, tape.gradient(loss, model.trainable_variables)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="BatchNormalization"):
+        gradient_moments(model, crossentropy, x, y, method="vectorized")

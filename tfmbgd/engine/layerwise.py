@@ -32,11 +32,13 @@ import math
 import weakref
 from typing import NamedTuple
 
+import keras
 import tensorflow as tf
 
 from tfmbgd.engine import forms, gradients, rules
 from tfmbgd.engine.fields import GradientMoments, batch_size_of, from_per_example
 from tfmbgd.errors import UserError
+from tfmbgd.models import all_layers
 
 # Ops a variable's value passes through unchanged in content and order.
 PASS_THROUGH = {"ReadVariableOp", "Identity", "Cast", "Reshape", "ExpandDims", "Squeeze"}
@@ -88,9 +90,10 @@ def _padded(pending, sliced, cut):
     return rules.Pending(forms.Explicit, make, output=pending.output)
 
 
-def _uses(variable, handle, forward, batch, b):
-    """The `Use`s of `variable` among the ops named in `forward`, or why it has none we can tap."""
-    uses, front = [], [(handle, None)]      # (tensor, the slice on the way: (full shape, pads))
+def _uses(variable, start, forward, batch, b):
+    """The `Use`s of `variable` among the ops named in `forward`, from `start` (its handle, or
+    a value computed from it), or why it has none we can tap."""
+    uses, front = [], [(start, None)]      # (tensor, the slice on the way: (full shape, pads))
     while front:
         t, cut = front.pop()
         for op in t.consumers():
@@ -102,25 +105,74 @@ def _uses(variable, handle, forward, batch, b):
                 front.append((op.outputs[0], cut))
                 continue
             if op.type in SLICES and op.inputs[0].name == t.name:
-                cut = _slice(op, t, cut)
-                if isinstance(cut, str):
-                    return cut
-                front.append((op.outputs[0], cut))
+                sliced = _slice(op, t, cut)
+                if isinstance(sliced, str):
+                    return sliced
+                front.append((op.outputs[0], sliced))
                 continue
-            rule = rules.RULES.get(op.type)
-            if rule is None:
-                return f"used by {op.type}: no rule"
             for operand in [i for i, x in enumerate(op.inputs) if x.name == t.name]:
-                ctx = rules.Context(batch, b, tf.as_dtype(variable.dtype), [])
-                pending = rule(op, operand, ctx)
-                if isinstance(pending, str):
-                    return f"used by {op.type}: {pending}"
-                shape = tuple(variable.shape) if t.dtype == tf.resource else tuple(t.shape)
+                found = _use(variable, op, operand, t, forward, batch, b)
+                if isinstance(found, str):
+                    return found
                 if cut is not None:
-                    pending, shape = _padded(pending, shape, cut), cut[0]
-                uses.append(Use(shape, pending, op.outputs[0] if pending.output is None else pending.output,
-                                ctx.checks))
+                    found = [u._replace(pending=_padded(u.pending, u.shape, cut), shape=cut[0])
+                             for u in found]
+                uses += found
     return uses
+
+
+def _use(variable, op, operand, t, forward, batch, b):
+    """The `Use`s of the value `t` through its `operand` of `op`, or a reason: by the op's rule,
+    or, for an elementwise op on values without a batch axis (`_through`), by the uses of its
+    result."""
+    ctx = rules.Context(batch, b, tf.as_dtype(variable.dtype), [])
+    shape = tuple(variable.shape) if t.dtype == tf.resource else tuple(t.shape)
+    if op.type in THROUGH and t.dtype != tf.resource and _unbatched(op.outputs[0], t, batch):
+        inner = _uses(variable, op.outputs[0], forward, batch, b)
+        if isinstance(inner, str):
+            return inner
+        return [_through(u, op, operand, shape) for u in inner]
+    rule = rules.RULES.get(op.type)
+    if rule is None:
+        return f"used by {op.type}: no rule"
+    pending = rule(op, operand, ctx)
+    if isinstance(pending, str):
+        return f"used by {op.type}: {pending}"
+    return [Use(shape, pending, op.outputs[0] if pending.output is None else pending.output, ctx.checks)]
+
+
+# Elementwise ops that may combine a variable with other values of no batch axis before the
+# result meets the batch: BatchNormalization's `gamma * rsqrt(var + eps)` and
+# `beta - mean * that`, Gemma's `1 + scale`.
+THROUGH = {"Mul", "AddV2", "Add", "Sub"}
+
+
+def _unbatched(z, t, batch):
+    """Whether the op's result `z` has no batch axis: no more axes than the value `t` and a
+    leading axis that is not the batch's."""
+    if z.shape.rank is None or not z.shape.is_fully_defined() or z.shape.rank > t.shape.rank:
+        return False
+    return z.shape.rank == 0 or batch is None or z.shape[0] != batch
+
+
+def _through(use, op, operand, shape):
+    """`use`, a use of the result u of the elementwise `op`, as a use of its input `operand`
+    (shaped `shape`): per example, the gradient with respect to u times du/dinput (the other
+    factor of a product, -1 for a subtrahend, 1 for a sum), summed over the axes the input
+    was broadcast along. This is example n's contribution through its own copy of the input:
+    the values without a batch axis (a batch's mean and variance) stay as they are."""
+    u = tuple(op.outputs[0].shape)
+    other = op.inputs[1 - operand] if op.type == "Mul" else None
+    sign = -1.0 if op.type == "Sub" and operand == 1 else 1.0
+    padded = [1] * (len(u) - len(shape)) + list(shape)
+    axes = [i + 1 for i, (p, n) in enumerate(zip(padded, u)) if p == 1 and n != 1]
+
+    def make(dz):
+        g = tf.reshape(forms.explicit(use.pending.make(dz), use.shape), [-1, *u])
+        g = g * tf.cast(other, g.dtype) if other is not None else (-g if sign < 0 else g)
+        g = tf.reduce_sum(g, axes, keepdims=True) if axes else g
+        return forms.Explicit(tf.reshape(g, [-1, *shape]))
+    return use._replace(shape=shape, pending=rules.Pending(forms.Explicit, make))
 
 
 def scan(graph, variables, first_op, batch, b):
@@ -201,6 +253,12 @@ def _traced_moments(model, loss_fn, x, y, elementwise, strict, projector=False):
     b = batch if batch is not None else tf.shape(losses)[0]
     p = Plan(scan(graph, variables, first_op, batch, b))
     _TRACED[model] = p.coverage(variables)
+    mixing = batch_norms(model)
+    if mixing and p.fallback:
+        raise UserError(", ".join(f"{variables[i].path} ({p.uses[i]})" for i in p.fallback)
+                        + f": no rule, and the fallback's per-example gradients are not the contributions "
+                        f"that {', '.join(mixing)} (BatchNormalization in training mode) call for; freeze "
+                        "those layers (trainable=False) to measure this model")
     if strict and p.fallback:
         raise UserError("method layerwise has no rule for: "
                         + "; ".join(f"{variables[i].path} ({p.uses[i]})" for i in p.fallback)
@@ -310,12 +368,23 @@ def traced_coverage(model):
     return _TRACED.get(model)
 
 
-def describe(cover):
+def batch_norms(model):
+    """The names of `model`'s BatchNormalization layers that train (in training mode they
+    normalize by the batch's statistics, mixing its examples)."""
+    return [layer.name for layer in all_layers(model)
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+
+
+def describe(cover, mixing=()):
     """One line for the start of a run, from a `coverage` dict: how many variables take the
-    layer-wise rules, and which take the fallback and why."""
+    layer-wise rules, and which take the fallback and why; with `mixing` (`batch_norms`),
+    what is measured then."""
     slow = {path: why for path, why in cover.items() if why is not None}
     line = f"gradient statistics: {len(cover) - len(slow)} of {len(cover)} variables by the layer-wise rules"
     if slow:
         line += ("; exact per-example fallback (B backward passes, not vectorized) for "
                  + ", ".join(f"{p} ({w})" for p, w in slow.items()))
+    if mixing:
+        line += (f"; BatchNormalization in training mode ({len(mixing)} layers) mixes the examples: "
+                 "each example's contribution to the batch gradient is measured (see the README)")
     return line

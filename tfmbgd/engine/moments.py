@@ -14,7 +14,6 @@ norms and the rest without touching a tape.
 
 import weakref
 
-import keras
 import tensorflow as tf
 
 from tfmbgd.choices import GRAD_METHODS as METHODS
@@ -29,7 +28,6 @@ from tfmbgd.engine.fields import (  # noqa: F401
     unpack,
 )
 from tfmbgd.errors import UserError
-from tfmbgd.models import all_layers
 
 
 def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
@@ -51,9 +49,17 @@ def gradient_moments(model, loss_fn, x, y, method="auto", elementwise=True):
     Returns:
       A `GradientMoments`.
 
+    BatchNormalization in training mode mixes the examples of a batch through its
+    statistics: what is measured for every variable is then each example's *contribution*,
+    B times the gradient of the batch's mean loss with respect to a copy of the variable
+    used by that example alone (the batch's mean and variance as they are). The
+    contributions' mean is the batch gradient, and without such layers they are the
+    per-example gradients. The layer-wise rules give them ("auto", "layerwise"); the other
+    methods, and the fallback, give other quantities and are refused for such a model.
+
     Raises:
-      UserError: an unknown method, a model with BatchNormalization (its training mode
-        mixes the examples of a batch, so per-example gradients are not defined), or
+      UserError: an unknown method; a method other than "auto" or "layerwise", or a
+        variable without a rule, in a model with BatchNormalization in training mode; or
         arguments that cannot work (`tfmbgd.engine.gradients.check_call`).
     """
     _check(model, loss_fn, x, y, method)
@@ -67,7 +73,8 @@ def _check(model, loss_fn, x, y, method):
     if method not in METHODS:
         raise UserError(f"gradient method must be one of {', '.join(METHODS)}; got {method!r}")
     gradients.check_call(model, loss_fn, x, y)
-    _refuse_batch_norm(model)
+    if method not in ("auto", "layerwise"):
+        _refuse_batch_norm(model, method)
 
 
 def measured_moments(model, loss_fn, x, y, method="auto", elementwise=True, micro_batch=None):
@@ -122,13 +129,17 @@ def per_example_dots(model, loss_fn, x, y, vectors=None, method="auto"):
     return project(m.mean if vectors is None else vectors)
 
 
-def _refuse_batch_norm(model):
-    for layer in all_layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
-            raise UserError(
-                f"layer {layer.name} is BatchNormalization: in training mode it mixes the "
-                "examples of a batch, so per-example gradients are not defined; use "
-                "LayerNormalization or GroupNormalization, or freeze it (trainable=False)")
+def _refuse_batch_norm(model, method):
+    """A `UserError` if `model` has BatchNormalization in training mode, which `method` (one
+    of the per-example methods) cannot measure as the layer-wise rules do."""
+    names = layerwise.batch_norms(model)
+    if names:
+        how = ("normalizes each example by itself" if method == "loop" else
+               "differentiates each example's loss, which the whole batch's statistics shape")
+        raise UserError(f"{', '.join(names)}: BatchNormalization in training mode mixes the examples of a "
+                        f"batch, and method {method} {how}: not the examples' contributions that tfmbgd "
+                        "measures for it; use method auto or layerwise, or freeze the layer "
+                        "(trainable=False)")
 
 
 def micro_batches(n, size):

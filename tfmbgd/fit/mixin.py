@@ -290,7 +290,7 @@ class GradientStatisticsMixin:
                                  method=rec.settings.method)
         cover = layerwise.traced_coverage(self)
         if cover is not None and not rec.described:      # once, when the step is first traced
-            print(layerwise.describe(cover))
+            print(layerwise.describe(cover, layerwise.batch_norms(self)))
             rec.described = True
         return measured, scale
 

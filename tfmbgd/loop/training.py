@@ -268,7 +268,8 @@ def _describe(config, parts, verbose):
     if verbose and parts.steps.replicas is not None:
         print(_replicas_line(parts.steps.replicas, parts.batch))
     if verbose and config.stats_every and config.grad_method in ("auto", "layerwise"):
-        print(layerwise.describe(layerwise.coverage(parts.model, parts.ds.train[0][:2])))
+        print(layerwise.describe(layerwise.coverage(parts.model, parts.ds.train[0][:2]),
+                                 layerwise.batch_norms(parts.model)))
 
 
 def _report_end(progress, result, config, verbose, updates):
