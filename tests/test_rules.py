@@ -163,3 +163,34 @@ def test_a_sliced_table_broadcast_over_the_batch_takes_the_rules():
     np.testing.assert_allclose(m.mean[i].numpy(), g.mean(axis=0), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(m.sum_sq[i].numpy(), (g ** 2).sum(axis=0), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(m.var_norms_sq[i].numpy(), (g ** 2).sum(axis=(1, 2)), rtol=1e-10)
+
+
+class _Heads(keras.layers.Layer):
+    """An attention projection as Gemma writes it: `einsum("btd,ndh->btnh")`, which TensorFlow
+    computes by transposing and reshaping the kernel before a matrix product."""
+
+    def build(self, shape):
+        self.kernel = self.add_weight(shape=(2, shape[-1], 3), initializer="random_normal")
+
+    def call(self, x):
+        return keras.ops.reshape(keras.ops.einsum("btd,ndh->btnh", x, self.kernel), (-1, x.shape[1], 6))
+
+
+@pytest.mark.parametrize("scale", [False, True], ids=["heads", "heads_then_one_plus_scale"])
+def test_a_kernel_transposed_before_its_product_and_a_one_plus_scale_take_the_rules(scale):
+    from test_layerwise import assert_moments_close
+
+    class OnePlusScale(keras.layers.Layer):       # Gemma's RMS norm scale: x * (1 + s)
+        def build(self, shape):
+            self.s = self.add_weight(shape=(shape[-1],), initializer="zeros")
+
+        def call(self, x):
+            return x * (1.0 + self.s)
+
+    def build():
+        inputs = keras.Input((4, 5))
+        h = _Heads()(inputs)
+        return keras.Model(inputs, OnePlusScale()(h) if scale else h)
+    model, loss_fn, x, y = make(dict(SPEC["dense_3d"], build=build))
+    got = gradient_moments(model, loss_fn, x, y, method="layerwise")     # every variable by a rule
+    assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop"), rtol=1e-10)

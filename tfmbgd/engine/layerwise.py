@@ -42,9 +42,10 @@ from tfmbgd.models import all_layers
 
 # Ops a variable's value passes through unchanged in content and order.
 PASS_THROUGH = {"ReadVariableOp", "Identity", "Cast", "Reshape", "ExpandDims", "Squeeze"}
-# Ops that pass part of a variable's value on unchanged (KerasHub's position embeddings):
-# followed with the slice's place remembered, so its per-example gradients are padded back.
-SLICES = {"Slice"}
+# Ops that rearrange or cut a variable's value (KerasHub's position embeddings are sliced,
+# attention kernels transposed before their matrix product): followed, each remembered as a
+# `Step`, so that the per-example gradients of what the rule sees are mapped back.
+REARRANGE = {"Slice", "Transpose"}
 # Ops that read a variable without a gradient flowing back through them.
 NO_GRADIENT = {"Shape", "ShapeN", "Size", "Rank", "VariableShape", "VarIsInitializedOp", "StopGradient"}
 
@@ -70,54 +71,70 @@ def _handle(graph, variable):
     return None if outer is None or outer is handle else captured.get(id(outer))
 
 
-def _slice(op, t, cut):
-    """`(full shape, pads)` of a `Slice` of the variable's value `t` with static bounds, or a
-    reason. `cut`: the slice already on the way (a second one is not followed)."""
-    begin, size = tf.get_static_value(op.inputs[1]), tf.get_static_value(op.inputs[2])
-    if cut is not None or begin is None or size is None or not t.shape.is_fully_defined():
-        return "used by Slice: not one slice of static bounds"
-    full = tuple(t.shape)
-    size = [n - b if s == -1 else s for b, s, n in zip(begin, size, full)]
-    return full, [(int(b), int(n - b - s)) for b, s, n in zip(begin, size, full)]
+class Step(NamedTuple):
+    """One rearrangement on the way from a variable to its op: its input's and output's
+    shapes, and a slice's `(before, after)` pads per axis, or a transpose's permutation."""
+
+    kind: str          # "Slice" or "Transpose"
+    before: tuple      # the input's shape
+    after: tuple       # the output's shape
+    arg: list
 
 
-def _padded(pending, sliced, cut):
-    """`pending` of a slice of the variable, its per-example gradients padded with zeros back
-    to the whole value (`cut`: the value's shape and the slice's pads)."""
+def _step(op, t):
+    """The `Step` of the `REARRANGE` op on the value `t`, or a reason."""
+    if not t.shape.is_fully_defined() or not op.outputs[0].shape.is_fully_defined():
+        return f"used by {op.type}: shape unknown until run time"
+    before, after = tuple(t.shape), tuple(op.outputs[0].shape)
+    if op.type == "Transpose":
+        perm = tf.get_static_value(op.inputs[1])
+        return "used by Transpose: a permutation known at run time" if perm is None else \
+            Step("Transpose", before, after, [int(p) for p in perm])
+    begin = tf.get_static_value(op.inputs[1])
+    if begin is None:
+        return "used by Slice: bounds known at run time"
+    return Step("Slice", before, after, [(int(b), int(n - b - s)) for b, s, n in zip(begin, after, before)])
+
+
+def _undone(use, steps):
+    """`use` of a rearranged value as a use of the value before `steps`: its per-example
+    gradients mapped back through each step, last first (a slice padded with zeros, a
+    transpose inverted)."""
     def make(dz):
-        g = forms.explicit(pending.make(dz), sliced)
-        return forms.Explicit(tf.pad(g, [[0, 0], *cut[1]]))
-    return rules.Pending(forms.Explicit, make, output=pending.output)
+        g = forms.explicit(use.pending.make(dz), use.shape)
+        for step in reversed(steps):
+            g = tf.reshape(g, [-1, *step.after])
+            if step.kind == "Slice":
+                g = tf.pad(g, [[0, 0], *step.arg])
+            else:
+                g = tf.transpose(g, [0] + [1 + step.arg.index(i) for i in range(len(step.arg))])
+        return forms.Explicit(g)
+    return use._replace(shape=steps[0].before, pending=rules.Pending(forms.Explicit, make))
 
 
 def _uses(variable, start, forward, batch, b):
     """The `Use`s of `variable` among the ops named in `forward`, from `start` (its handle, or
     a value computed from it), or why it has none we can tap."""
-    uses, front = [], [(start, None)]      # (tensor, the slice on the way: (full shape, pads))
+    uses, front = [], [(start, ())]      # (tensor, the `Step`s on the way)
     while front:
-        t, cut = front.pop()
+        t, steps = front.pop()
         for op in t.consumers():
             if op.name not in forward or op.type in NO_GRADIENT:
                 continue
             if op.type in PASS_THROUGH:
-                if cut is not None and op.type not in ("ReadVariableOp", "Identity", "Cast"):
-                    return f"used by {op.type} after a Slice: no rule"
-                front.append((op.outputs[0], cut))
+                front.append((op.outputs[0], steps))
                 continue
-            if op.type in SLICES and op.inputs[0].name == t.name:
-                sliced = _slice(op, t, cut)
-                if isinstance(sliced, str):
-                    return sliced
-                front.append((op.outputs[0], sliced))
+            if op.type in REARRANGE and op.inputs[0].name == t.name:
+                step = _step(op, t)
+                if isinstance(step, str):
+                    return step
+                front.append((op.outputs[0], steps + (step,)))
                 continue
             for operand in [i for i, x in enumerate(op.inputs) if x.name == t.name]:
                 found = _use(variable, op, operand, t, forward, batch, b)
                 if isinstance(found, str):
                     return found
-                if cut is not None:
-                    found = [u._replace(pending=_padded(u.pending, u.shape, cut), shape=cut[0])
-                             for u in found]
-                uses += found
+                uses += [_undone(u, steps) for u in found] if steps else found
     return uses
 
 
