@@ -30,6 +30,9 @@ def backbones():
         "gemma": lambda: keras_hub.models.GemmaBackbone(
             vocabulary_size=VOCABULARY, num_layers=2, num_query_heads=2, num_key_value_heads=1,
             hidden_dim=16, intermediate_dim=32, head_dim=8),
+        "llama": lambda: keras_hub.models.LlamaBackbone(
+            vocabulary_size=VOCABULARY, num_layers=2, num_query_heads=2, num_key_value_heads=1,
+            hidden_dim=16, intermediate_dim=32),
     }
 
 

@@ -60,13 +60,14 @@ def _contributions(model, x, y, conv):
 
 @pytest.mark.parametrize("conv", [False, True], ids=["dense", "conv2d"])
 @pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf.function"])
-def test_training_mode_batch_norm_gives_each_examples_contribution(conv, traced):
+@pytest.mark.parametrize("batch", [5, 3], ids=["B=5", "B=channels"])     # 3 channels: no mix-up
+def test_training_mode_batch_norm_gives_each_examples_contribution(conv, traced, batch):
     model = _model(conv)
     rng = np.random.default_rng(1)
     for var in model.trainable_variables:
         var.assign(rng.normal(size=var.shape))
-    x = rng.normal(size=(5, 3, 3, 2) if conv else (5, 4))
-    y = rng.integers(0, 2, 5).astype(np.int32)
+    x = rng.normal(size=(batch, 3, 3, 2) if conv else (batch, 4))
+    y = rng.integers(0, 2, batch).astype(np.int32)
     assert all(why is None for why in layerwise.coverage(model, x).values())
     moments = lambda x, y: gradient_moments(model, losses.crossentropy, x, y, method="auto")
     m = tf.function(moments)(x, y) if traced else moments(x, y)
@@ -74,7 +75,7 @@ def test_training_mode_batch_norm_gives_each_examples_contribution(conv, traced)
     for got_mean, got_sq, got_norm, c in zip(m.mean, m.sum_sq, m.var_norms_sq, want):
         np.testing.assert_allclose(got_mean.numpy(), c.mean(axis=0), rtol=1e-10, atol=1e-13)
         np.testing.assert_allclose(got_sq.numpy(), (c ** 2).sum(axis=0), rtol=1e-10, atol=1e-13)
-        np.testing.assert_allclose(got_norm.numpy(), (c.reshape(5, -1) ** 2).sum(axis=1), rtol=1e-10,
+        np.testing.assert_allclose(got_norm.numpy(), (c.reshape(batch, -1) ** 2).sum(axis=1), rtol=1e-10,
                                    atol=1e-13)
     # their mean is the batch gradient, Keras' own
     with tf.GradientTape() as tape:

@@ -144,7 +144,7 @@ def _use(variable, op, operand, t, forward, batch, b):
     result."""
     ctx = rules.Context(batch, b, tf.as_dtype(variable.dtype), [])
     shape = tuple(variable.shape) if t.dtype == tf.resource else tuple(t.shape)
-    if op.type in THROUGH and t.dtype != tf.resource and _unbatched(op.outputs[0], t, batch):
+    if op.type in THROUGH and t.dtype != tf.resource and _unbatched(op.outputs[0], t):
         inner = _uses(variable, op.outputs[0], forward, batch, b)
         if isinstance(inner, str):
             return inner
@@ -164,12 +164,11 @@ def _use(variable, op, operand, t, forward, batch, b):
 THROUGH = {"Mul", "AddV2", "Add", "Sub"}
 
 
-def _unbatched(z, t, batch):
-    """Whether the op's result `z` has no batch axis: no more axes than the value `t` and a
-    leading axis that is not the batch's."""
-    if z.shape.rank is None or not z.shape.is_fully_defined() or z.shape.rank > t.shape.rank:
-        return False
-    return z.shape.rank == 0 or batch is None or z.shape[0] != batch
+def _unbatched(z, t):
+    """Whether the op's result `z` keeps the layout of the value `t` it was computed from (the
+    same shape: `gamma * rsqrt(var + eps)`, `1 + scale`), so has no batch axis. (By shape,
+    not by the batch size: a layer of 8 channels in a batch of 8 is still a layer.)"""
+    return z.shape.is_fully_defined() and t.shape.is_fully_defined() and tuple(z.shape) == tuple(t.shape)
 
 
 def _through(use, op, operand, shape):
