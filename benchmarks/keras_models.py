@@ -11,7 +11,8 @@ cost of a statistics step (norm and elementwise tiers, `method="auto"`, with the
 instruments) as the ratio of medians to a plain step, interleaved in one process. The
 oracle is the single-example loop; for a network with BatchNormalization in training mode
 the loop measures something else (each example normalized by itself), so there the
-contributions' mean is checked against Keras' own batch gradient (float32).
+contributions' mean is checked against Keras' own batch gradient (float32). Dropout is
+turned off (rate 0) in EfficientNet, so that two forward passes can be compared.
 """
 
 import argparse
@@ -48,6 +49,9 @@ def make(name):
     rng = np.random.default_rng(0)
     if name in applications():
         model = applications()[name]()
+        for layer in model.layers:       # EfficientNet's dropout and drop-connect: off, so that
+            if isinstance(layer, keras.layers.Dropout):     # two forward passes compare
+                layer.rate = 0.0
         x = rng.uniform(size=(BATCH, 32, 32, 3)).astype(np.float32)
         return model, x, rng.integers(0, 10, BATCH).astype(np.int32)
     return keras_hub_models.make(name)
