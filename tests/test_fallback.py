@@ -34,6 +34,7 @@ def test_keras_hub_transformers_take_the_fallback_and_live():
 
 def test_the_fallback_is_not_vectorized(monkeypatch):
     # The fallback must not reach tf.vectorized_map (pfor) at all.
+    import keras
     import tensorflow as tf
     from test_layerwise import FALLBACK, make
 
@@ -49,4 +50,5 @@ def test_the_fallback_is_not_vectorized(monkeypatch):
     got = gradient_moments(model, loss_fn, x, y, method="auto")
     for a, b in zip(got.var_norms_sq + got.sum_sq, oracle.var_norms_sq + oracle.sum_sq):
         assert abs(float(tf.reduce_max(tf.abs(a - b)))) <= 1e-10 * max(1.0, float(tf.reduce_max(tf.abs(b))))
+    keras.backend.clear_session()       # layer names count from zero again for test_layerwise's checks
 

@@ -20,9 +20,15 @@ scales, Dense on long sequences) return their sum, the batch gradient of that va
 and the backward pass leaves those variables out: a convolution's filter gradient, as
 costly as the per-example gradients, is never computed (TensorFlow prunes the unused op).
 
+On the way from a variable to its op the scan follows reads, casts and reshapes, a static
+`Slice` or a `Transpose` (undone on the per-example gradients: `Step`), and elementwise ops
+with values that have no batch axis (`_through`: BatchNormalization's `gamma * rsqrt(var +
+eps)`, Gemma's `1 + scale`). With BatchNormalization in training mode, what the rules give
+is each example's contribution (see `tfmbgd.engine.moments.gradient_moments`).
+
 What it cannot see: a variable read by an op without a rule (`rules.RULES`), by an op that
 mixes the examples of a batch, or inside a nested function call (Keras compiles grouped
-1-D convolutions so) takes the exact fallback: per-example gradients of those variables
+convolutions so) takes the exact fallback: per-example gradients of those variables
 only, by B backward passes in a `tf.while_loop` (`gradients.unvectorized`; never
 `tf.vectorized_map`, which can crash the process). `coverage` says which variables do, and
 why.
@@ -254,6 +260,7 @@ class Plan(NamedTuple):
         return {v.path: (u if isinstance(u, str) else None) for v, u in zip(variables, self.uses)}
 
 
+@tf.autograph.experimental.do_not_convert     # no tensor-dependent Python control flow here
 def _traced_moments(model, loss_fn, x, y, elementwise, strict, projector=False):
     """The moments (and with `projector`, `(moments, forms.Projector)`) in the current graph."""
     graph = tf.compat.v1.get_default_graph()
@@ -302,6 +309,7 @@ def _traced_moments(model, loss_fn, x, y, elementwise, strict, projector=False):
     return (m, forms.Projector(parts, b)) if projector else m
 
 
+@tf.autograph.experimental.do_not_convert
 def _fallback_moments(model, loss_fn, x, y, indices, elementwise, sum_sq, norms, parts):
     """Fills `sum_sq`, `norms` and the projector's `parts` at `indices` from the per-example
     gradients of those variables only (`gradients.unvectorized`; their mean comes from the
