@@ -167,13 +167,14 @@ def _example_fn(model, loss_fn, variables):
     return lambda example: example_gradients(model, loss_fn, *example, variables=variables)
 
 
-def _jacobian(model, loss_fn, x, y, variables):
+def _jacobian(model, loss_fn, x, y, variables, pfor=True):
+    """`tape.jacobian` of the `[B]` per-example losses, vectorized (pfor) or in a while loop."""
     with tf.GradientTape() as tape:
         outputs = model(x, training=True)
         losses = loss_fn(y, outputs)
     # Zeros filled in here, as in _gradient.
     grads = [tf.zeros(tf.concat([tf.shape(losses), tf.shape(v)], 0), dtype=v.dtype) if g is None else g
-             for v, g in zip(variables, tape.jacobian(losses, variables))]
+             for v, g in zip(variables, tape.jacobian(losses, variables, experimental_use_pfor=pfor))]
     return PerExample(losses, outputs, grads)
 
 
@@ -183,13 +184,7 @@ def unvectorized(model, loss_fn, x, y, variables):
     method. Never `tf.vectorized_map` (pfor), which has corrupted the heap and killed the
     process on KerasHub transformers (GPT-2, BERT, Gemma: SIGSEGV, SIGABRT); a fallback
     must not be able to take the process down. Returns a `PerExample`."""
-    with tf.GradientTape() as tape:
-        outputs = model(x, training=True)
-        losses = loss_fn(y, outputs)
-    jacobians = tape.jacobian(losses, variables, experimental_use_pfor=False)
-    grads = [tf.zeros(tf.concat([tf.shape(losses), tf.shape(v)], 0), dtype=v.dtype) if g is None else g
-             for v, g in zip(variables, jacobians)]
-    return PerExample(losses, outputs, grads)
+    return _jacobian(model, loss_fn, x, y, variables, pfor=False)
 
 
 def _loop(model, loss_fn, x, y, variables):
