@@ -127,7 +127,7 @@ def test_dense_mlp_matches_hand_derived_numpy():
 def test_every_op_family_has_its_module_and_register_adds_one(monkeypatch):
     # RULES maps op types to the families' functions; register is the one way in.
     families = {rule.__module__.rsplit(".", 1)[-1] for rule in rules.RULES.values()}
-    assert families == {"matmul", "conv", "broadcast", "gather"}
+    assert families == {"matmul", "conv", "call", "broadcast", "gather"}
     assert rules.RULES["MatMul"] is rules.matmul and rules.RULES["ResourceGather"] is rules.gather
     monkeypatch.setitem(rules.RULES, "Fake", None)          # restored after the test
     rules.register("Fake", rules.broadcast)

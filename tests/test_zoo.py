@@ -199,6 +199,18 @@ def _group_norm_hat(x):      # GroupNormalization(groups=2) of [n, h, w, 4], eps
     return _norm(x.reshape(n, h, w, 2, c // 2), (1, 2, 4), 1e-3).reshape(x.shape)
 
 
+class ClassToken(L.Layer):
+    """A learned token, tiled over the batch (and twice along the sequence) and put before
+    the sequence: `Tile` of a variable."""
+
+    def build(self, shape):
+        self.token = self.add_weight(shape=(1, 1, shape[-1]), initializer="random_normal")
+
+    def call(self, x):
+        tokens = keras.ops.tile(self.token, [keras.ops.shape(x)[0], 2, 1])
+        return keras.ops.concatenate([keras.ops.cast(tokens, x.dtype), x], axis=1)
+
+
 RULE_CASES = [
     dict(id="conv1d_valid_stride2", shape=(9, 2), layer=lambda: L.Conv1D(3, 3, strides=2),
          want=lambda x, y: [numpy_conv(x, y, (3,), (2,), (1,), [(0, 0)]), y.sum(1)]),
@@ -209,6 +221,21 @@ RULE_CASES = [
          layer=lambda: L.Conv3D(2, (2, 3, 2), strides=(1, 2, 1), padding="same"),
          want=lambda x, y: [numpy_conv(x, y, (2, 3, 2), (1, 2, 1), (1, 1, 1), [(0, 1), (1, 1), (0, 1)]),
                             y.sum((1, 2, 3))]),
+    dict(id="conv1d_grouped_in_a_call", shape=(7, 4), layer=lambda: L.Conv1D(6, 3, groups=2),
+         want=lambda x, y: [numpy_conv(x, y, (3,), (1,), (1,), [(0, 0)], groups=2), y.sum(1)]),
+    dict(id="conv2d_grouped_same_stride2", shape=(5, 6, 4),
+         layer=lambda: L.Conv2D(2, 3, strides=2, padding="same", groups=2),
+         want=lambda x, y: [numpy_conv(x, y, (3, 3), (2, 2), (1, 1), [(1, 1), (0, 1)], groups=2),
+                            y.sum((1, 2))]),
+    dict(id="conv2d_groups_equal_channels", shape=(5, 5, 3),     # ConvNeXt's depthwise 7x7
+         layer=lambda: L.Conv2D(3, 3, padding="same", groups=3),
+         want=lambda x, y: [numpy_conv(x, y, (3, 3), (1, 1), (1, 1), [(1, 1), (1, 1)], groups=3),
+                            y.sum((1, 2))]),
+    dict(id="conv3d_grouped", shape=(3, 4, 3, 4), layer=lambda: L.Conv3D(4, 2, groups=2),
+         want=lambda x, y: [numpy_conv(x, y, (2, 2, 2), (1, 1, 1), (1, 1, 1), [(0, 0)] * 3, groups=2),
+                            y.sum((1, 2, 3))]),
+    dict(id="class_token_tiled", shape=(3, 2), layer=lambda: ClassToken(),
+         want=lambda x, y: [y[:, :2].sum(1)[:, None, None]]),
     dict(id="depthwise_same_stride2", shape=(6, 5, 2),
          layer=lambda: L.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2),
          want=lambda x, y: [numpy_depthwise(x, y, (3, 3), (2, 2), [(0, 1), (1, 1)], 2), y.sum((1, 2))]),
@@ -264,14 +291,18 @@ def test_tied_weights_sum_their_uses_before_squaring():
     assert_close(got, oracle, rtol=1e-10)
 
 
-def test_grouped_convolution_is_named_as_not_covered_and_takes_the_fallback():
-    # Keras compiles grouped convolutions into a function call of their own: the scan
-    # cannot see inside it, and coverage says so. TensorFlow's pfor fails on that call's
-    # filter gradient; the fallback's backward passes in a while loop do not.
-    model, loss_fn, x, y = make(dict(build=_single(lambda: L.Conv1D(4, 3, groups=2), (7, 2)), loss="linear"))
+def test_a_call_that_is_not_one_convolution_is_named_and_takes_the_fallback():
+    # Keras compiles grouped convolutions into a function call of their own. A dilated one
+    # holds the dilation's SpaceToBatchND as well: the call rule does not read it, and
+    # coverage says so. TensorFlow's pfor fails on that call's filter gradient; the
+    # fallback's backward passes in a while loop do not.
+    model, loss_fn, x, y = make(dict(build=_single(lambda: L.Conv1D(4, 3, groups=2, dilation_rate=2), (7, 2)),
+                                     loss="linear"))
     cover = layerwise.coverage(model)
     kernel, bias = (v.path for v in model.trainable_variables)
-    assert "PartitionedCall" in cover[kernel] and cover[bias] is None
+    assert cover[kernel] == ("used by StatefulPartitionedCall: "
+                             "a nested function call that is not one convolution")
+    assert cover[bias] is None
     assert layerwise.describe(cover).endswith(
         f"exact per-example fallback (B backward passes, not vectorized) for {kernel} ({cover[kernel]})")
     oracle = gradient_moments(model, loss_fn, x, y, method="loop")

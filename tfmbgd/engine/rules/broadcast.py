@@ -1,5 +1,6 @@
 """Variables broadcast over the batch: biases, the scales and offsets of the normalization
-layers, and values broadcast to a batch's shape (KerasHub's position embeddings). The
+layers, values broadcast to a batch's shape (KerasHub's position embeddings) or tiled over it
+(a class token). The
 per-example gradient is `dz` summed over the broadcast axes."""
 
 import tensorflow as tf
@@ -53,4 +54,27 @@ def broadcast_to(op, operand, ctx):
     def make(dz):
         g = cast(dz, ctx)
         return Explicit(tf.reduce_sum(g, axes, keepdims=True) if axes else g)
+    return Pending(Explicit, make)
+
+
+def tile(op, operand, ctx):
+    """`Tile` of a variable's value over the batch (a class token: `[1, 1, D]` tiled to
+    `[B, 1, D]`): example n's gradient is `dz[n]`, its copies along the other tiled axes
+    summed."""
+    z, w = op.outputs[0], op.inputs[0]
+    if operand != 0:
+        return "the variable is the multiples"
+    multiples = tf.get_static_value(op.inputs[1], partial=True)
+    if not is_batch(z, ctx) or not w.shape.is_fully_defined() or multiples is None:
+        return "its rows are not examples"
+    if w.shape[0] != 1:
+        return "the variable has a batch axis"
+    if any(m is None or m < 0 for m in multiples[1:]):
+        return "multiples known at run time"
+    split = [ctx.b] + [n for m, s in zip(multiples[1:], w.shape[1:]) for n in (int(m), s)]
+    axes = [1 + 2 * i for i, m in enumerate(multiples[1:]) if m != 1]
+
+    def make(dz):
+        g = tf.reshape(cast(dz, ctx), split)
+        return Explicit(tf.reduce_sum(g, axes) if axes else tf.reshape(g, [ctx.b, *w.shape[1:]]))
     return Pending(Explicit, make)

@@ -154,9 +154,11 @@ def filter_grads(x, y, kernel, strides, dilations, pads, groups=1):
     elif groups == 1:
         grads = tf.stack([tf.matmul(w, y3, transpose_a=True) for w in windows], axis=1)
     else:
+        # [B, P, groups, c_x / groups] x [B, P, groups, c_y / groups]: output channel
+        # g (c_y / groups) + j meets input channels g (c_x / groups) + i only.
         gx, gy = c_x // groups, c_y // groups
-        grads = tf.stack([tf.concat([tf.matmul(w[..., g * gx:(g + 1) * gx], y3[..., g * gy:(g + 1) * gy],
-                                               transpose_a=True) for g in range(groups)], axis=-1)
+        yg = tf.reshape(y3, [b, -1, groups, gy])
+        grads = tf.stack([tf.einsum("bpgi,bpgo->bigo", tf.reshape(w, [b, -1, groups, gx]), yg)
                           for w in windows], axis=1)
     return tf.reshape(grads, [b, *kernel, c_x // groups, c_y])
 
