@@ -1,59 +1,42 @@
-"""The models Keras users load, measured: `keras.applications` and KerasHub backbones built
-from their constructors (small inputs, random weights, nothing downloaded), each with a
-`Dense(10)` head.
+"""The models Keras users load, measured: `keras.applications` networks and KerasHub backbones
+built from their constructors (small inputs, random weights, nothing downloaded;
+`tests/applications.py`, `tests/keras_hub_models.py`), each with a 10-way head.
 
-    python benchmarks/keras_models.py            # about five minutes on 2 cores
-    python benchmarks/keras_models.py --quick    # shorter timing budgets
+    python benchmarks/keras_models.py              # about ten minutes on 2 cores
+    python benchmarks/keras_models.py --quick      # shorter timing budgets
+    python benchmarks/keras_models.py --no-memory ConvNeXtTiny gpt2
 
 Per model: the variables the layer-wise rules take, the largest difference of the moments
-to an independent oracle (relative to the largest value of that kind of moment), and the
-cost of a statistics step (norm and elementwise tiers, `method="auto"`, with the default
-instruments) as the ratio of medians to a plain step, interleaved in one process. The
-oracle is the single-example loop; for a network with BatchNormalization in training mode
-the loop measures something else (each example normalized by itself), so there the
-contributions' mean is checked against Keras' own batch gradient (float32). Dropout is
-turned off (rate 0) in EfficientNet, so that two forward passes can be compared.
+to an independent oracle (relative to the largest value of that kind of moment), the cost
+of a statistics step (norm and elementwise tiers, `method="auto"`, with the default
+instruments) as the ratio of medians to a plain step, interleaved in one process, and the
+peak memory of a norm-tier statistics step over a plain step's (each in a child process
+with TensorFlow's BFC allocator on the CPU, as `step_cost.py` measures it). The oracle is
+the single-example loop; for a network with BatchNormalization in training mode, the model
+with a copy of every variable per example (`tests/applications.py`), float32 throughout.
+Dropout is turned off (rate 0) in EfficientNet, so that two forward passes can be compared.
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))     # keras_hub_models.py
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))     # applications.py, keras_hub_models.py
 sys.path.insert(0, HERE)                                  # step_cost.py
 
 BATCH = 8
 
 
-def applications():
-    import keras
-
-    common = dict(weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None)
-    return {
-        "VGG16": lambda: keras.applications.VGG16(**common),
-        "ConvNeXtTiny": lambda: keras.applications.ConvNeXtTiny(include_preprocessing=False, **common),
-        "ResNet50": lambda: keras.applications.ResNet50(**common),
-        "MobileNetV2": lambda: keras.applications.MobileNetV2(alpha=0.35, **common),
-        "EfficientNetB0": lambda: keras.applications.EfficientNetB0(**common),
-    }
-
-
 def make(name):
     """`(model, x, y)` of the benchmark's model `name`."""
-    import keras
+    import applications
     import keras_hub_models
-    import numpy as np
 
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    if name in applications():
-        model = applications()[name]()
-        for layer in model.layers:       # EfficientNet's dropout and drop-connect: off, so that
-            if isinstance(layer, keras.layers.Dropout):     # two forward passes compare
-                layer.rate = 0.0
-        x = rng.uniform(size=(BATCH, 32, 32, 3)).astype(np.float32)
-        return model, x, rng.integers(0, 10, BATCH).astype(np.int32)
+    if name in applications.NAMES:
+        return applications.make(name, batch=BATCH)
     return keras_hub_models.make(name)
 
 
@@ -62,34 +45,62 @@ NAMES = ["VGG16", "ConvNeXtTiny", "ResNet50", "MobileNetV2", "EfficientNetB0",
 
 
 def difference(model, x, y):
-    """`(how, largest relative difference)` to the oracle (see the module)."""
+    """`(oracle, largest relative difference)` (see the module)."""
+    import applications
     import keras_hub_models
-    import numpy as np
-    import tensorflow as tf
 
     from tfmbgd import losses
     from tfmbgd.engine import layerwise
     from tfmbgd.engine.moments import gradient_moments
 
     m = gradient_moments(model, losses.crossentropy, x, y, method="auto")
-    if not layerwise.batch_norms(model):
-        oracle = gradient_moments(model, losses.crossentropy, x, y, method="loop")
-        return "loop", keras_hub_models.largest_difference(m, oracle)
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(losses.crossentropy(y, model(x, training=True)))
-    grads = [np.asarray(tf.convert_to_tensor(g)) for g in tape.gradient(loss, model.trainable_variables)]
-    scale = max(float(np.max(np.abs(g))) for g in grads)
-    return "mean vs Keras' gradient", max(float(np.max(np.abs(np.asarray(a) - g))) / scale
-                                          for a, g in zip(m.mean, grads))
+    if layerwise.batch_norms(model):
+        return "copies", keras_hub_models.largest_difference(
+            m, applications.contributions(model, x, y, losses.crossentropy)[1])
+    oracle = gradient_moments(model, losses.crossentropy, x, y, method="loop")
+    return "loop", keras_hub_models.largest_difference(m, oracle)
+
+
+def peak_memory(name, stats):
+    """Child process: peak bytes allocated by tensors during one step of `name` (a plain step,
+    or with `stats` the norm tier's statistics step), as `step_cost.peak_memory` measures."""
+    import step_cost
+    import tensorflow as tf
+
+    model, x, y = make(name)
+    x, y = step_cost.as_tensors(x, y)
+    steps = step_cost.steps_for(model, "auto", False)
+    fn = steps.with_stats if stats else steps.plain
+    step_cost.call(fn, x, y)                            # trace and allocate once
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    step_cost.call(fn, x, y)
+    return tf.config.experimental.get_memory_info("CPU:0")["peak"]
+
+
+def memory_ratio(name):
+    """Peak memory of the norm tier's statistics step over a plain step's, each in a child
+    process with TensorFlow's BFC allocator on the CPU."""
+    env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="3")
+    peaks = []
+    for stats in ("0", "1"):
+        out = subprocess.run([sys.executable, __file__, "--memory", name, stats], env=env,
+                             capture_output=True, text=True, timeout=900, check=True)
+        peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak"])
+    return peaks[1] / peaks[0]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter timing budgets")
     parser.add_argument("--budget", type=float, default=6.0, help="seconds of timing per ratio")
+    parser.add_argument("--no-memory", action="store_true", help="leave out the peak-memory column")
+    parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)     # child: MODEL 0|1
     parser.add_argument("models", nargs="*", help=f"some of {', '.join(NAMES)}")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.memory:
+        print(json.dumps({"peak": peak_memory(args.memory[0], args.memory[1] == "1")}))
+        return
     import step_cost
     import tensorflow as tf
 
@@ -99,8 +110,8 @@ def main():
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; B={BATCH}, 32x32x3 images or 16 "
           "tokens; ratios = median statistics step / median plain step, interleaved\n")
     print("| model | variables by the rules | BatchNorm layers (training) | oracle | largest difference | "
-          "plain step | norm tier | elementwise tier | rounds |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "plain step | norm tier | elementwise tier | rounds | peak memory, norm tier |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models or NAMES:
         model, x, y = make(name)
         cover = layerwise.coverage(model, x)
@@ -113,7 +124,8 @@ def main():
             [lambda fn=fn, tx=tx, ty=ty: step_cost.call(fn, tx, ty) for fn in (plain, norm, elem)], budget)
         print(f"| {name} | {sum(w is None for w in cover.values())} of {len(cover)} | "
               f"{len(layerwise.batch_norms(model))} | {how} | {diff:.1e} | {t_plain * 1e3:.1f} ms | "
-              f"{t_norm / t_plain:.2f}x | {t_elem / t_plain:.2f}x | {rounds} |", flush=True)
+              f"{t_norm / t_plain:.2f}x | {t_elem / t_plain:.2f}x | {rounds} | "
+              f"{'-' if args.no_memory else f'{memory_ratio(name):.2f}x'} |", flush=True)
 
 
 if __name__ == "__main__":

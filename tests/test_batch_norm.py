@@ -105,25 +105,5 @@ def test_a_frozen_batch_norm_is_exact_per_example_and_the_run_line_says_what_is_
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10)
 
 
-@pytest.mark.slow     # a keras.applications network (about 20 s on 2 cores)
-def test_keras_applications_mobilenet_v2_in_training_mode_takes_the_rules_and_sums_to_the_gradient():
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10, alpha=0.35,
-                                               classifier_activation=None)
-    finally:
-        keras.config.set_floatx("float32")
-        keras.config.set_dtype_policy("float32")
-    rng = np.random.default_rng(0)
-    x, y = rng.uniform(size=(4, 32, 32, 3)), rng.integers(0, 10, 4).astype(np.int32)
-    assert not any(layerwise.coverage(model, x).values())       # every variable by a rule
-    assert len(layerwise.batch_norms(model)) == 52
-    m = gradient_moments(model, losses.crossentropy, x, y, method="auto")
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(losses.crossentropy(y, model(x, training=True)))
-    grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, model.trainable_variables)]
-    scale = max(float(tf.reduce_max(tf.abs(g))) for g in grads)
-    for got, g in zip(m.mean, grads):
-        assert float(tf.reduce_max(tf.abs(got - g))) <= 1e-10 * scale
-    assert all(float(tf.reduce_min(n)) >= 0 for n in m.var_norms_sq)
+# keras.applications networks with BatchNormalization in training mode (ResNet50,
+# MobileNetV2, EfficientNetB0) against the per-example copies oracle: test_keras_models.py

@@ -18,11 +18,12 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.mark.slow     # a child process per run, so that a crash is an exit code, not a dead suite
 def test_keras_hub_transformers_take_the_fallback_and_live():
-    done = subprocess.run([sys.executable, str(HERE / "keras_hub_models.py"), "gpt2", "bert", "gemma"],
+    names = ["gpt2", "bert", "gemma", "llama"]
+    done = subprocess.run([sys.executable, str(HERE / "keras_hub_models.py"), *names],
                           env=user_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {row["model"]: row for row in map(json.loads, done.stdout.strip().splitlines())}
-    assert set(rows) == {"gpt2", "bert", "gemma"}
+    assert set(rows) == set(names)
     # every variable takes the rules (position embeddings: Slice and BroadcastTo; Gemma's
     # attention kernels: Transpose before the product, its norms' 1 + scale); the forced
     # run puts them all on the fallback

@@ -127,7 +127,7 @@ def test_dense_mlp_matches_hand_derived_numpy():
 def test_every_op_family_has_its_module_and_register_adds_one(monkeypatch):
     # RULES maps op types to the families' functions; register is the one way in.
     families = {rule.__module__.rsplit(".", 1)[-1] for rule in rules.RULES.values()}
-    assert families == {"matmul", "conv", "call", "broadcast", "gather"}
+    assert families == {"matmul", "conv", "broadcast", "gather"}
     assert rules.RULES["MatMul"] is rules.matmul and rules.RULES["ResourceGather"] is rules.gather
     monkeypatch.setitem(rules.RULES, "Fake", None)          # restored after the test
     rules.register("Fake", rules.broadcast)
@@ -194,3 +194,30 @@ def test_a_kernel_transposed_before_its_product_and_a_one_plus_scale_take_the_ru
     model, loss_fn, x, y = make(dict(SPEC["dense_3d"], build=build))
     got = gradient_moments(model, loss_fn, x, y, method="layerwise")     # every variable by a rule
     assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop"), rtol=1e-10)
+
+
+def test_a_variable_the_model_never_reads_is_zero_without_the_fallback(monkeypatch):
+    # KerasHub's Llama backbone holds an output embedding only its CausalLM reads: no rule is
+    # needed (every example's gradient is zero), and the fallback's B backward passes must
+    # not run for it.
+    from test_layerwise import assert_moments_close
+
+    from tfmbgd.engine import gradients, layerwise
+
+    class Unused(keras.layers.Layer):
+        def build(self, shape):
+            self.w = self.add_weight(shape=(3,), initializer="ones")
+
+        def call(self, x):
+            return x
+
+    def build():
+        inputs = keras.Input((4,))
+        return keras.Model(inputs, keras.layers.Dense(2)(Unused()(inputs)))
+    model, loss_fn, x, y = make(dict(SPEC["dense_3d"], build=build))
+    assert not any(layerwise.coverage(model, x).values())
+    oracle = gradient_moments(model, loss_fn, x, y, method="loop")
+    monkeypatch.setattr(gradients, "unvectorized", None)       # the fallback would fail
+    got = gradient_moments(model, loss_fn, x, y, method="auto")
+    assert_moments_close(got, oracle, rtol=1e-10)
+    assert not np.any(got.var_norms_sq[0].numpy()) and not np.any(got.mean[0].numpy())

@@ -26,9 +26,10 @@ with values that have no batch axis (`_through`: BatchNormalization's `gamma * r
 eps)`, Gemma's `1 + scale`). With BatchNormalization in training mode, what the rules give
 is each example's contribution (see `tfmbgd.engine.moments.gradient_moments`).
 
-What it cannot see: a variable read by an op without a rule (`rules.RULES`), by an op that
-mixes the examples of a batch, or inside a nested function call (Keras compiles grouped
-convolutions so) takes the exact fallback: per-example gradients of those variables
+A nested function call is read when it holds one convolution (Keras compiles grouped
+convolutions so: `rules.conv.called`). What it cannot see: a variable read by an op
+without a rule (`rules.RULES`), by an op that mixes the examples of a batch, or inside
+any other nested function call takes the exact fallback: per-example gradients of those variables
 only, by B backward passes in a `tf.while_loop` (`gradients.unvectorized`; never
 `tf.vectorized_map`, which can crash the process). `coverage` says which variables do, and
 why.
@@ -198,12 +199,14 @@ def _through(use, op, operand, shape):
 
 
 def scan(graph, variables, first_op, batch, b):
-    """For each variable, its `Use`s in the ops created since `first_op`, or a reason."""
+    """For each variable, its `Use`s in the ops created since `first_op`, or a reason. A
+    variable the step never reads (KerasHub's untied output embedding in a backbone) has no
+    uses: every example's gradient is zero."""
     forward = {op.name for op in graph.get_operations()[first_op:]}
     out = []
     for v in variables:
         handle = _handle(graph, v)
-        out.append("not read by the model" if handle is None else _uses(v, handle, forward, batch, b))
+        out.append([] if handle is None else _uses(v, handle, forward, batch, b))
     return out
 
 

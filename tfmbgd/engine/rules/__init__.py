@@ -17,15 +17,14 @@ axis.
 The maths follows BackPACK's first-order extensions and, for Dense, the ghost norm of
 Goodfellow (2015) and Li et al. (2021).
 
-One module per op family (`matmul`, `conv`, `call`, `broadcast`, `gather`), each a pure function
+One module per op family (`matmul`, `conv`, `broadcast`, `gather`), each a pure function
 `rule(op, operand, ctx)`; `RULES` maps TensorFlow op types to them. A new op rule is one
 module here plus one `register` line.
 """
 
 from tfmbgd.engine.rules.base import Context, Pending  # noqa: F401  (what a rule takes and returns)
 from tfmbgd.engine.rules.broadcast import broadcast, broadcast_to, tile
-from tfmbgd.engine.rules.call import call
-from tfmbgd.engine.rules.conv import convolution, depthwise, filter_grads  # noqa: F401
+from tfmbgd.engine.rules.conv import called, convolution, depthwise, filter_grads  # noqa: F401
 from tfmbgd.engine.rules.gather import gather
 from tfmbgd.engine.rules.matmul import matmul
 
@@ -44,7 +43,7 @@ for _types, _rule in ((("MatMul", "BatchMatMulV2", "BatchMatMulV3"), matmul),
                       (("Mul", "AddV2", "Add", "Sub", "BiasAdd"), broadcast),
                       (("BroadcastTo",), broadcast_to),
                       (("Tile",), tile),
-                      (("StatefulPartitionedCall", "PartitionedCall"), call),
+                      (("StatefulPartitionedCall", "PartitionedCall"), called),
                       (("GatherV2", "ResourceGather"), gather)):
     for _type in _types:
         register(_type, _rule)
