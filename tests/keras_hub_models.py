@@ -5,7 +5,8 @@ fallback, which run them in a child process (`python tests/keras_hub_models.py`)
 Run as a script, it computes every model's moments by method "auto", by "auto" with every
 variable forced onto the fallback (no rule at all), eagerly and in `tf.function`, and by
 the single-example loop (the oracle), and prints one JSON line per model with the largest
-relative difference to the oracle. A crash is a non-zero exit.
+relative difference to the oracle, and whether method "vectorized" was refused (it has
+crashed the process on these models). A crash is a non-zero exit.
 """
 
 import json
@@ -69,6 +70,7 @@ def check(name):
     """The JSON row of one model (see the module)."""
     from tfmbgd import losses, stats
     from tfmbgd.engine import layerwise, rules
+    from tfmbgd.errors import UserError
 
     loss_fn = losses.crossentropy
     model, x, y = make(name)
@@ -78,6 +80,11 @@ def check(name):
     row["auto"] = largest_difference(stats.gradient_moments(model, loss_fn, x, y, method="auto"), oracle)
     traced = tf.function(lambda x, y: stats.gradient_moments(model, loss_fn, x, y, method="auto"))
     row["auto in tf.function"] = largest_difference(traced(x, y), oracle)
+    try:                               # refused before TensorFlow's pfor can take the process down
+        stats.gradient_moments(model, loss_fn, x, y, method="vectorized")
+        row["vectorized"] = "ran"
+    except UserError as e:
+        row["vectorized"] = f"refused: {e}"
     saved = dict(rules.RULES)
     rules.RULES.clear()                # every variable on the fallback
     try:

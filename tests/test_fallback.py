@@ -29,6 +29,7 @@ def test_keras_hub_transformers_take_the_fallback_and_live():
     # run puts them all on the fallback
     assert all(row["fallback"] == [] for row in rows.values())
     for name, row in rows.items():
+        assert row["vectorized"].startswith("refused: ") and "method vectorized" in row["vectorized"], name
         for how in ("auto", "auto in tf.function", "forced fallback"):
             assert row[how] < 1e-5, (name, how, row[how])       # float32 round-off
 
@@ -53,3 +54,25 @@ def test_the_fallback_is_not_vectorized(monkeypatch):
         assert abs(float(tf.reduce_max(tf.abs(a - b)))) <= 1e-10 * max(1.0, float(tf.reduce_max(tf.abs(b))))
     keras.backend.clear_session()       # layer names count from zero again for test_layerwise's checks
 
+
+
+def test_method_vectorized_is_refused_on_attention_layers_and_jacobian_matches_the_loop():
+    # tf.vectorized_map has killed the process on Keras' MultiHeadAttention and on every
+    # KerasHub transformer tried: the method is refused with one line before any pfor runs.
+    import keras
+    from keras_hub_models import largest_difference  # scaled per kind: the key bias's gradient is 0
+    from test_layerwise import make
+
+    from tfmbgd.engine.moments import gradient_moments
+    from tfmbgd.errors import UserError
+
+    def build():
+        inputs = keras.Input((4, 3))
+        h = keras.layers.MultiHeadAttention(2, 2)(inputs, inputs)
+        return keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(h)))
+    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"))
+    with pytest.raises(UserError, match="multi_head_attention.*: method vectorized .* use method auto"):
+        gradient_moments(model, loss_fn, x, y, method="vectorized")
+    oracle = gradient_moments(model, loss_fn, x, y, method="loop")
+    assert largest_difference(gradient_moments(model, loss_fn, x, y, method="jacobian"), oracle) < 1e-10
+    assert largest_difference(gradient_moments(model, loss_fn, x, y, method="auto"), oracle) < 1e-10

@@ -53,6 +53,13 @@ def build(name, input_shape, num_classes, hidden=(64,), seed=0, activation="relu
     return keras.Model(inputs, out, name=name)
 
 
+def nested_layers(model):
+    """Every layer inside `model`, those held as attributes included (a KerasHub block's
+    attention layer), by Keras' own traversal where it has one."""
+    flatten = getattr(model, "_flatten_layers", None)
+    return list(flatten(include_self=False, recursive=True)) if flatten else all_layers(model)
+
+
 def all_layers(model):
     """Every layer of `model`, nested models' layers included (public API only)."""
     stack, seen = list(model.layers), []

@@ -16,6 +16,7 @@ import weakref
 
 import tensorflow as tf
 
+from tfmbgd import models
 from tfmbgd.choices import GRAD_METHODS as METHODS
 from tfmbgd.engine import forms, gradients, layerwise
 from tfmbgd.engine.fields import (  # noqa: F401
@@ -75,6 +76,8 @@ def _check(model, loss_fn, x, y, method):
     gradients.check_call(model, loss_fn, x, y)
     if method not in ("auto", "layerwise"):
         _refuse_batch_norm(model, method)
+    if method == "vectorized":
+        _refuse_vectorized(model)
 
 
 def measured_moments(model, loss_fn, x, y, method="auto", elementwise=True, micro_batch=None):
@@ -140,6 +143,20 @@ def _refuse_batch_norm(model, method):
                         f"batch, and method {method} {how}: not the examples' contributions that tfmbgd "
                         "measures for it; use method auto or layerwise, or freeze the layer "
                         "(trainable=False)")
+
+
+def _refuse_vectorized(model):
+    """A `UserError` for method "vectorized" on a model with attention layers. There
+    `tf.vectorized_map` over single-example backprops has killed the process (SIGSEGV,
+    SIGABRT: heap corruption inside TensorFlow's pfor, which no `except` can catch) on every
+    model tried: Keras' MultiHeadAttention, KerasHub's GPT-2, BERT, Gemma and Llama. A
+    process must not die under a user, so that path is not taken. ("jacobian", pfor over
+    the backward pass only, ran on all of them.)"""
+    names = [layer.name for layer in models.nested_layers(model) if "Attention" in type(layer).__name__]
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise UserError(f"{shown}: method vectorized (tf.vectorized_map) has crashed the process on "
+                        "attention layers; use method auto (exact, one backward pass), jacobian or loop")
 
 
 def micro_batches(n, size):
