@@ -5,6 +5,7 @@ built from their constructors (small inputs, random weights, nothing downloaded;
     python benchmarks/keras_models.py              # about ten minutes on 2 cores
     python benchmarks/keras_models.py --quick      # shorter timing budgets
     python benchmarks/keras_models.py --no-memory ConvNeXtTiny gpt2
+    python benchmarks/keras_models.py --batch 32       # the next issue's batch size
 
 Per model: the variables the layer-wise rules take, the largest difference of the moments
 to an independent oracle (relative to the largest value of that kind of moment), the cost
@@ -27,17 +28,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))     # applications.py, keras_hub_models.py
 sys.path.insert(0, HERE)                                  # step_cost.py
 
-BATCH = 8
+BATCH = 8     # --batch
 
 
-def make(name):
-    """`(model, x, y)` of the benchmark's model `name`."""
+def make(name, batch=BATCH):
+    """`(model, x, y)` of the benchmark's model `name`, `batch` examples."""
     import applications
     import keras_hub_models
 
     if name in applications.NAMES:
-        return applications.make(name, batch=BATCH)
-    return keras_hub_models.make(name)
+        return applications.make(name, batch=batch)
+    return keras_hub_models.make(name, batch=batch)
 
 
 NAMES = ["VGG16", "ConvNeXtTiny", "ResNet50", "MobileNetV2", "EfficientNetB0",
@@ -61,13 +62,13 @@ def difference(model, x, y):
     return "loop", keras_hub_models.largest_difference(m, oracle)
 
 
-def peak_memory(name, stats):
+def peak_memory(name, stats, batch):
     """Child process: peak bytes allocated by tensors during one step of `name` (a plain step,
     or with `stats` the norm tier's statistics step), as `step_cost.peak_memory` measures."""
     import step_cost
     import tensorflow as tf
 
-    model, x, y = make(name)
+    model, x, y = make(name, batch)
     x, y = step_cost.as_tensors(x, y)
     steps = step_cost.steps_for(model, "auto", False)
     fn = steps.with_stats if stats else steps.plain
@@ -77,13 +78,13 @@ def peak_memory(name, stats):
     return tf.config.experimental.get_memory_info("CPU:0")["peak"]
 
 
-def memory_ratio(name):
+def memory_ratio(name, batch):
     """Peak memory of the norm tier's statistics step over a plain step's, each in a child
     process with TensorFlow's BFC allocator on the CPU."""
     env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="3")
     peaks = []
     for stats in ("0", "1"):
-        out = subprocess.run([sys.executable, __file__, "--memory", name, stats], env=env,
+        out = subprocess.run([sys.executable, __file__, "--memory", name, stats, str(batch)], env=env,
                              capture_output=True, text=True, timeout=900, check=True)
         peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["peak"])
     return peaks[1] / peaks[0]
@@ -94,12 +95,13 @@ def main():
     parser.add_argument("--quick", action="store_true", help="shorter timing budgets")
     parser.add_argument("--budget", type=float, default=6.0, help="seconds of timing per ratio")
     parser.add_argument("--no-memory", action="store_true", help="leave out the peak-memory column")
-    parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)     # child: MODEL 0|1
+    parser.add_argument("--batch", type=int, default=BATCH, help="examples per batch (default %(default)s)")
+    parser.add_argument("--memory", nargs=3, help=argparse.SUPPRESS)     # child: MODEL 0|1 BATCH
     parser.add_argument("models", nargs="*", help=f"some of {', '.join(NAMES)}")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.memory:
-        print(json.dumps({"peak": peak_memory(args.memory[0], args.memory[1] == "1")}))
+        print(json.dumps({"peak": peak_memory(args.memory[0], args.memory[1] == "1", int(args.memory[2]))}))
         return
     import step_cost
     import tensorflow as tf
@@ -107,13 +109,13 @@ def main():
     from tfmbgd.engine import layerwise
 
     budget = 2.0 if args.quick else args.budget
-    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; B={BATCH}, 32x32x3 images or 16 "
+    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; B={args.batch}, 32x32x3 images or 16 "
           "tokens; ratios = median statistics step / median plain step, interleaved\n")
     print("| model | variables by the rules | BatchNorm layers (training) | oracle | largest difference | "
           "plain step | norm tier | elementwise tier | rounds | peak memory, norm tier |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models or NAMES:
-        model, x, y = make(name)
+        model, x, y = make(name, args.batch)
         cover = layerwise.coverage(model, x)
         how, diff = difference(model, x, y)
         tx, ty = step_cost.as_tensors(x, y)
@@ -125,7 +127,7 @@ def main():
         print(f"| {name} | {sum(w is None for w in cover.values())} of {len(cover)} | "
               f"{len(layerwise.batch_norms(model))} | {how} | {diff:.1e} | {t_plain * 1e3:.1f} ms | "
               f"{t_norm / t_plain:.2f}x | {t_elem / t_plain:.2f}x | {rounds} | "
-              f"{'-' if args.no_memory else f'{memory_ratio(name):.2f}x'} |", flush=True)
+              f"{'-' if args.no_memory else f'{memory_ratio(name, args.batch):.2f}x'} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ def backbones():
     }
 
 
-def make(name, seed=0):
-    """`(model, x, y)`: the backbone `name` with a Dense(10) head, and a batch of token ids."""
+def make(name, seed=0, batch=BATCH):
+    """`(model, x, y)`: the backbone `name` with a Dense(10) head, and `batch` sequences of token
+    ids."""
     keras.utils.set_random_seed(seed)
     backbone = backbones()[name]()
     inputs = {key: keras.Input((SEQUENCE,), dtype="int32", name=key) for key in backbone.input}
@@ -46,10 +47,10 @@ def make(name, seed=0):
     hidden = hidden["sequence_output"] if isinstance(hidden, dict) else hidden
     model = keras.Model(inputs, keras.layers.Dense(10)(hidden[:, 0]))
     rng = np.random.default_rng(seed)
-    x = {key: (rng.integers(0, VOCABULARY, (BATCH, SEQUENCE)) if key == "token_ids"
-               else np.ones((BATCH, SEQUENCE)) if key == "padding_mask"
-               else np.zeros((BATCH, SEQUENCE))).astype(np.int32) for key in inputs}
-    return model, x, rng.integers(0, 10, BATCH).astype(np.int32)
+    x = {key: (rng.integers(0, VOCABULARY, (batch, SEQUENCE)) if key == "token_ids"
+               else np.ones((batch, SEQUENCE)) if key == "padding_mask"
+               else np.zeros((batch, SEQUENCE))).astype(np.int32) for key in inputs}
+    return model, x, rng.integers(0, 10, batch).astype(np.int32)
 
 
 def largest_difference(m, oracle):
