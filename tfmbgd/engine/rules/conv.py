@@ -4,10 +4,11 @@ filter gradient, one batched matmul per kernel offset over a strided window of t
 input (BackPACK's unfolding, without building the patches)."""
 
 import itertools
+import math
 
 import tensorflow as tf
 
-from tfmbgd.engine.forms import Explicit
+from tfmbgd.engine.forms import Explicit, Outer, builds
 from tfmbgd.engine.rules.base import Pending, cast, is_batch
 
 
@@ -62,6 +63,17 @@ def convolution(op, operand, ctx):
         ya = cast(y, ctx)
         return Pending(Explicit, lambda dz: Explicit(filter_grads(cast(dz, ctx), ya, kernel, *geometry)))
     xa = cast(x, ctx)
+    positions, k, c = math.prod(y.shape[1:-1]), math.prod(kernel) * x.shape[-1], y.shape[-1]
+    if groups == 1 and not builds(positions, k, c, False):
+        # Few output positions (late layers): the unfolded input `a [B, T, k^2 C_in]` and `dz
+        # [B, T, C_out]` as an outer product, whose norms are the ghost norm of Gram
+        # matrices, B T^2 (k^2 C_in + C_out) multiply-adds against B T k^2 C_in C_out for the
+        # per-example kernels (Goodfellow 2015; Bu et al. 2023 choose so layer by layer).
+        # The filter gradient then comes from the backward pass, as in a plain step.
+        def unfolded(dz):
+            a = tf.concat(list(_windows(xa, y.shape[1:-1], kernel, *geometry)), axis=-1)
+            return Outer(a, tf.reshape(cast(dz, ctx), [ctx.b, positions, c]))
+        return Pending(Outer, unfolded, (positions, k, c))
     grads = lambda a, d: filter_grads(a, d, kernel, *geometry, groups)
     if kernel[0] == 1 and x.shape[1] == 1:
         # Conv1D (a Conv2D of height 1): its per-offset products are many small batched
