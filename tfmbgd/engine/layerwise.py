@@ -15,10 +15,13 @@ activation (the gradient is taken *after* it), and changes nothing in the model.
 variable used by several ops (a layer called twice, tied weights) sums its uses'
 per-example gradients before squaring, so its norms stay exact.
 
-Rules that build per-example gradients anyway (convolutions, biases, normalization
-scales, Dense on long sequences) return their sum, the batch gradient of that variable,
-and the backward pass leaves those variables out: a convolution's filter gradient, as
-costly as the per-example gradients, is never computed (TensorFlow prunes the unused op).
+Rules that build per-example gradients anyway (convolutions with many output positions,
+biases, normalization scales, Dense on long sequences) return their sum, the batch
+gradient of that variable, and the backward pass leaves those variables out: such a
+convolution's filter gradient, as costly as its per-example gradients, is never computed
+(TensorFlow prunes the unused op). Where the ghost norm is cheaper (a matrix product, or a
+convolution with few output positions, see `forms.builds`) nothing per example is built
+and the backward pass computes the batch gradient, as a plain step does.
 
 On the way from a variable to its op the scan follows reads, casts and reshapes, a static
 `Slice` or a `Transpose` (undone on the per-example gradients: `Step`), and elementwise ops

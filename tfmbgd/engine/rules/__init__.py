@@ -14,8 +14,9 @@ Example n's output depends only on example n's input, so `dz[n]` is the gradient
 examples apart: its non-variable input and its output have the batch as their leading
 axis.
 
-The maths follows BackPACK's first-order extensions and, for Dense, the ghost norm of
-Goodfellow (2015) and Li et al. (2021).
+The maths follows BackPACK's first-order extensions and, for Dense and convolutions with
+few output positions, the ghost norm of Goodfellow (2015), Li et al. (2021) and Bu et al.
+(2023).
 
 One module per op family (`matmul`, `conv`, `broadcast`, `gather`), each a pure function
 `rule(op, operand, ctx)`; `RULES` maps TensorFlow op types to them. A new op rule is one
