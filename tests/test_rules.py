@@ -86,7 +86,7 @@ def test_convolution_filter_gradient_is_not_computed_twice():
     # Where the conv rule builds the per-example kernel gradients (the first layer: 8x8
     # output positions, T^2 = 4096 > k^2 C_in C_out = 36), their sum is the batch gradient,
     # so the backward pass must not compute that filter gradient as well. Where it takes
-    # the ghost norm instead (the second: one position, T^2 = 1 < 180), it builds none, and
+    # the ghost norm instead (the second: one position, T^2 (K + C) = 41 < K C = 180), it builds none, and
     # the backward pass computes that one filter gradient, once.
     model, loss_fn, x, y = make(SPEC["cnn"], dtype="float32")       # cnn: two Conv2D layers
 
@@ -226,26 +226,27 @@ def test_a_variable_the_model_never_reads_is_zero_without_the_fallback(monkeypat
     assert not np.any(got.var_norms_sq[0].numpy()) and not np.any(got.mean[0].numpy())
 
 
-@pytest.mark.parametrize("filters", [63, 64], ids=["per_example_kernels", "ghost_norm"])
+@pytest.mark.parametrize("filters", [21, 22], ids=["per_example_kernels", "ghost_norm"])
 @pytest.mark.parametrize("elementwise", [False, True], ids=["norms", "elementwise"])
 def test_a_convolution_takes_the_ghost_norm_below_the_arithmetic_threshold(filters, elementwise):
-    # 5x5x1 images, 2x2 kernel: T = 16 output positions, K = 4 inputs per position. With
-    # C = 64 filters T^2 = 256 <= K C = 256: the norms come from the Gram matrices of the
-    # unfolded input and of dz (the filter gradient from the backward pass, as in a plain
-    # step); with C = 63, 256 > 252: the per-example kernels are built and summed (no
-    # filter gradient op). The elementwise tier builds them either way (T > 3). Both
-    # against the loop, float64.
+    # 3x3x16 images, 2x2 kernel: T = 4 output positions, K = 64 inputs per position. The
+    # ghost norm costs T^2 (K + C) on top of the filter gradient; the per-example kernels
+    # replace it. With C = 22, 16 * 86 = 1376 < 64 * 22 = 1408: the norms come from the
+    # Gram matrices of the unfolded input and of dz, and the backward pass computes the
+    # filter gradient; with C = 21, 1360 > 1344: the per-example kernels are built and
+    # summed (no filter gradient op). The elementwise tier builds them either way (T > 3).
+    # Both against the loop, float64.
     from test_layerwise import assert_moments_close
 
     def build():
-        inputs = keras.Input((5, 5, 1))
+        inputs = keras.Input((3, 3, 16))
         return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(
             keras.layers.Conv2D(filters, 2, activation="tanh")(inputs))))
     model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"))
     got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=elementwise)
     assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=elementwise),
                          rtol=1e-10)
-    ghost = filters == 64 and not elementwise
+    ghost = filters == 22 and not elementwise
     model32, _, x32, y32 = make(dict(build=build, loss="crossentropy"), dtype="float32")
     fn = lambda x, y: gradient_moments(model32, loss_fn, x, y, "auto", elementwise).mean
     assert _used_filter_gradients(fn, x32, y32) == (1 if ghost else 0)

@@ -8,7 +8,7 @@ import math
 
 import tensorflow as tf
 
-from tfmbgd.engine.forms import Explicit, Outer, builds
+from tfmbgd.engine.forms import Explicit, Outer
 from tfmbgd.engine.rules.base import Pending, cast, is_batch
 
 
@@ -64,12 +64,15 @@ def convolution(op, operand, ctx):
         return Pending(Explicit, lambda dz: Explicit(filter_grads(cast(dz, ctx), ya, kernel, *geometry)))
     xa = cast(x, ctx)
     positions, k, c = math.prod(y.shape[1:-1]), math.prod(kernel) * x.shape[-1], y.shape[-1]
-    if groups == 1 and not builds(positions, k, c, False):
+    if groups == 1 and positions * positions * (k + c) < k * c:
         # Few output positions (late layers): the unfolded input `a [B, T, k^2 C_in]` and `dz
         # [B, T, C_out]` as an outer product, whose norms are the ghost norm of Gram
-        # matrices, B T^2 (k^2 C_in + C_out) multiply-adds against B T k^2 C_in C_out for the
-        # per-example kernels (Goodfellow 2015; Bu et al. 2023 choose so layer by layer).
-        # The filter gradient then comes from the backward pass, as in a plain step.
+        # matrices: B T^2 (k^2 C_in + C_out) multiply-adds on top of the plain step's filter
+        # gradient, which the backward pass then computes. The per-example kernels replace
+        # that gradient (their sum is it) and add B k^2 C_in C_out squares over an array B
+        # times the kernel's size. So the ghost norm where T^2 (k^2 C_in + C_out) <
+        # k^2 C_in C_out (Goodfellow 2015; Bu et al. 2023 choose layer by layer so); then
+        # T^2 < k^2 C_in C_out too, and `forms` takes the Gram path.
         def unfolded(dz):
             a = tf.concat(list(_windows(xa, y.shape[1:-1], kernel, *geometry)), axis=-1)
             return Outer(a, tf.reshape(cast(dz, ctx), [ctx.b, positions, c]))
