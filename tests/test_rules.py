@@ -250,3 +250,30 @@ def test_a_convolution_takes_the_ghost_norm_below_the_arithmetic_threshold(filte
     model32, _, x32, y32 = make(dict(build=build, loss="crossentropy"), dtype="float32")
     fn = lambda x, y: gradient_moments(model32, loss_fn, x, y, "auto", elementwise).mean
     assert _used_filter_gradients(fn, x32, y32) == (1 if ghost else 0)
+
+
+GHOST_CASES = [  # (id, input shape, layer): each with T^2 (K + C) < K C, so the ghost norm
+    ("conv1d_same_stride2", (5, 16), lambda: keras.layers.Conv1D(16, 3, strides=2, padding="same")),
+    ("conv2d_same_stride2", (3, 3, 16), lambda: keras.layers.Conv2D(32, 3, strides=2, padding="same")),
+    ("conv3d_valid", (2, 2, 2, 8), lambda: keras.layers.Conv3D(16, 2)),
+]
+
+
+@pytest.mark.parametrize("shape, layer", [c[1:] for c in GHOST_CASES], ids=[c[0] for c in GHOST_CASES])
+def test_the_ghost_norm_matches_the_loop_on_strides_padding_and_1d_3d(shape, layer):
+    from test_layerwise import assert_moments_close
+
+    def build():
+        inputs = keras.Input(shape)
+        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(
+            keras.layers.Activation("tanh")(layer()(inputs)))))
+    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"))
+    got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=False)
+    assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=False),
+                         rtol=1e-10)
+    model32, _, x32, y32 = make(dict(build=build, loss="crossentropy"), dtype="float32")
+    fn = lambda x, y: gradient_moments(model32, loss_fn, x, y, "auto", False).mean
+    graph = tf.function(fn).get_concrete_function(x32, y32).graph
+    used = [op.type for op in graph.get_operations()
+            if "BackpropFilter" in op.type and op.outputs[0].consumers()]
+    assert len(used) == 1        # the ghost norm: the filter gradient from the backward pass
