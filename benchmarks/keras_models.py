@@ -66,16 +66,8 @@ def peak_memory(name, stats, batch):
     """Child process: peak bytes allocated by tensors during one step of `name` (a plain step,
     or with `stats` the norm tier's statistics step), as `step_cost.peak_memory` measures."""
     import step_cost
-    import tensorflow as tf
 
-    model, x, y = make(name, batch)
-    x, y = step_cost.as_tensors(x, y)
-    steps = step_cost.steps_for(model, "auto", False)
-    fn = steps.with_stats if stats else steps.plain
-    step_cost.call(fn, x, y)                            # trace and allocate once
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    step_cost.call(fn, x, y)
-    return tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return step_cost.peak_of_step(*make(name, batch), "auto" if stats else None, False)
 
 
 def memory_ratio(name, batch):

@@ -144,9 +144,14 @@ def time_amortised(model_name, batch, every, budget_s, steps_per_call=64):
 
 def peak_memory(model_name, batch, method, elementwise):
     """Child process: peak bytes allocated during one step (`method` None = plain)."""
+    return peak_of_step(*make(model_name, batch), method, elementwise)
+
+
+def peak_of_step(model, x, y, method, elementwise):
+    """Peak bytes allocated by tensors during one step of `model` on `(x, y)`: a plain step
+    (`method` None) or a statistics step (needs the BFC allocator, see the module)."""
     import tensorflow as tf
 
-    model, x, y = make(model_name, batch)
     x, y = as_tensors(x, y)
     steps = steps_for(model, method or "auto", elementwise)
     fn = steps.plain if method is None else steps.with_stats

@@ -106,13 +106,8 @@ def test_the_copies_oracle_is_the_per_example_gradient_without_batch_norm():
 def test_a_keras_hub_transformer_matches_the_loop_in_float64():
     # GPT-2 computes in the policy's dtype throughout (Gemma and Llama compute their norms
     # and rotary embeddings in float32 whatever the policy: 1e-8 there is float32 round-off)
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        model, x, y = keras_hub_models.make("gpt2")
-    finally:
-        keras.config.set_floatx("float32")
-        keras.config.set_dtype_policy("float32")
+    from test_layerwise import in_dtype
+    model, x, y = in_dtype(lambda: keras_hub_models.make("gpt2"), "float64")
     oracle = gradient_moments(model, losses.crossentropy, x, y, method="loop")
     for got in _measured(model, x, y, traced=False):
         assert keras_hub_models.largest_difference(got, oracle) <= ROUND_OFF["float64"]

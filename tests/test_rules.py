@@ -74,12 +74,13 @@ def test_dense_on_sequences_matches_numpy(steps, elementwise):
 
 
 def _used_filter_gradients(fn, *args):
-    """How many Conv2DBackpropFilter ops of `fn`'s graph feed anything. Tracing a Conv2D's
+    """How many convolution filter gradient ops (`Conv2DBackpropFilter`,
+    `Conv3DBackpropFilterV2`, ...) of `fn`'s graph feed anything. Tracing a convolution's
     gradient creates its filter gradient op either way; one whose output nothing reads is
     pruned when the function runs, so it is never computed."""
     graph = tf.function(fn).get_concrete_function(*args).graph
     return sum(1 for op in graph.get_operations()
-               if op.type == "Conv2DBackpropFilter" and op.outputs[0].consumers())
+               if "BackpropFilter" in op.type and op.outputs[0].consumers())
 
 
 def test_convolution_filter_gradient_is_not_computed_twice():
@@ -273,7 +274,4 @@ def test_the_ghost_norm_matches_the_loop_on_strides_padding_and_1d_3d(shape, lay
                          rtol=1e-10)
     model32, _, x32, y32 = make(dict(build=build, loss="crossentropy"), dtype="float32")
     fn = lambda x, y: gradient_moments(model32, loss_fn, x, y, "auto", False).mean
-    graph = tf.function(fn).get_concrete_function(x32, y32).graph
-    used = [op.type for op in graph.get_operations()
-            if "BackpropFilter" in op.type and op.outputs[0].consumers()]
-    assert len(used) == 1        # the ghost norm: the filter gradient from the backward pass
+    assert _used_filter_gradients(fn, x32, y32) == 1    # the ghost norm: from the backward pass

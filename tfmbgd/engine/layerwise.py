@@ -19,9 +19,10 @@ Rules that build per-example gradients anyway (convolutions with many output pos
 biases, normalization scales, Dense on long sequences) return their sum, the batch
 gradient of that variable, and the backward pass leaves those variables out: such a
 convolution's filter gradient, as costly as its per-example gradients, is never computed
-(TensorFlow prunes the unused op). Where the ghost norm is cheaper (a matrix product, or a
-convolution with few output positions, see `forms.builds`) nothing per example is built
-and the backward pass computes the batch gradient, as a plain step does.
+(TensorFlow prunes the unused op). Where the ghost norm is cheaper (a matrix product, see
+`forms.builds`; a convolution with few output positions, see `rules.conv.convolution`)
+nothing per example is built and the backward pass computes the batch gradient, as a
+plain step does.
 
 On the way from a variable to its op the scan follows reads, casts and reshapes, a static
 `Slice` or a `Transpose` (undone on the per-example gradients: `Step`), and elementwise ops
@@ -32,8 +33,8 @@ is each example's contribution (see `tfmbgd.engine.moments.gradient_moments`).
 A nested function call is read when it holds one convolution (Keras compiles grouped
 convolutions so: `rules.conv.called`). What it cannot see: a variable read by an op
 without a rule (`rules.RULES`), by an op that mixes the examples of a batch, or inside
-any other nested function call takes the exact fallback: per-example gradients of those variables
-only, by B backward passes in a `tf.while_loop` (`gradients.unvectorized`; never
+any other nested function call takes the exact fallback: per-example gradients of those
+variables only, by B backward passes in a `tf.while_loop` (`gradients.unvectorized`; never
 `tf.vectorized_map`, which can crash the process). `coverage` says which variables do, and
 why.
 """

@@ -1,12 +1,20 @@
 """Variables broadcast over the batch: biases, the scales and offsets of the normalization
-layers, values broadcast to a batch's shape (KerasHub's position embeddings) or tiled over it
-(a class token). The
-per-example gradient is `dz` summed over the broadcast axes."""
+layers, values broadcast to a batch's shape (KerasHub's position embeddings) or tiled over
+it (a class token). The per-example gradient is `dz` summed over the broadcast axes."""
 
 import tensorflow as tf
 
 from tfmbgd.engine.forms import Explicit
 from tfmbgd.engine.rules.base import Pending, cast, is_batch
+
+
+def _broadcast_axes(shape, z):
+    """The axes of `z` after the batch along which a value of `shape`, aligned to `z`'s last
+    axes, is broadcast; None if the value has a batch axis of its own."""
+    padded = [1] * (z.shape.rank - len(shape)) + list(shape)
+    if padded[0] != 1:
+        return None
+    return [i for i in range(1, z.shape.rank) if padded[i] == 1 and z.shape[i] != 1]
 
 
 def broadcast(op, operand, ctx):
@@ -15,18 +23,13 @@ def broadcast(op, operand, ctx):
     The per-example gradient is `dz` (times the other factor for Mul, negated for the
     subtrahend) summed over the axes the variable is broadcast along."""
     z, w = op.outputs[0], op.inputs[operand]
-    rank = z.shape.rank
     if not is_batch(z, ctx) or not w.shape.is_fully_defined():
         return "its rows are not examples"
-    if op.type == "BiasAdd":
-        if op.get_attr("data_format").decode() != "NHWC":
-            return "channels_first"
-        shape = [1] * (rank - 1) + list(w.shape)
-    else:
-        shape = [1] * (rank - w.shape.rank) + list(w.shape)
-    if shape[0] != 1:
+    if op.type == "BiasAdd" and op.get_attr("data_format").decode() != "NHWC":
+        return "channels_first"
+    axes = _broadcast_axes(w.shape, z)      # (a bias is one channel axis, the last)
+    if axes is None:
         return "the variable has a batch axis"
-    axes = [i for i in range(1, rank) if shape[i] == 1 and z.shape[i] != 1]
     other = cast(op.inputs[1 - operand], ctx) if op.type == "Mul" else None
     sign = -1.0 if op.type == "Sub" and operand == 1 else 1.0
 
@@ -46,10 +49,9 @@ def broadcast_to(op, operand, ctx):
         return "the variable is the shape"
     if not is_batch(z, ctx) or not w.shape.is_fully_defined() or w.shape.rank > z.shape.rank:
         return "its rows are not examples"
-    shape = [1] * (z.shape.rank - w.shape.rank) + list(w.shape)
-    if shape[0] != 1:
+    axes = _broadcast_axes(w.shape, z)
+    if axes is None:
         return "the variable has a batch axis"
-    axes = [i for i in range(1, z.shape.rank) if shape[i] == 1 and z.shape[i] != 1]
 
     def make(dz):
         g = cast(dz, ctx)

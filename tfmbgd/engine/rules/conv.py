@@ -184,7 +184,7 @@ PLUMBING = {"Placeholder", "Const", "ReadVariableOp", "Identity", "NoOp"}
 UNIT_AXES = {"ExpandDims", "Squeeze"}        # Conv1D runs as a Conv2D of height 1
 
 
-class _Seen(object):
+class _Seen:
     """The inner convolution as its rule sees it from outside the call: the inner op's
     attributes and kernel, the call's argument and output (given the inner op's shapes)."""
 
