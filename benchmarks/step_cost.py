@@ -3,6 +3,7 @@
     python benchmarks/step_cost.py            # full table, a few minutes on 2 cores
     python benchmarks/step_cost.py --quick    # fewer cases and iterations
     python benchmarks/step_cost.py --zoo      # only the models users bring (tests/zoo.py)
+    python benchmarks/step_cost.py --depthwise   # per-example depthwise kernels, by formulation
 
 Every ratio compares two steps measured in the same process, interleaved call by call, as
 a ratio of medians: the machine is shared and noisy, absolute times mean little. A "plain"
@@ -199,11 +200,59 @@ def zoo_tables(budget, quick):
           f"{peak / 2**20:.1f} MiB ({peak / plain:.2f}x)")
 
 
+# MobileNetV2's depthwise layers on 32x32 inputs (size, channels, stride), and a 5x5 of EfficientNet's.
+DEPTHWISE = [(16, 32, 1, 3), (16, 96, 2, 3), (8, 144, 1, 3), (8, 144, 2, 3), (4, 192, 1, 3), (2, 576, 1, 3),
+             (8, 240, 2, 5)]
+
+
+def depthwise_table(budget, batch=32):
+    """The per-example gradients of a depthwise convolution's kernel, three ways, against the
+    batch's filter gradient (`DepthwiseConv2dNativeBackpropFilter`, what a plain step
+    computes): a TensorFlow einsum per kernel offset (before), a product and a sum per
+    offset (`rules.conv.depthwise_grads`, XLA-compiled), the same in TensorFlow's kernels."""
+    import tensorflow as tf
+
+    from tfmbgd.engine.rules import conv
+
+    def by_offset(x, dz, k, s, pads, einsum):
+        d4 = tf.reshape(dz, [batch, -1, x.shape[-1], 1])
+        windows = conv._windows(x, dz.shape[1:-1], (k, k), (s, s), (1, 1), pads)
+        if einsum:
+            return tf.stack([tf.einsum("bpc,bpcm->bcm", w, d4) for w in windows], axis=1)
+        return tf.stack([tf.reduce_sum(w[..., None] * d4, axis=1) for w in windows], axis=1)
+
+    print(f"\nPer-example depthwise kernels, B={batch}, 'same' padding: milliseconds (median, interleaved)\n")
+    print("| input | channels | kernel, stride | batch filter gradient | einsum per offset (before) | "
+          "product and sum per offset | the same, XLA (tfmbgd) |")
+    print("|---|---|---|---|---|---|---|")
+    for size, c, s, k in DEPTHWISE:
+        times = _depthwise_row(batch, size, c, s, k, by_offset, conv.depthwise_grads, budget)
+        print(f"| {size}x{size} | {c} | {k}x{k}, {s} | " + " | ".join(f"{t * 1e3:.2f}" for t in times) + " |",
+              flush=True)
+
+
+def _depthwise_row(batch, size, c, s, k, by_offset, depthwise_grads, budget):
+    import tensorflow as tf
+
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    pads = [(total // 2, total - total // 2)] * 2
+    x, dz = tf.random.normal([batch, size, size, c]), tf.random.normal([batch, out, out, c])
+    batch_gradient = lambda x, dz: tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+        input=x, filter_sizes=[k, k, c, 1], out_backprop=dz, strides=[1, s, s, 1], padding="SAME")
+    fns = [tf.function(batch_gradient),
+           tf.function(lambda x, dz: by_offset(x, dz, k, s, pads, True)),
+           tf.function(lambda x, dz: by_offset(x, dz, k, s, pads, False)),
+           tf.function(lambda x, dz: depthwise_grads(x, dz, (k, k), (s, s), (1, 1), pads, 1))]
+    return interleaved([lambda f=f: f(x, dz).numpy() for f in fns], budget)[0]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases, shorter budgets")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timing per ratio")
     parser.add_argument("--zoo", action="store_true", help="only the zoo tables (the models users bring)")
+    parser.add_argument("--depthwise", action="store_true", help="only the depthwise kernels' table")
     parser.add_argument("--memory", nargs=4, help=argparse.SUPPRESS)   # child: MODEL BATCH METHOD 0|1
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -220,6 +269,9 @@ def main():
           "median plain step, interleaved in one process\n")
     if args.zoo:
         zoo_tables(budget, args.quick)
+        return
+    if args.depthwise:
+        depthwise_table(budget)
         return
     print("| model | B | plain step | method, tier | ratio | rounds |")
     print("|---|---|---|---|---|---|")

@@ -158,16 +158,19 @@ def numpy_conv(x, y, kernel, strides, dilation, pads, groups=1):
     return g
 
 
-def numpy_depthwise(x, y, kernel, strides, pads, multiplier):
+def numpy_depthwise(x, y, kernel, strides, pads, multiplier, dilation=None):
+    """g[n, *o, c, m] = sum_p x_pad[n, p s + o d, c] y[n, p, c multiplier + m], any number of
+    spatial axes."""
+    dilation = dilation or (1,) * len(kernel)
     x = np.pad(x, [(0, 0), *pads, (0, 0)])
-    n, oh, ow, _ = y.shape
-    c = x.shape[-1]
-    y4 = y.reshape(n, oh, ow, c, multiplier)
-    g = np.zeros((n, *kernel, c, multiplier))
-    for i, j in itertools.product(range(kernel[0]), range(kernel[1])):
-        (sh, sw) = strides
-        window = x[:, i: i + (oh - 1) * sh + 1: sh, j: j + (ow - 1) * sw + 1: sw]
-        g[:, i, j] = np.einsum("npqc,npqcm->ncm", window, y4)
+    out, c = y.shape[1:-1], x.shape[-1]
+    y = y.reshape(*y.shape[:-1], c, multiplier)
+    g = np.zeros((x.shape[0], *kernel, c, multiplier))
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        window = x[(slice(None),) + tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
+                                          for o, d, n, s in zip(offset, dilation, out, strides))]
+        g[(slice(None),) + offset] = np.einsum("npc,npcm->ncm", window.reshape(len(x), -1, c),
+                                               y.reshape(len(x), -1, c, multiplier))
     return g
 
 
@@ -239,6 +242,16 @@ RULE_CASES = [
     dict(id="depthwise_same_stride2", shape=(6, 5, 2),
          layer=lambda: L.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2),
          want=lambda x, y: [numpy_depthwise(x, y, (3, 3), (2, 2), [(0, 1), (1, 1)], 2), y.sum((1, 2))]),
+    dict(id="depthwise_dilated_same", shape=(7, 6, 2),      # SpaceToBatchND, the op, BatchToSpaceND
+         layer=lambda: L.DepthwiseConv2D((3, 2), dilation_rate=(2, 3), padding="same", depth_multiplier=2),
+         want=lambda x, y: [numpy_depthwise(x, y, (3, 2), (1, 1), [(2, 2), (1, 2)], 2, (2, 3)),
+                            y.sum((1, 2))]),
+    dict(id="depthwise1d_dilated_valid", shape=(9, 3),
+         layer=lambda: L.DepthwiseConv1D(3, dilation_rate=2),
+         want=lambda x, y: [numpy_depthwise(x, y, (3,), (1,), [(0, 0)], 1, (2,)), y.sum(1)]),
+    dict(id="depthwise1d_same_stride2", shape=(9, 3),
+         layer=lambda: L.DepthwiseConv1D(3, strides=2, padding="same", depth_multiplier=2),
+         want=lambda x, y: [numpy_depthwise(x, y, (3,), (2,), [(1, 1)], 2), y.sum(1)]),
     dict(id="conv2d_transpose_same_stride2", shape=(3, 4, 2),
          layer=lambda: L.Conv2DTranspose(3, 3, strides=2, padding="same"),
          want=lambda x, y: [numpy_conv_transpose(x, y, (3, 3), 2, 0), y.sum((1, 2))]),
