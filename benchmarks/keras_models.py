@@ -6,6 +6,7 @@ built from their constructors (small inputs, random weights, nothing downloaded;
     python benchmarks/keras_models.py --quick      # shorter timing budgets
     python benchmarks/keras_models.py --no-memory ConvNeXtTiny gpt2
     python benchmarks/keras_models.py --batch 32       # the next issue's batch size
+    python benchmarks/keras_models.py --verbose VGG16  # and how each variable is measured, and why
 
 Per model: the variables the layer-wise rules take, the largest difference of the moments
 to an independent oracle (relative to the largest value of that kind of moment), the cost
@@ -88,6 +89,8 @@ def main():
     parser.add_argument("--budget", type=float, default=6.0, help="seconds of timing per ratio")
     parser.add_argument("--no-memory", action="store_true", help="leave out the peak-memory column")
     parser.add_argument("--batch", type=int, default=BATCH, help="examples per batch (default %(default)s)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="after the table, each variable's form and why (layerwise.choices)")
     parser.add_argument("--memory", nargs=3, help=argparse.SUPPRESS)     # child: MODEL 0|1 BATCH
     parser.add_argument("models", nargs="*", help=f"some of {', '.join(NAMES)}")
     args = parser.parse_args()
@@ -106,9 +109,12 @@ def main():
     print("| model | variables by the rules | BatchNorm layers (training) | oracle | largest difference | "
           "plain step | norm tier | elementwise tier | rounds | peak memory, norm tier |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    chosen = {}
     for name in args.models or NAMES:
         model, x, y = make(name, args.batch)
         cover = layerwise.coverage(model, x)
+        if args.verbose:
+            chosen[name] = layerwise.choices(model, x)
         how, diff = difference(model, x, y)
         tx, ty = step_cost.as_tensors(x, y)
         plain = step_cost.steps_for(model).plain
@@ -120,6 +126,12 @@ def main():
               f"{len(layerwise.batch_norms(model))} | {how} | {diff:.1e} | {t_plain * 1e3:.1f} ms | "
               f"{t_norm / t_plain:.2f}x | {t_elem / t_plain:.2f}x | {rounds} | "
               f"{'-' if args.no_memory else f'{memory_ratio(name, args.batch):.2f}x'} |", flush=True)
+    for name, said in chosen.items():
+        print(f"\n{name}, norm tier, B={args.batch}: how each variable is measured (layerwise.choices)\n")
+        print("| variable | op: form (why) |")
+        print("|---|---|")
+        for path, line in said.items():
+            print(f"| {path} | {line} |")
 
 
 if __name__ == "__main__":

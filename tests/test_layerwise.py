@@ -195,6 +195,27 @@ def test_auto_takes_the_exact_fallback_only_where_no_rule_applies(spec):
             gradient_moments(model, loss_fn, x, y, method="layerwise")
 
 
+def test_choices_name_each_variables_form_and_the_fallbacks_reason():
+    # One line per variable: the op, the form the statistics step uses, and whether the
+    # backward pass leaves the variable's batch gradient out (its per-example gradients sum
+    # to it). Checked against what the step does: the fallback's reason is coverage's.
+    ids = keras.Input((3,), dtype="int32")
+    h = keras.layers.Flatten()(keras.layers.Embedding(7, 4)(ids))
+    h = keras.layers.BatchNormalization()(keras.layers.Dense(5, activation="tanh")(h))
+    h = ExpScale()(keras.layers.Dense(4)(h))                  # no rule: the fallback
+    model = keras.Model(ids, keras.layers.Dense(2)(h))
+    said = layerwise.choices(model)
+    paths = [v.path for v in model.trainable_variables]
+    assert list(said) == paths
+    embed, kernel, bias, gamma, beta = (said[p] for p in paths[:5])
+    assert embed.startswith("GatherV2: gathered rows") and "leaves out" not in embed
+    assert kernel == "MatMul: outer product a_n^T d_n: norms ||a_n||^2 ||d_n||^2"
+    assert bias.startswith("BiasAdd: per-example gradients") and bias.endswith("leaves out its batch gradient")
+    assert "through Mul" in gamma and "through Sub" in beta
+    fallback = {p: why for p, why in layerwise.coverage(model).items() if why}
+    assert fallback and all(said[p] == f"fallback, B backward passes: {why}" for p, why in fallback.items())
+
+
 def test_subclassed_model_takes_the_rules():
     model = in_dtype(Subclassed, "float64")
     x = tf.constant(np.random.default_rng(0).normal(size=(5, 5)))

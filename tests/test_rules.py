@@ -11,7 +11,7 @@ import tensorflow as tf
 from test_layerwise import PROBLEMS, SPEC, make
 
 from tfmbgd import stats
-from tfmbgd.engine import forms, rules
+from tfmbgd.engine import forms, layerwise, rules
 from tfmbgd.engine.moments import gradient_moments
 
 
@@ -251,6 +251,16 @@ def test_a_convolution_takes_the_ghost_norm_below_the_arithmetic_threshold(filte
     model32, _, x32, y32 = make(dict(build=build, loss="crossentropy"), dtype="float32")
     fn = lambda x, y: gradient_moments(model32, loss_fn, x, y, "auto", elementwise).mean
     assert _used_filter_gradients(fn, x32, y32) == (1 if ghost else 0)
+    # ... and layerwise.choices says so, with the arithmetic: T^2 (K + C) against K C.
+    said = layerwise.choices(model, x, elementwise)[model.layers[1].kernel.path]
+    cost = f"{16 * (64 + filters):,}", f"{64 * filters:,}"
+    assert said.startswith("Conv2D: ")
+    if filters == 22:
+        assert f"T^2 (k^2 C_in + C_out) = {cost[0]} < k^2 C_in C_out = {cost[1]}" in said
+    else:
+        assert f"k^2 C_in C_out = {cost[1]} <= the ghost norm's T^2 (k^2 C_in + C_out) = {cost[0]}" in said
+    assert ("ghost norm: Gram matrices of T=4 positions" in said) == ghost
+    assert said.endswith("the backward pass leaves out its batch gradient") != ghost
 
 
 GHOST_CASES = [  # (id, input shape, layer): each with T^2 (K + C) < K C, so the ghost norm

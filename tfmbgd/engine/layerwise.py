@@ -66,6 +66,7 @@ class Use(NamedTuple):
     pending: rules.Pending
     z: tf.Tensor              # the op's output
     checks: list              # tensors whose leading axis must be B (a run-time batch size)
+    op: str = ""              # the type of the op whose rule made `pending` (for `choices`)
 
 
 def _handle(graph, variable):
@@ -120,7 +121,9 @@ def _undone(use, steps):
             else:
                 g = tf.transpose(g, [0] + [1 + step.arg.index(i) for i in range(len(step.arg))])
         return forms.Explicit(g)
-    return use._replace(shape=steps[0].before, pending=rules.Pending(forms.Explicit, make))
+    how = ", ".join(step.kind for step in steps)
+    return use._replace(shape=steps[0].before, pending=rules.Pending(forms.Explicit, make, why=_then(
+        f"after {how}", use.pending.why)))
 
 
 def _uses(variable, start, forward, batch, b):
@@ -166,7 +169,8 @@ def _use(variable, op, operand, t, forward, batch, b):
     pending = rule(op, operand, ctx)
     if isinstance(pending, str):
         return f"used by {op.type}: {pending}"
-    return [Use(shape, pending, op.outputs[0] if pending.output is None else pending.output, ctx.checks)]
+    return [Use(shape, pending, op.outputs[0] if pending.output is None else pending.output, ctx.checks,
+                op.type)]
 
 
 # Elementwise ops that may combine a variable with other values of no batch axis before the
@@ -199,7 +203,14 @@ def _through(use, op, operand, shape):
         g = g * tf.cast(other, g.dtype) if other is not None else (-g if sign < 0 else g)
         g = tf.reduce_sum(g, axes, keepdims=True) if axes else g
         return forms.Explicit(tf.reshape(g, [-1, *shape]))
-    return use._replace(shape=shape, pending=rules.Pending(forms.Explicit, make))
+    inner = use.pending.why
+    why = (f"through {op.type}, {inner[len('through '):]}" if inner.startswith("through ")
+           else _then(f"through {op.type}", inner))
+    return use._replace(shape=shape, pending=rules.Pending(forms.Explicit, make, why=why))
+
+
+def _then(first, why):
+    return f"{first}; {why}" if why else first
 
 
 def scan(graph, variables, first_op, batch, b):
@@ -371,9 +382,14 @@ def coverage(model, x=None):
     Raises:
       UserError: `x` is needed (a subclassed model) and not given.
     """
+    return _plan(model, x, "coverage").coverage(model.trainable_variables)
+
+
+def _plan(model, x, asker):
+    """The `Plan` of one forward trace of `model` on `x` (a batch of zeros if None)."""
     if x is None:
         if getattr(model, "inputs", None) is None:
-            raise UserError(f"coverage of model {model.name}: pass a batch x (a subclassed model's "
+            raise UserError(f"{asker} of model {model.name}: pass a batch x (a subclassed model's "
                             "inputs are known only when it is called)")
         try:
             structure = model.input
@@ -391,7 +407,53 @@ def coverage(model, x=None):
         return tf.constant(0)
 
     tf.function(trace, autograph=False).get_concrete_function(tf.nest.map_structure(tf.convert_to_tensor, x))
-    return found["plan"].coverage(model.trainable_variables)
+    return found["plan"]
+
+
+def choices(model, x=None, elementwise=False):
+    """How a statistics step measures each trainable variable, and why: the op its rule reads,
+    the form of the per-example gradients and the arithmetic behind a choice between two
+    (a convolution's ghost norm or per-example kernels), whether the backward pass leaves
+    out the variable's batch gradient (the rule's per-example gradients sum to it), or why
+    it takes the fallback.
+
+    Args:
+      model, x: as for `coverage` (the choice of a convolution depends on its output's size,
+        so give inputs of the size you train on).
+      elementwise: the tier asked for (a few forms choose differently for it).
+
+    Returns:
+      `{variable.path: one line}`, in `model.trainable_variables` order.
+    """
+    plan = _plan(model, x, "choices")
+    return {v.path: _formulation(u, elementwise) for v, u in zip(model.trainable_variables, plan.uses)}
+
+
+def _formulation(uses, elementwise):
+    if isinstance(uses, str):
+        return f"fallback, B backward passes: {uses}"
+    if not uses:
+        return "never read: zero for every example"
+    lines = []
+    for u in uses:
+        p = u.pending
+        if p.kind is forms.Outer:
+            t, k, c = p.dims
+            if t == 1:
+                how = "outer product a_n^T d_n: norms ||a_n||^2 ||d_n||^2"
+            elif forms.builds(t, k, c, elementwise):
+                how = f"outer product over T={t} positions, built per example ({k}x{c})"
+            else:
+                how = f"ghost norm: Gram matrices of T={t} positions"
+        elif p.kind is forms.Rows:
+            how = "gathered rows: segment sums per (example, row)"
+        else:
+            how = "per-example gradients"
+        lines.append(f"{u.op}: {how}" + (f" ({p.why})" if p.why else ""))
+    line = " + ".join(lines)
+    if _sums(uses, elementwise):
+        line += "; the backward pass leaves out its batch gradient"
+    return line
 
 
 def traced_coverage(model):

@@ -19,6 +19,7 @@ class Pending(NamedTuple):
     make: Callable        # dz (the gradient at op.outputs[0]) -> a form
     dims: tuple = ()      # Outer: static (T, K, C), T None when unknown
     output: tf.Tensor = None   # the tensor whose gradient `make` takes; None: op.outputs[0]
+    why: str = ""         # why this form, when the rule chose between two (shown by layerwise.choices)
 
 
 def is_batch(t, ctx):

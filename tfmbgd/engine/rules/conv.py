@@ -60,10 +60,12 @@ def convolution(op, operand, ctx):
         return "a grouped transposed convolution"
     if transpose:
         ya = cast(y, ctx)
-        return Pending(Explicit, lambda dz: Explicit(filter_grads(cast(dz, ctx), ya, kernel, *geometry)))
+        return Pending(Explicit, lambda dz: Explicit(filter_grads(cast(dz, ctx), ya, kernel, *geometry)),
+                       why="transposed; replaces the filter gradient")
     xa = cast(x, ctx)
     positions, k, c = math.prod(y.shape[1:-1]), math.prod(kernel) * x.shape[-1], y.shape[-1]
-    if groups == 1 and positions * positions * (k + c) < k * c:
+    ghost, kernels = positions * positions * (k + c), k * c
+    if groups == 1 and ghost < kernels:
         # Few output positions (late layers): the unfolded input `a [B, T, k^2 C_in]` and `dz
         # [B, T, C_out]` as an outer product, whose norms are the ghost norm of Gram
         # matrices: B T^2 (k^2 C_in + C_out) multiply-adds on top of the plain step's filter
@@ -75,14 +77,20 @@ def convolution(op, operand, ctx):
         def unfolded(dz):
             a = tf.concat(list(_windows(xa, y.shape[1:-1], kernel, *geometry)), axis=-1)
             return Outer(a, tf.reshape(cast(dz, ctx), [ctx.b, positions, c]))
-        return Pending(Outer, unfolded, (positions, k, c))
+        return Pending(Outer, unfolded, (positions, k, c),
+                       why=f"T^2 (k^2 C_in + C_out) = {ghost:,} < k^2 C_in C_out = {kernels:,} multiply-adds "
+                           "per example")
+    why = (f"groups={groups}" if groups > 1 else
+           f"per-example kernels: k^2 C_in C_out = {kernels:,} <= the ghost norm's T^2 (k^2 C_in + C_out) "
+           f"= {ghost:,} multiply-adds per example, T={positions}")
     grads = lambda a, d: filter_grads(a, d, kernel, *geometry, groups)
     if kernel[0] == 1 and x.shape[1] == 1:
         # Conv1D (a Conv2D of height 1): its per-offset products are many small batched
         # matmuls, which XLA runs faster than TensorFlow's kernels on a CPU; for 2-D
         # convolutions the XLA cluster measured slower (`benchmarks/step_cost.py --zoo`).
         grads = tf.function(grads, jit_compile=True, autograph=False)
-    return Pending(Explicit, lambda dz: Explicit(grads(xa, cast(dz, ctx))))
+    return Pending(Explicit, lambda dz: Explicit(grads(xa, cast(dz, ctx))),
+                   why=why + "; replaces the filter gradient")
 
 
 def _dilated(op, kernel, ctx):
@@ -121,7 +129,7 @@ def _dilated(op, kernel, ctx):
     def make(dz):
         y = tf.pad(cast(dz, ctx), [[0, 0], *[[int(c) for c in pair] for pair in crops], [0, 0]])
         return Explicit(grads(xa, y))
-    return Pending(Explicit, make, output=out)
+    return Pending(Explicit, make, output=out, why="dilated; replaces the filter gradient")
 
 
 def depthwise(op, operand, ctx):
@@ -139,7 +147,9 @@ def depthwise(op, operand, ctx):
     if isinstance(geometry, str):
         return geometry
     xa, m = cast(x, ctx), op.inputs[1].shape[-1]
-    return Pending(Explicit, lambda dz: Explicit(depthwise_grads(xa, cast(dz, ctx), kernel, *geometry, m)))
+    return Pending(Explicit, lambda dz: Explicit(depthwise_grads(xa, cast(dz, ctx), kernel, *geometry, m)),
+                   why="depthwise: per-example kernels, k^2 C M multiply-adds per position as the filter "
+                       "gradient they replace (a ghost norm would cost T (k^2 + M) C)")
 
 
 def _is_split(source):
@@ -271,4 +281,5 @@ def called(op, operand, ctx):
     pending = convolution(seen, 1, ctx)
     if isinstance(pending, str):
         return pending
-    return Pending(pending.kind, lambda dz: pending.make(_like(dz, conv.outputs[0])), output=out)
+    return Pending(pending.kind, lambda dz: pending.make(_like(dz, conv.outputs[0])), pending.dims, out,
+                   f"a call holding {conv.type}; {pending.why}")
