@@ -196,8 +196,12 @@ def filter_grads(x, y, kernel, strides, dilations, pads, groups=1):
     o, `g_n[o] = sum_p x_pad[n, p s + o d, :]^T y[n, p, :]`, one batched matmul per offset
     over a strided window of the padded input (several times faster on a CPU than
     `tf.image.extract_patches` and one matmul). With one input channel the windows stack
-    into one matmul; with groups, each group's channels meet only their own outputs."""
+    into one matmul; with groups, each group's channels meet only their own outputs (one
+    input channel per group, ConvNeXt's: `depthwise_grads`)."""
     b, c_x, c_y = tf.shape(x)[0], x.shape[-1], y.shape[-1]
+    if groups > 1 and groups == c_x:      # one input channel per group: a depthwise convolution
+        g = depthwise_grads(x, y, kernel, strides, dilations, pads, c_y // c_x)
+        return tf.reshape(g, [b, *kernel, 1, c_y])
     y3 = tf.reshape(y, [b, -1, c_y])
     windows = list(_windows(x, y.shape[1:-1], kernel, strides, dilations, pads))
     if c_x == 1:      # [B, offsets, positions] x [B, positions, c_y]
