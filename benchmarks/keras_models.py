@@ -15,7 +15,8 @@ instruments) as the ratio of medians to a plain step, interleaved in one process
 peak memory of a norm-tier statistics step over a plain step's (each in a child process
 with TensorFlow's BFC allocator on the CPU, as `step_cost.py` measures it). The oracle is
 the single-example loop; for a network with BatchNormalization in training mode, the model
-with a copy of every variable per example (`tests/applications.py`), float32 throughout.
+with a copy of every variable per example (`tests/applications.py`), float32 throughout, on
+a batch of at most `ORACLE_BATCH` examples.
 Dropout is turned off (rate 0) in EfficientNet, so that two forward passes can be compared.
 """
 
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))     # applications.py, ker
 sys.path.insert(0, HERE)                                  # step_cost.py
 
 BATCH = 8     # --batch
+ORACLE_BATCH = 8     # the oracles' batch, at most (the per-example copies of ResNet50 at B=32 need 24 GiB)
 
 
 def make(name, batch=BATCH):
@@ -115,7 +117,7 @@ def main():
         cover = layerwise.coverage(model, x)
         if args.verbose:
             chosen[name] = layerwise.choices(model, x)
-        how, diff = difference(model, x, y)
+        how, diff = difference(*make(name, min(args.batch, ORACLE_BATCH)))
         tx, ty = step_cost.as_tensors(x, y)
         plain = step_cost.steps_for(model).plain
         norm = step_cost.steps_for(model, "auto", False).with_stats

@@ -10,8 +10,11 @@ and this module reduces a form to the variable's moments:
   identity `sum_{t,s} (a_n a_n^T)_{ts} (d_n d_n^T)_{ts}` (Goodfellow 2015; Li et al. 2021),
   elementwise sums by `(a^2)^T (d^2)` (T = 1); otherwise the `[B, K, C]` gradients of this
   variable alone are built.
-- `Explicit(g)`: `g [B, ...]` itself (convolutions, whose kernels are small;
-  normalization scales and offsets; biases).
+- `Explicit(g)`: `g [B, ...]` itself (depthwise convolutions; normalization scales and
+  offsets; biases).
+- `Pieces(parts)`: `g` in consecutive pieces `[B, ...]` (a convolution's kernel, one piece
+  per kernel offset): reduced piece by piece, so the whole `[B, *kernel]` array is never
+  stacked (one copy less, and one offset's piece alive at a time instead of all).
 - `Rows(ids, rows)`: `g_n` adds `rows[n, t]` to row `ids[n, t]` of a `[vocab, dim]` table
   (Embedding, any gather of rows): segment sums per (example, row), never `B x vocab`.
 
@@ -37,6 +40,10 @@ def _positions(x):
 
 class Explicit(NamedTuple):
     g: tf.Tensor      # [B, ...] with as many elements per example as the variable
+
+
+class Pieces(NamedTuple):
+    parts: tuple      # [B, ...] each; g_n is their flattened values one after another
 
 
 class Rows(NamedTuple):
@@ -80,6 +87,8 @@ def explicit(form, shape):
     b = tf.shape(_first(form))[0]
     if isinstance(form, Outer):
         g = tf.matmul(_positions(form.a), _positions(form.d), transpose_a=True)
+    elif isinstance(form, Pieces):
+        g = tf.concat([tf.reshape(p, [b, -1]) for p in form.parts], 1)
     elif isinstance(form, Rows):
         vocab = shape[0]
         index = tf.range(tf.cast(b, tf.int64))[:, None] * vocab + form.ids
@@ -91,6 +100,8 @@ def explicit(form, shape):
 
 
 def _first(form):
+    if isinstance(form, Pieces):
+        return form.parts[0]
     return form.a if isinstance(form, Outer) else form.ids if isinstance(form, Rows) else form.g
 
 
@@ -125,11 +136,23 @@ def moments(form, shape, b, elementwise):
             gram = tf.matmul(form.a, form.a, transpose_b=True) * tf.matmul(form.d, form.d, transpose_b=True)
             return _cross_terms(form, t, shape, b2) if elementwise else None, \
                 tf.reduce_sum(gram, axis=[1, 2]) * b2, None
+    if isinstance(form, Pieces):
+        return _pieces(form, shape, b2, elementwise)
     g = explicit(form, shape)
     squares = tf.square(g)
     flat = tf.reshape(squares, [tf.shape(g)[0], -1])
     sum_sq = tf.reduce_sum(squares, 0) * b2 if elementwise else None
     return sum_sq, tf.reduce_sum(flat, 1) * b2, tf.reduce_sum(g, 0)
+
+
+def _pieces(form, shape, b2, elementwise):
+    """`moments` of `Pieces`, a piece at a time: the `[B]` norms add up, the sums over the
+    batch are laid end to end."""
+    squares = [tf.square(p) for p in form.parts]
+    norms = tf.add_n([tf.reduce_sum(q, list(range(1, q.shape.rank))) for q in squares])
+    joined = lambda ts: tf.reshape(tf.concat([tf.reshape(t, [-1]) for t in ts], 0), shape)
+    sum_sq = joined([tf.reduce_sum(q, 0) for q in squares]) * b2 if elementwise else None
+    return sum_sq, norms * b2, joined([tf.reduce_sum(p, 0) for p in form.parts])
 
 
 def _cross_terms(form, t, shape, b2):
@@ -173,7 +196,7 @@ def project(form, vector, b):
         v = tf.cast(vector, form.rows.dtype)
         table = tf.reshape(v, [-1, form.rows.shape[-1]])
         return tf.reduce_sum(tf.gather(table, form.ids) * form.rows, [1, 2]) * b
-    g = tf.reshape(form.g, [tf.shape(form.g)[0], -1])
+    g = explicit(form, [-1]) if isinstance(form, Pieces) else tf.reshape(form.g, [tf.shape(form.g)[0], -1])
     return tf.linalg.matvec(g, tf.reshape(tf.cast(vector, g.dtype), [-1])) * b
 
 
@@ -277,6 +300,8 @@ class _Scaled(Projector):
 
 def _sliced(form, cut):
     """The form of the examples `cut` (a slice of the batch axis)."""
+    if isinstance(form, Pieces):
+        return Pieces([p[cut] for p in form.parts])
     return type(form)(*(t[cut] for t in form))
 
 

@@ -447,6 +447,8 @@ def _formulation(uses, elementwise):
                 how = f"ghost norm: Gram matrices of T={t} positions"
         elif p.kind is forms.Rows:
             how = "gathered rows: segment sums per (example, row)"
+        elif p.kind is forms.Pieces:
+            how = "per-example gradients, reduced a kernel offset at a time"
         else:
             how = "per-example gradients"
         lines.append(f"{u.op}: {how}" + (f" ({p.why})" if p.why else ""))

@@ -8,7 +8,7 @@ import math
 
 import tensorflow as tf
 
-from tfmbgd.engine.forms import Explicit, Outer
+from tfmbgd.engine.forms import Explicit, Outer, Pieces
 from tfmbgd.engine.rules.base import Pending, cast, is_batch
 
 
@@ -60,7 +60,7 @@ def convolution(op, operand, ctx):
         return "a grouped transposed convolution"
     if transpose:
         ya = cast(y, ctx)
-        return Pending(Explicit, lambda dz: Explicit(filter_grads(cast(dz, ctx), ya, kernel, *geometry)),
+        return Pending(Pieces, lambda dz: Pieces(filter_pieces(cast(dz, ctx), ya, kernel, *geometry)),
                        why="transposed; replaces the filter gradient")
     xa = cast(x, ctx)
     positions, k, c = math.prod(y.shape[1:-1]), math.prod(kernel) * x.shape[-1], y.shape[-1]
@@ -83,13 +83,13 @@ def convolution(op, operand, ctx):
     why = (f"groups={groups}" if groups > 1 else
            f"per-example kernels: k^2 C_in C_out = {kernels:,} <= the ghost norm's T^2 (k^2 C_in + C_out) "
            f"= {ghost:,} multiply-adds per example, T={positions}")
-    grads = lambda a, d: filter_grads(a, d, kernel, *geometry, groups)
+    grads = lambda a, d: filter_pieces(a, d, kernel, *geometry, groups)
     if kernel[0] == 1 and x.shape[1] == 1:
         # Conv1D (a Conv2D of height 1): its per-offset products are many small batched
         # matmuls, which XLA runs faster than TensorFlow's kernels on a CPU; for 2-D
         # convolutions the XLA cluster measured slower (`benchmarks/step_cost.py --zoo`).
         grads = tf.function(grads, jit_compile=True, autograph=False)
-    return Pending(Explicit, lambda dz: Explicit(grads(xa, cast(dz, ctx))),
+    return Pending(Pieces, lambda dz: Pieces(grads(xa, cast(dz, ctx))),
                    why=why + "; replaces the filter gradient")
 
 
@@ -192,30 +192,36 @@ def _windows(x, out, kernel, strides, dilations, pads):
 
 def filter_grads(x, y, kernel, strides, dilations, pads, groups=1):
     """Per-example filter gradients `[B, *kernel, c_x / groups, c_y]` of an N-D convolution
-    of `x [B, *spatial, c_x]` whose output gradient is `y [B, *out, c_y]`: at kernel offset
-    o, `g_n[o] = sum_p x_pad[n, p s + o d, :]^T y[n, p, :]`, one batched matmul per offset
-    over a strided window of the padded input (several times faster on a CPU than
-    `tf.image.extract_patches` and one matmul). With one input channel the windows stack
-    into one matmul; with groups, each group's channels meet only their own outputs (one
-    input channel per group, ConvNeXt's: `depthwise_grads`)."""
+    of `x [B, *spatial, c_x]` whose output gradient is `y [B, *out, c_y]` (`filter_pieces`
+    joined)."""
+    pieces = filter_pieces(x, y, kernel, strides, dilations, pads, groups)
+    b = tf.shape(x)[0]
+    return tf.reshape(tf.concat([tf.reshape(p, [b, -1]) for p in pieces], 1),
+                      [b, *kernel, x.shape[-1] // groups, y.shape[-1]])
+
+
+def filter_pieces(x, y, kernel, strides, dilations, pads, groups=1):
+    """The per-example filter gradients of `filter_grads` as consecutive pieces (a
+    `forms.Pieces`): at kernel offset o, `g_n[o] = sum_p x_pad[n, p s + o d, :]^T y[n, p, :]`,
+    one batched matmul per offset over a strided window of the padded input (several times
+    faster on a CPU than `tf.image.extract_patches` and one matmul), one piece each. With
+    one input channel the windows stack into one matmul; with groups, each group's
+    channels meet only their own outputs (one input channel per group, ConvNeXt's:
+    `depthwise_grads`)."""
     b, c_x, c_y = tf.shape(x)[0], x.shape[-1], y.shape[-1]
     if groups > 1 and groups == c_x:      # one input channel per group: a depthwise convolution
-        g = depthwise_grads(x, y, kernel, strides, dilations, pads, c_y // c_x)
-        return tf.reshape(g, [b, *kernel, 1, c_y])
+        return [depthwise_grads(x, y, kernel, strides, dilations, pads, c_y // c_x)]
     y3 = tf.reshape(y, [b, -1, c_y])
     windows = list(_windows(x, y.shape[1:-1], kernel, strides, dilations, pads))
     if c_x == 1:      # [B, offsets, positions] x [B, positions, c_y]
-        grads = tf.matmul(tf.stack([w[..., 0] for w in windows], axis=1), y3)
-    elif groups == 1:
-        grads = tf.stack([tf.matmul(w, y3, transpose_a=True) for w in windows], axis=1)
-    else:
-        # [B, P, groups, c_x / groups] x [B, P, groups, c_y / groups]: output channel
-        # g (c_y / groups) + j meets input channels g (c_x / groups) + i only.
-        gx, gy = c_x // groups, c_y // groups
-        yg = tf.reshape(y3, [b, -1, groups, gy])
-        grads = tf.stack([tf.einsum("bpgi,bpgo->bigo", tf.reshape(w, [b, -1, groups, gx]), yg)
-                          for w in windows], axis=1)
-    return tf.reshape(grads, [b, *kernel, c_x // groups, c_y])
+        return [tf.matmul(tf.stack([w[..., 0] for w in windows], axis=1), y3)]
+    if groups == 1:
+        return [tf.matmul(w, y3, transpose_a=True) for w in windows]
+    # [B, P, groups, c_x / groups] x [B, P, groups, c_y / groups]: output channel
+    # g (c_y / groups) + j meets input channels g (c_x / groups) + i only.
+    gx, gy = c_x // groups, c_y // groups
+    yg = tf.reshape(y3, [b, -1, groups, gy])
+    return [tf.einsum("bpgi,bpgo->bigo", tf.reshape(w, [b, -1, groups, gx]), yg) for w in windows]
 
 
 CALLED = {"Conv2D", "Conv3D"}      # what a call may hold (Keras compiles grouped ones so)
