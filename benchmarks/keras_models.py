@@ -11,7 +11,9 @@ built from their constructors (small inputs, random weights, nothing downloaded;
 Per model: the variables the layer-wise rules take, the largest difference of the moments
 to an independent oracle (relative to the largest value of that kind of moment), the cost
 of a statistics step (norm and elementwise tiers, `method="auto"`, with the default
-instruments) as the ratio of medians to a plain step, interleaved in one process, and the
+instruments) as the ratio of medians to a plain step, interleaved in one process, two
+floors (what the extra ops cost to dispatch, whatever they compute; what one pass over
+the per-example values the elementwise tier must build costs, whatever else), and the
 peak memory of a norm-tier statistics step over a plain step's (each in a child process
 with TensorFlow's BFC allocator on the CPU, as `step_cost.py` measures it). The oracle is
 the single-example loop; for a network with BatchNormalization in training mode, the model
@@ -65,6 +67,28 @@ def difference(model, x, y):
     return "loop", keras_hub_models.largest_difference(m, oracle)
 
 
+def built(model, x):
+    """Parameters whose per-example gradients the elementwise tier builds: all but those of
+    an outer product of one position, gathered rows, and a few positions' cross terms."""
+    from tfmbgd.engine import layerwise
+
+    said = layerwise.choices(model, x, elementwise=True)
+    cheap = ("outer product a_n^T d_n", "gathered rows", "ghost norm")
+    return sum(int(v.numpy().size) for v in model.trainable_variables
+               if not any(c in said[v.path].split(" (")[0] for c in cheap))
+
+
+def pass_cost(values=2 ** 25):
+    """Seconds per float32 value of a square-and-sum over the batch axis of a large array."""
+    import step_cost
+    import tensorflow as tf
+
+    g = tf.random.normal([32, values // 32])
+    fn = tf.function(lambda g: tf.reduce_sum(tf.square(g), 0))
+    (seconds,), _ = step_cost.interleaved([lambda: fn(g).numpy()], 2.0)
+    return seconds / values
+
+
 def peak_memory(name, stats, batch):
     """Child process: peak bytes allocated by tensors during one step of `name` (a plain step,
     or with `stats` the norm tier's statistics step), as `step_cost.peak_memory` measures."""
@@ -108,9 +132,16 @@ def main():
     budget = 2.0 if args.quick else args.budget
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; B={args.batch}, 32x32x3 images or 16 "
           "tokens; ratios = median statistics step / median plain step, interleaved\n")
+    per_float, per_op = pass_cost(), step_cost.op_overhead()
+    print(f"Dispatch floor: 1 + (ops of the norm tier's step - ops of the plain step) x "
+          f"{per_op * 1e6:.1f} us (the measured cost of one small op) / plain step. Elementwise floor: "
+          "the norm tier plus one pass over the B x P values that the elementwise tier builds per example "
+          f"({per_float * 1e9:.2f} ns per value, measured: a square-and-sum over a large array); P: the "
+          "parameters of the variables it builds them for (layerwise.choices)\n")
     print("| model | variables by the rules | BatchNorm layers (training) | oracle | largest difference | "
-          "plain step | norm tier | elementwise tier | rounds | peak memory, norm tier |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "plain step | norm tier | dispatch floor | elementwise tier | elementwise floor | rounds | "
+          "peak memory, norm tier |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     chosen = {}
     for name in args.models or NAMES:
         model, x, y = make(name, args.batch)
@@ -124,9 +155,12 @@ def main():
         elem = step_cost.steps_for(model, "auto", True).with_stats
         (t_plain, t_norm, t_elem), rounds = step_cost.interleaved(
             [lambda fn=fn, tx=tx, ty=ty: step_cost.call(fn, tx, ty) for fn in (plain, norm, elem)], budget)
+        floor = (t_norm + args.batch * built(model, x) * per_float) / t_plain
+        ops = [step_cost.op_count(fn, tx, ty) for fn in (plain, norm)]
         print(f"| {name} | {sum(w is None for w in cover.values())} of {len(cover)} | "
               f"{len(layerwise.batch_norms(model))} | {how} | {diff:.1e} | {t_plain * 1e3:.1f} ms | "
-              f"{t_norm / t_plain:.2f}x | {t_elem / t_plain:.2f}x | {rounds} | "
+              f"{t_norm / t_plain:.2f}x | {1 + (ops[1] - ops[0]) * per_op / t_plain:.2f}x | "
+              f"{t_elem / t_plain:.2f}x | {floor:.2f}x | {rounds} | "
               f"{'-' if args.no_memory else f'{memory_ratio(name, args.batch):.2f}x'} |", flush=True)
     for name, said in chosen.items():
         print(f"\n{name}, norm tier, B={args.batch}: how each variable is measured (layerwise.choices)\n")

@@ -3,7 +3,9 @@
     python benchmarks/step_cost.py            # full table, a few minutes on 2 cores
     python benchmarks/step_cost.py --quick    # fewer cases and iterations
     python benchmarks/step_cost.py --zoo      # only the models users bring (tests/zoo.py)
+    python benchmarks/step_cost.py --zoo --zoo-batch 32
     python benchmarks/step_cost.py --depthwise   # per-example depthwise kernels, by formulation
+    python benchmarks/step_cost.py --outer       # matrix products over T positions, by formulation
 
 Every ratio compares two steps measured in the same process, interleaved call by call, as
 a ratio of medians: the machine is shared and noisy, absolute times mean little. A "plain"
@@ -30,7 +32,7 @@ import time
 # The models users bring live with the tests that check them (tests/zoo.py).
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-CASES = [("mlp", 32), ("mlp", 128), ("mlp", 512), ("cnn", 128)]
+CASES = [("mlp", 32), ("mlp", 128), ("mlp", 512), ("cnn", 32), ("cnn", 128)]
 METHODS = [  # (label, method, elementwise)
     ("auto, norm tier", "auto", False),
     ("auto, elementwise tier", "auto", True),
@@ -170,29 +172,57 @@ def measure_memory_in_child(model_name, batch, method, elementwise=False):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
 
-def zoo_tables(budget, quick):
-    """The models users bring (`tests/zoo.py`, bench sizes) at B=64: both tiers, the share of
-    variables on the fast path, statistics every 16 steps in train.py's loop, and the
+def op_count(fn, x, y):
+    """Ops in the graph `fn` (a `tf.function`) runs, less plumbing that costs nothing."""
+    free = {"Const", "Identity", "NoOp", "Placeholder", "ReadVariableOp"}
+    return sum(op.type not in free for op in fn.get_concrete_function(x, y).graph.get_operations())
+
+
+def op_overhead(n=400):
+    """Seconds per op of a chain of `n` tiny ops in one `tf.function` (the executor's dispatch)."""
+    import tensorflow as tf
+
+    @tf.function
+    def chain(t):
+        for _ in range(n):
+            t = t * 1.0001
+        return t
+
+    t = tf.ones([8])
+    (seconds,), _ = interleaved([lambda: chain(t).numpy()], 1.0)
+    return seconds / n
+
+
+def zoo_tables(budget, quick, batch=64):
+    """The models users bring (`tests/zoo.py`, bench sizes) at B=`batch`: both tiers, the share
+    of variables on the fast path, statistics every 16 steps in train.py's loop, and the
     transformer's peak memory at B=256."""
     import zoo
     from tfmbgd import layerwise
 
-    print("\nThe models users bring (tests/zoo.py, bench sizes), B=64, auto:\n")
-    print("| model | variables by the rules | plain step | norm tier | elementwise tier | rounds |")
-    print("|---|---|---|---|---|---|")
+    per_op = op_overhead()
+    print(f"\nThe models users bring (tests/zoo.py, bench sizes), B={batch}, auto. Ops: in the traced "
+          f"plain and norm-tier steps; dispatch floor: 1 + (their difference x {per_op * 1e6:.1f} us, the "
+          "measured cost of one small op) / plain step\n")
+    print("| model | variables by the rules | plain step | norm tier | elementwise tier | rounds | "
+          "ops, plain | ops, norm tier | dispatch floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in zoo.NAMES:
-        model, x, _ = make(name, 64)
+        model, x, y = make(name, batch)
         cover = layerwise.coverage(model, x)
         fast = sum(why is None for why in cover.values())
-        rows = time_case(name, 64, budget, [m for m in METHODS[:2]])
+        both = steps_for(model)
+        ops = [op_count(fn, *as_tensors(x, y)) for fn in (both.plain, both.with_stats)]
+        rows = time_case(name, batch, budget, [m for m in METHODS[:2]])
         (_, t_plain, t_norm, rounds), (_, _, t_elem, _) = rows
         print(f"| {name} | {fast} of {len(cover)} | {t_plain * 1e3:.2f} ms | {t_norm / t_plain:.2f}x | "
-              f"{t_elem / t_plain:.2f}x | {rounds} |", flush=True)
-    print("\nStatistics every 16 steps in train.py's loop (norm tier), against none, B=64:\n")
+              f"{t_elem / t_plain:.2f}x | {rounds} | {ops[0]} | {ops[1]} | "
+              f"{1 + (ops[1] - ops[0]) * per_op / t_plain:.2f}x |", flush=True)
+    print(f"\nStatistics every 16 steps in train.py's loop (norm tier), against none, B={batch}:\n")
     print("| model | ratio | rounds |")
     print("|---|---|---|")
     for name in ("subclassed_mlp", "mlp_gelu_silu", "transformer", "conv1d", "residual_cnn"):
-        ratio, rounds = time_amortised(name, 64, 16, budget * (3 if quick else 10))
+        ratio, rounds = time_amortised(name, batch, 16, budget * (3 if quick else 10))
         print(f"| {name} | {ratio:.3f}x | {rounds} |", flush=True)
     plain = measure_memory_in_child("transformer", 256, None)
     peak = measure_memory_in_child("transformer", 256, "auto", False)
@@ -247,12 +277,58 @@ def _depthwise_row(batch, size, c, s, k, by_offset, depthwise_grads, budget):
     return interleaved([lambda f=f: f(x, dz).numpy() for f in fns], budget)[0]
 
 
+# (T, K, C): ConvNeXt's pointwise layers, transformer projections, VGG16's last convolutions
+OUTER = [(64, 96, 384), (16, 128, 128), (16, 192, 768), (16, 2304, 512), (4, 4608, 512), (2, 4608, 512)]
+
+
+def outer_table(budget, batch=32):
+    """A matrix product over T positions per example (`forms.Outer`, a Dense on sequences or an
+    unfolded convolution), `[B, T, K] x [B, T, C]`: the batch's weight gradient (a plain
+    step's) against each way to the norms (the ghost norm's Gram matrices, plus the weight
+    gradient; building the per-example gradients, which replace it) and to the elementwise
+    sums (cross terms, plus the weight gradient; building)."""
+    from tfmbgd.engine import forms
+
+    print(f"\nMatrix products over T positions, B={batch}: the weight gradient in ms, the rest as its "
+          "multiple (median, interleaved)\n")
+    print("| T | K | C | weight gradient | norms: ghost norm | norms: built | sums: cross terms | "
+          "sums: built |")
+    print("|---|---|---|---|---|---|---|---|")
+    for t, k, c in OUTER:
+        times = _outer_row(batch, t, k, c, forms, budget)
+        print(f"| {t} | {k} | {c} | {times[0] * 1e3:.2f} | "
+              + " | ".join(f"{x / times[0]:.2f}x" for x in times[1:]) + " |", flush=True)
+
+
+def _outer_row(batch, t, k, c, forms, budget):
+    import tensorflow as tf
+
+    a, d = tf.random.normal([batch, t, k]), tf.random.normal([batch, t, c])
+    weight = lambda a, d: tf.matmul(tf.reshape(a, [-1, k]), tf.reshape(d, [-1, c]), transpose_a=True)
+
+    def built(a, d, elementwise):
+        g = tf.matmul(a, d, transpose_a=True)
+        q = tf.square(g)
+        return tf.reduce_sum(q, [1, 2]), tf.reduce_sum(g, 0), tf.reduce_sum(q, 0) if elementwise else 0.0
+
+    fns = [weight,
+           lambda a, d: (tf.reduce_sum(tf.matmul(a, a, transpose_b=True) * tf.matmul(d, d, transpose_b=True),
+                                       [1, 2]), weight(a, d)),
+           lambda a, d: built(a, d, False),
+           lambda a, d: (forms._cross_terms(forms.Outer(a, d), t, (k, c), 1.0), weight(a, d)),
+           lambda a, d: built(a, d, True)]
+    fns = [tf.function(f) for f in fns]
+    return interleaved([lambda f=f: [v.numpy() for v in tf.nest.flatten(f(a, d))] for f in fns], budget)[0]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases, shorter budgets")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timing per ratio")
     parser.add_argument("--zoo", action="store_true", help="only the zoo tables (the models users bring)")
     parser.add_argument("--depthwise", action="store_true", help="only the depthwise kernels' table")
+    parser.add_argument("--outer", action="store_true", help="only the matrix products' table")
+    parser.add_argument("--zoo-batch", type=int, default=64, help="the zoo tables' batch size (default 64)")
     parser.add_argument("--memory", nargs=4, help=argparse.SUPPRESS)   # child: MODEL BATCH METHOD 0|1
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -264,14 +340,17 @@ def main():
     import tensorflow as tf
 
     budget = 1.0 if args.quick else args.budget
-    cases = CASES[1:2] + CASES[3:] if args.quick else CASES
+    cases = CASES[1:2] + CASES[4:] if args.quick else CASES
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; ratios = median statistics step / "
           "median plain step, interleaved in one process\n")
     if args.zoo:
-        zoo_tables(budget, args.quick)
+        zoo_tables(budget, args.quick, args.zoo_batch)
         return
     if args.depthwise:
         depthwise_table(budget)
+        return
+    if args.outer:
+        outer_table(budget)
         return
     print("| model | B | plain step | method, tier | ratio | rounds |")
     print("|---|---|---|---|---|---|")
@@ -297,7 +376,7 @@ def main():
     for label, method, elementwise in METHODS[:4]:
         peak = measure_memory_in_child("mlp", 512, method, elementwise)
         print(f"| {label} | {peak / 2**20:.1f} MiB | {peak / plain:.2f}x |", flush=True)
-    zoo_tables(budget, args.quick)
+    zoo_tables(budget, args.quick, args.zoo_batch)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def test_dense_on_sequences_matches_numpy(steps, elementwise):
         inputs = keras.Input((steps, 5))
         return keras.Model(inputs, keras.layers.Dense(3)(inputs))
     model, loss_fn, x, y = make(dict(SPEC["dense_3d"], build=build))
-    assert forms.builds(steps, 5, 3, elementwise) == (steps * steps > 15 or elementwise and steps > 3)
+    crossed = steps <= forms.CROSS_TERMS
+    assert forms.builds(steps, 5, 3, elementwise) == (steps * steps > 15 or elementwise and not crossed)
     g = np.einsum("nti,nto->nio", x.numpy(), y.numpy())   # per-example kernel gradient
     gb = y.numpy().sum(axis=1)
     m = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=elementwise)
@@ -235,8 +236,9 @@ def test_a_convolution_takes_the_ghost_norm_below_the_arithmetic_threshold(filte
     # replace it. With C = 22, 16 * 86 = 1376 < 64 * 22 = 1408: the norms come from the
     # Gram matrices of the unfolded input and of dz, and the backward pass computes the
     # filter gradient; with C = 21, 1360 > 1344: the per-example kernels are built and
-    # summed (no filter gradient op). The elementwise tier builds them either way (T > 3).
-    # Both against the loop, float64.
+    # summed (no filter gradient op). The elementwise tier takes the cross terms of the
+    # T = 4 positions where the norms take the ghost norm (T <= forms.CROSS_TERMS). Both
+    # against the loop, float64.
     from test_layerwise import assert_moments_close
 
     def build():
@@ -247,7 +249,7 @@ def test_a_convolution_takes_the_ghost_norm_below_the_arithmetic_threshold(filte
     got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=elementwise)
     assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=elementwise),
                          rtol=1e-10)
-    ghost = filters == 22 and not elementwise
+    ghost = filters == 22
     model32, _, x32, y32 = make(dict(build=build, loss="crossentropy"), dtype="float32")
     fn = lambda x, y: gradient_moments(model32, loss_fn, x, y, "auto", elementwise).mean
     assert _used_filter_gradients(fn, x32, y32) == (1 if ghost else 0)

@@ -51,15 +51,19 @@ class Rows(NamedTuple):
     rows: tf.Tensor   # [B, N, dim] the gradient at each gathered row
 
 
-CROSS_TERMS = 3     # up to this many positions, elementwise sums by T(T+1)/2 matrix products
+# Up to this many positions, elementwise sums by T(T+1)/2 matrix products (the cross terms)
+# rather than by building `[B, K, C]`: at B=32, K=4608, C=512 (VGG16's last convolutions)
+# the cross terms of T=4 took 2.4-4.2x the weight gradient's time and building 11-16x; at
+# T=16 and K = C = 128, 3.9x and 2.4x (`benchmarks/step_cost.py --outer`).
+CROSS_TERMS = 6
 
 
 def builds(t, k, c, elementwise):
     """Whether an `Outer` form with `t` positions builds its per-example gradients `[B, K, C]`:
     for an unknown `t`, when the Gram matrices `[B, T, T]` would be larger, and for the
     elementwise tier beyond `CROSS_TERMS` positions. T = 1 never builds: the identities are
-    exact and cheaper. A few positions (a layer called two or three times) take the Gram
-    norms and the cross terms `sum_{t<=s} (a_t a_s)^T (d_t d_s)`: a few large matrix
+    exact and cheaper. A few positions (a layer called a few times, a convolution's last
+    2x2 output) take the Gram norms and the cross terms `sum_{t<=s} (a_t a_s)^T (d_t d_s)`: a few large matrix
     products over the batch are far faster on a CPU than B tiny ones."""
     if t == 1:
         return False

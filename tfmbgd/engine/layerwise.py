@@ -444,7 +444,8 @@ def _formulation(uses, elementwise):
             elif forms.builds(t, k, c, elementwise):
                 how = f"outer product over T={t} positions, built per example ({k}x{c})"
             else:
-                how = f"ghost norm: Gram matrices of T={t} positions"
+                how = f"ghost norm: Gram matrices of T={t} positions" + (
+                    f"; elementwise sums by {t * (t + 1) // 2} cross terms" if elementwise else "")
         elif p.kind is forms.Rows:
             how = "gathered rows: segment sums per (example, row)"
         elif p.kind is forms.Pieces:
