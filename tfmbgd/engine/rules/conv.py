@@ -75,7 +75,8 @@ def convolution(op, operand, ctx):
         # k^2 C_in C_out (Goodfellow 2015; Bu et al. 2023 choose layer by layer so); then
         # T^2 < k^2 C_in C_out too, and `forms` takes the Gram path.
         def unfolded(dz):
-            a = tf.concat(list(_windows(xa, y.shape[1:-1], kernel, *geometry)), axis=-1)
+            with tf.control_dependencies([dz]):       # not before dz: see `_windows`
+                a = tf.concat(list(_windows(xa, y.shape[1:-1], kernel, *geometry)), axis=-1)
             return Outer(a, tf.reshape(cast(dz, ctx), [ctx.b, positions, c]))
         return Pending(Outer, unfolded, (positions, k, c),
                        why=f"T^2 (k^2 C_in + C_out) = {ghost:,} < k^2 C_in C_out = {kernels:,} multiply-adds "
@@ -180,7 +181,13 @@ def depthwise_grads(x, dz, kernel, strides, dilations, pads, m):
 
 
 def _windows(x, out, kernel, strides, dilations, pads):
-    """For each kernel offset, row-major, the input pixels it meets: `[B, positions, c]`."""
+    """For each kernel offset, row-major, the input pixels it meets: `[B, positions, c]`.
+
+    Each window is a copy as large as the layer's input. Made from the forward pass's
+    activations alone, TensorFlow would be free to make all of them as soon as the forward
+    pass ends and hold them through the backward pass (VGG16: nine copies of every early
+    layer's input); callers make them under a control dependency on the layer's output
+    gradient, so they exist only while that layer's per-example gradients are computed."""
     if any(p != (0, 0) for p in pads):
         x = tf.pad(x, [[0, 0], *pads, [0, 0]])
     b = tf.shape(x)[0]
@@ -212,7 +219,8 @@ def filter_pieces(x, y, kernel, strides, dilations, pads, groups=1):
     if groups > 1 and groups == c_x:      # one input channel per group: a depthwise convolution
         return [depthwise_grads(x, y, kernel, strides, dilations, pads, c_y // c_x)]
     y3 = tf.reshape(y, [b, -1, c_y])
-    windows = list(_windows(x, y.shape[1:-1], kernel, strides, dilations, pads))
+    with tf.control_dependencies([y]):       # not before the gradient: see `_windows`
+        windows = list(_windows(x, y.shape[1:-1], kernel, strides, dilations, pads))
     if c_x == 1:      # [B, offsets, positions] x [B, positions, c_y]
         return [tf.matmul(tf.stack([w[..., 0] for w in windows], axis=1), y3)]
     if groups == 1:
