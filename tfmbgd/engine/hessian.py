@@ -15,7 +15,10 @@ current weights, inside a `tf.function` or eagerly:
   gradient moments (the layer-wise rules: one more forward and backward pass). Its
   expectation is the GGN diagonal, which equals the Hessian's for a piecewise-linear
   network (ReLU) with the crossentropy or squared loss;
-- `max_eigenvalue`: the eigenvalue of largest magnitude by the Lanczos method on `hvp`.
+- `max_eigenvalue`: the eigenvalue of largest magnitude by the Lanczos method on `hvp`;
+- `noise_terms`: `tr(H Sigma)` and `G^T H G`, the numerator and denominator of the
+  Hessian-aware gradient noise scale `B_noise` (McCandlish et al. 2018), from probes,
+  per-example dot products and Hessian-vector products.
 """
 
 import math
@@ -193,3 +196,62 @@ def max_eigenvalue(model, loss_fn, x, y, max_iterations=100, rtol=1e-3, atol=1e-
     used, q, value, _ = tf.while_loop(lambda used, q, value, converged: (used < max_iterations) & ~converged,
                                       restart, (tf.constant(0), q, tf.constant(0.0), tf.constant(False)))
     return value, unflat(q), used
+
+
+def weighted_gradient(model, loss_fn, x, y, weights):
+    """`sum_n weights[n] g_n`: the gradient of the per-example losses weighted by the constant
+    `weights` ([B]), one backward pass."""
+    variables = model.trainable_variables
+    weights = tf.stop_gradient(weights)
+    with tf.GradientTape() as tape:
+        per_example = loss_fn(y, model(x, training=True))
+        total = tf.reduce_sum(tf.cast(per_example, weights.dtype) * weights)
+    return tape.gradient(total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def noise_terms(model, loss_fn, x, y, dots, mean, probes):
+    """`(tr(H Sigma), G^T H G)` of the batch, the terms of `B_noise = tr(H Sigma) / G^T H G`
+    (McCandlish et al. 2018, Appendix A), in the variables' dtype.
+
+    `H` is the Hessian of the batch's mean loss, `Sigma` the unbiased covariance of the
+    per-example gradients `g_n`, `G` the true gradient. For each probe v (Rademacher: `E v
+    v^T = I`), `v^T H Sigma v = (H v) . (Sigma v)`, and `Sigma v = (sum_n g_n (g_n . v) - B
+    mean (mean . v)) / (B - 1)` needs only the dot products `g_n . v` (`dots`, e.g. the
+    step's `forms.Projector`) and one backward pass of the losses weighted by them; the
+    mean over probes is unbiased for `tr(H Sigma)`. `G^T H G` takes one Hessian-vector
+    product along the batch's mean gradient, unbiased as `|G|^2` is for `B_simple`:
+    `E[mean^T H mean] = G^T H G + tr(H Sigma) / B`, so the estimate is `mean^T H mean -
+    tr(H Sigma) / B` (it can be negative on one batch).
+
+    Args:
+      dots: `vectors -> [B]`, `g_n . vectors` (a list aligned with the variables).
+      mean: the batch's mean gradient, per variable.
+      probes: a list of probe vectors, each a list aligned with the variables.
+    Cost: per probe, one Hessian-vector product (about two gradients), the dot products and
+    one backward pass; one more Hessian-vector product for `G^T H G`.
+    """
+    variables = model.trainable_variables
+    dtype = tf.float64 if any(v.dtype == tf.float64 for v in variables) else tf.float32
+    dot = lambda a, b: tf.add_n([tf.reduce_sum(tf.cast(u, dtype) * tf.cast(w, dtype)) for u, w in zip(a, b)])
+    total = 0.0
+    b = None
+    for v in probes:
+        c = tf.cast(dots(v), dtype)
+        b = tf.cast(tf.shape(c)[0], dtype)
+        weighted = weighted_gradient(model, loss_fn, x, y, c)
+        mean_dot = tf.reduce_mean(c)                      # mean . v = (1/B) sum_n g_n . v
+        sigma_v = [(tf.cast(w, dtype) - b * tf.cast(m, dtype) * mean_dot) / (b - 1)
+                   for w, m in zip(weighted, mean)]
+        total += dot(hvp(model, loss_fn, x, y, v), sigma_v)
+    trace = total / len(probes)
+    ghg = dot(mean, hvp(model, loss_fn, x, y, mean))
+    return trace, ghg - trace / b
+
+
+def hutchinson_noise_terms(model, loss_fn, x, y, dots, mean, samples=1, seed=(0, 0)):
+    """`noise_terms` with `samples` Rademacher probes drawn from the stateless `seed`: the
+    estimate of `tr(H Sigma)` is unbiased and its variance falls as 1 / samples."""
+    variables = model.trainable_variables
+    seed = tf.cast(tf.convert_to_tensor(seed), tf.int32)
+    probes = [rademacher(variables, seed + [0, 1000 * k]) for k in range(samples)]
+    return noise_terms(model, loss_fn, x, y, dots, mean, probes)

@@ -1,11 +1,23 @@
 """The gradient noise scale `B_simple = tr(Sigma) / |G|^2` (McCandlish et al. 2018, "An
 Empirical Model of Large-Batch Training"), smoothed over steps: from one batch's moments,
-and, with several replicas, from the mean gradients at two batch sizes."""
+and, with several replicas, from the mean gradients at two batch sizes; and the
+Hessian-aware `B_noise = tr(H Sigma) / G^T H G` from Hessian-vector products
+(`tfmbgd.engine.hessian.noise_terms`)."""
 
 import tensorflow as tf
 
+from tfmbgd.engine import hessian
 from tfmbgd.errors import UserError
-from tfmbgd.instruments.base import REPLICA_NORMS, Chart, Instrument, Summary, batch_float, mean_norms_sq
+from tfmbgd.instruments.base import (
+    BATCH,
+    DOTS,
+    REPLICA_NORMS,
+    Chart,
+    Instrument,
+    Summary,
+    batch_float,
+    mean_norms_sq,
+)
 from tfmbgd.instruments.variance import trace_vector, traces
 
 
@@ -131,3 +143,57 @@ class TwoBatchNoiseScale(_Smoothed):
         terms = two_batch_terms(measurement.small_sq, big_sq, measurement.replicas.share(m.batch_size),
                                 m.batch_size)
         return {"noise_scale/two_batch": self.ema.update(*terms)}
+
+
+class HessianNoiseScale(_Smoothed):
+    """`noise_scale/hessian`: `B_noise = tr(H Sigma) / G^T H G`, the noise scale that predicts
+    the critical batch size when the learning rate is tuned (McCandlish et al. 2018; `B_simple`
+    is its version with `H` proportional to the identity), smoothed like `B_simple`; and its
+    two terms per step, `noise_scale/hessian/tr_h_sigma` and `noise_scale/hessian/g_h_g`.
+
+    Per statistics step, before the update: `samples` Rademacher probes, each one
+    Hessian-vector product, the per-example dot products `g_n . v` (the `DOTS` need) and one
+    backward pass of the losses weighted by them; one more Hessian-vector product along the
+    mean gradient. With `samples=1`, about six gradients' cost. `G^T H G` is corrected for
+    the batch's noise as `|G|^2` is (see `hessian.noise_terms`). Not defined with
+    BatchNormalization in training mode (the weighted backward pass is not a sum of the
+    examples' contributions there): such a run refuses it."""
+
+    name = "hessian_noise_scale"
+    needs = frozenset({BATCH, DOTS})
+    before_update = True
+    min_batch = 2
+    summaries = (Summary("noise_scale/hessian", "mean B_noise", "final/mean_hessian_noise_scale"),)
+
+    def __init__(self, decay=0.9, samples=1):
+        super().__init__(decay)
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise UserError(f"hessian_noise_scale samples must be a positive integer; got {samples!r}")
+        self.samples = samples
+
+    def tags(self, names):
+        return {"noise_scale/hessian": "smoothed B_noise = tr(H Sigma) / G^T H G (McCandlish et al. 2018), "
+                                       f"{self.samples} Rademacher probe(s) per step",
+                "noise_scale/hessian/tr_h_sigma": "tr(H Sigma) of this batch, Hutchinson's estimator",
+                "noise_scale/hessian/g_h_g": "G^T H G of this batch, unbiased: mean^T H mean - "
+                                             "tr(H Sigma) / B"}
+
+    def charts(self, names):
+        return [Chart(_CATEGORY, "B_noise (Hessian-aware) against B_simple",
+                      ("^noise_scale/hessian$", "^noise_scale/simple$"))]
+
+    def compute(self, measurement):
+        from tfmbgd.engine import layerwise
+        model, loss_fn, x, y = measurement.require(BATCH, measurement.batch)
+        mixing = layerwise.batch_norms(model)
+        if mixing:
+            raise UserError("hessian_noise_scale is not defined with BatchNormalization in training mode "
+                            f"({', '.join(mixing)}): freeze those layers or leave it out")
+        project = measurement.require(DOTS, measurement.project)
+        step = measurement.step if measurement.step is not None else tf.constant(0, tf.int64)
+        seed = tf.stack([tf.cast(step % 2 ** 30, tf.int32), tf.constant(13, tf.int32)])
+        trace, ghg = hessian.hutchinson_noise_terms(model, loss_fn, x, y, project, measurement.moments.mean,
+                                                    self.samples, seed)
+        trace, ghg = tf.cast(trace, tf.float32), tf.cast(ghg, tf.float32)
+        return {"noise_scale/hessian": self.ema.update(trace, ghg),
+                "noise_scale/hessian/tr_h_sigma": trace, "noise_scale/hessian/g_h_g": ghg}

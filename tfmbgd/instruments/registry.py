@@ -6,7 +6,7 @@ from tfmbgd.instruments.curvature import HessMaxEV, HessTrace, TICDiag, TICTrace
 from tfmbgd.instruments.gradient_tests import InnerTest, NormTest, OrthoTest
 from tfmbgd.instruments.gsnr import MeanGSNR, MeanGSNRBiased
 from tfmbgd.instruments.hists import GradHist1d, GradHist2d
-from tfmbgd.instruments.noise_scale import NoiseScale, TwoBatchNoiseScale
+from tfmbgd.instruments.noise_scale import HessianNoiseScale, NoiseScale, TwoBatchNoiseScale
 from tfmbgd.instruments.norms import GradientNorm, PerExampleNorms
 from tfmbgd.instruments.sgd import CABS, EarlyStopping
 from tfmbgd.instruments.trajectory import Alpha, Distance, UpdateSize
@@ -29,7 +29,7 @@ def register(cls):
 
 BUILT_IN = (GradientNorm, VarianceTrace, MeanGSNR, NoiseScale, TwoBatchNoiseScale, PerExampleNorms, BatchSize,
             MeanGSNRBiased, UpdateSize, Distance, CABS, EarlyStopping, NormTest, InnerTest, OrthoTest, Alpha,
-            HessTrace, HessMaxEV, TICDiag, TICTrace, GradHist1d, GradHist2d)
+            HessTrace, HessMaxEV, TICDiag, TICTrace, GradHist1d, GradHist2d, HessianNoiseScale)
 for _cls in BUILT_IN:
     register(_cls)
 
