@@ -108,10 +108,10 @@ def test_hessian_noise_terms_are_unbiased_and_their_variance_falls_as_one_over_p
     want = np.trace(h @ np.cov(g, rowvar=False, ddof=1))
     dots = lambda v: tf.constant(g @ np.concatenate([np.ravel(t) for t in v]))
     mean = _split(g.mean(0), model.trainable_variables)
-    draws = {k: np.array([float(hessian.hutchinson_noise_terms(model, losses.crossentropy, x, y, dots, mean, k,
-                                                                 (seed, 5))[0]) for seed in range(40)])
-             for k in (1, 4)}
-    for k, d in draws.items():
+    estimate = lambda k, seed: float(hessian.hutchinson_noise_terms(model, losses.crossentropy, x, y, dots,
+                                                                    mean, k, (seed, 5))[0])
+    draws = {k: np.array([estimate(k, seed) for seed in range(40)]) for k in (1, 4)}
+    for d in draws.values():
         assert abs(d.mean() - want) < 4 * d.std(ddof=1) / np.sqrt(len(d))
     assert 2 < draws[1].var(ddof=1) / draws[4].var(ddof=1) < 8
 

@@ -183,7 +183,9 @@ class HessianNoiseScale(_Smoothed):
                       ("^noise_scale/hessian$", "^noise_scale/simple$"))]
 
     def compute(self, measurement):
+        # Imported here: at the top it would lengthen the import chain past its limit.
         from tfmbgd.engine import layerwise
+
         model, loss_fn, x, y = measurement.require(BATCH, measurement.batch)
         mixing = layerwise.batch_norms(model)
         if mixing:
