@@ -151,18 +151,21 @@ class HessianNoiseScale(_Smoothed):
     is its version with `H` proportional to the identity), smoothed like `B_simple`; and its
     two terms per step, `noise_scale/hessian/tr_h_sigma` and `noise_scale/hessian/g_h_g`.
 
-    Per statistics step, before the update: `samples` Rademacher probes, each one
-    Hessian-vector product, the per-example dot products `g_n . v` (the `DOTS` need) and one
-    backward pass of the losses weighted by them; one more Hessian-vector product along the
-    mean gradient. With `samples=1`, about six gradients' cost. `G^T H G` is corrected for
-    the batch's noise as `|G|^2` is (see `hessian.noise_terms`). Not defined with
+    Per statistics step, before the update, the Hessian from one half of the batch and the
+    covariance and mean gradient from the other (on the same examples they are correlated,
+    and the ratio comes out biased; see `hessian.noise_terms`): `samples` Rademacher probes,
+    each one Hessian-vector product on the half, the per-example dot products `g_n . v`
+    (the `DOTS` need) and one backward pass of the losses weighted by them; one more
+    backward pass and one more Hessian-vector product for `G^T H G`. With `samples=1`,
+    about five gradients' cost. `G^T H G` is corrected for the noise of the half's mean as
+    `|G|^2` is for `B_simple`. Not defined with
     BatchNormalization in training mode (the weighted backward pass is not a sum of the
     examples' contributions there): such a run refuses it."""
 
     name = "hessian_noise_scale"
     needs = frozenset({BATCH, DOTS})
     before_update = True
-    min_batch = 2
+    min_batch = 4         # the Hessian on one half of the batch, the covariance on the other
     summaries = (Summary("noise_scale/hessian", "mean B_noise", "final/mean_hessian_noise_scale"),)
 
     def __init__(self, decay=0.9, samples=1):
@@ -174,9 +177,10 @@ class HessianNoiseScale(_Smoothed):
     def tags(self, names):
         return {"noise_scale/hessian": "smoothed B_noise = tr(H Sigma) / G^T H G (McCandlish et al. 2018), "
                                        f"{self.samples} Rademacher probe(s) per step",
-                "noise_scale/hessian/tr_h_sigma": "tr(H Sigma) of this batch, Hutchinson's estimator",
-                "noise_scale/hessian/g_h_g": "G^T H G of this batch, unbiased: mean^T H mean - "
-                                             "tr(H Sigma) / B"}
+                "noise_scale/hessian/tr_h_sigma": "tr(H Sigma) of this batch (H on its first half, Sigma "
+                                                  "on its second), Hutchinson's estimator",
+                "noise_scale/hessian/g_h_g": "G^T H G of this batch, unbiased: m^T H m - tr(H Sigma) / b "
+                                             "(m: the second half's mean gradient, b its size)"}
 
     def charts(self, names):
         return [Chart(_CATEGORY, "B_noise (Hessian-aware) against B_simple",
@@ -194,8 +198,7 @@ class HessianNoiseScale(_Smoothed):
         project = measurement.require(DOTS, measurement.project)
         step = measurement.step if measurement.step is not None else tf.constant(0, tf.int64)
         seed = tf.stack([tf.cast(step % 2 ** 30, tf.int32), tf.constant(13, tf.int32)])
-        trace, ghg = hessian.hutchinson_noise_terms(model, loss_fn, x, y, project, measurement.moments.mean,
-                                                    self.samples, seed)
+        trace, ghg = hessian.hutchinson_noise_terms(model, loss_fn, x, y, project, self.samples, seed)
         trace, ghg = tf.cast(trace, tf.float32), tf.cast(ghg, tf.float32)
         return {"noise_scale/hessian": self.ema.update(trace, ghg),
                 "noise_scale/hessian/tr_h_sigma": trace, "noise_scale/hessian/g_h_g": ghg}
