@@ -107,3 +107,28 @@ def test_a_frozen_batch_norm_is_exact_per_example_and_the_run_line_says_what_is_
 
 # keras.applications networks with BatchNormalization in training mode (ResNet50,
 # MobileNetV2, EfficientNetB0) against the per-example copies oracle: test_keras_models.py
+
+
+class _HeldNorm(keras.layers.Layer):
+    """A custom layer that holds its BatchNormalization as an attribute (as KerasHub blocks
+    hold theirs): not in any `.layers` list."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3)
+        self.norm = keras.layers.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.norm(self.dense(x), training=training)
+
+
+def test_a_batch_norm_held_as_an_attribute_is_found_and_the_per_example_methods_refused():
+    # Missed, the loop would have normalized each example by itself and called it a
+    # per-example gradient.
+    held = _HeldNorm()
+    model = keras.Sequential([keras.Input((4,)), held, keras.layers.Dense(2)])
+    x = tf.constant(np.random.default_rng(0).normal(size=(5, 4)), tf.float32)
+    y = tf.constant([0, 1, 1, 0, 1])
+    assert layerwise.batch_norms(model) == [held.norm.name]
+    with pytest.raises(UserError, match="BatchNormalization"):
+        gradient_moments(model, losses.crossentropy, x, y, method="loop")

@@ -49,7 +49,7 @@ import tensorflow as tf
 from tfmbgd.engine import forms, gradients, rules
 from tfmbgd.engine.fields import GradientMoments, batch_size_of, from_per_example
 from tfmbgd.errors import UserError
-from tfmbgd.models import all_layers
+from tfmbgd.models import nested_layers
 
 # Ops a variable's value passes through unchanged in content and order.
 PASS_THROUGH = {"ReadVariableOp", "Identity", "Cast", "Reshape", "ExpandDims", "Squeeze"}
@@ -467,7 +467,7 @@ def traced_coverage(model):
 def batch_norms(model):
     """The names of `model`'s BatchNormalization layers that train (in training mode they
     normalize by the batch's statistics, mixing its examples)."""
-    return [layer.name for layer in all_layers(model)
+    return [layer.name for layer in nested_layers(model)
             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
 
 
