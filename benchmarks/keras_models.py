@@ -156,10 +156,10 @@ def main():
         (t_plain, t_norm, t_elem), rounds = step_cost.interleaved(
             [lambda fn=fn, tx=tx, ty=ty: step_cost.call(fn, tx, ty) for fn in (plain, norm, elem)], budget)
         floor = (t_norm + args.batch * built(model, x) * per_float) / t_plain
-        ops = [step_cost.op_count(fn, tx, ty) for fn in (plain, norm)]
+        dispatch = step_cost.dispatch_floor(plain, norm, tx, ty, per_op, t_plain)[2]
         print(f"| {name} | {sum(w is None for w in cover.values())} of {len(cover)} | "
               f"{len(layerwise.batch_norms(model))} | {how} | {diff:.1e} | {t_plain * 1e3:.1f} ms | "
-              f"{t_norm / t_plain:.2f}x | {1 + (ops[1] - ops[0]) * per_op / t_plain:.2f}x | "
+              f"{t_norm / t_plain:.2f}x | {dispatch:.2f}x | "
               f"{t_elem / t_plain:.2f}x | {floor:.2f}x | {rounds} | "
               f"{'-' if args.no_memory else f'{memory_ratio(name, args.batch):.2f}x'} |", flush=True)
     for name, said in chosen.items():

@@ -178,6 +178,13 @@ def op_count(fn, x, y):
     return sum(op.type not in free for op in fn.get_concrete_function(x, y).graph.get_operations())
 
 
+def dispatch_floor(plain, stats, x, y, per_op, t_plain):
+    """`(ops of the plain step, ops of the statistics step, 1 + their difference x per_op / t_plain)`:
+    what launching the extra ops costs, whatever they compute (`op_overhead` per op)."""
+    ops = [op_count(fn, x, y) for fn in (plain, stats)]
+    return ops[0], ops[1], 1 + (ops[1] - ops[0]) * per_op / t_plain
+
+
 def op_overhead(n=400):
     """Seconds per op of a chain of `n` tiny ops in one `tf.function` (the executor's dispatch)."""
     import tensorflow as tf
@@ -211,13 +218,13 @@ def zoo_tables(budget, quick, batch=64):
         model, x, y = make(name, batch)
         cover = layerwise.coverage(model, x)
         fast = sum(why is None for why in cover.values())
-        both = steps_for(model)
-        ops = [op_count(fn, *as_tensors(x, y)) for fn in (both.plain, both.with_stats)]
         rows = time_case(name, batch, budget, [m for m in METHODS[:2]])
         (_, t_plain, t_norm, rounds), (_, _, t_elem, _) = rows
+        both = steps_for(model)
+        ops_plain, ops_stats, floor = dispatch_floor(both.plain, both.with_stats, *as_tensors(x, y), per_op,
+                                                     t_plain)
         print(f"| {name} | {fast} of {len(cover)} | {t_plain * 1e3:.2f} ms | {t_norm / t_plain:.2f}x | "
-              f"{t_elem / t_plain:.2f}x | {rounds} | {ops[0]} | {ops[1]} | "
-              f"{1 + (ops[1] - ops[0]) * per_op / t_plain:.2f}x |", flush=True)
+              f"{t_elem / t_plain:.2f}x | {rounds} | {ops_plain} | {ops_stats} | {floor:.2f}x |", flush=True)
     print(f"\nStatistics every 16 steps in train.py's loop (norm tier), against none, B={batch}:\n")
     print("| model | ratio | rounds |")
     print("|---|---|---|")

@@ -40,8 +40,7 @@ def _tiny(dtype="float64", batch=6):
     the gradient without pfor, and the per-example gradients of the second half (where it
     takes the covariance and the mean) by the single-example loop."""
     import keras
-
-    from tfmbgd.engine import gradients
+    from test_cockpit import _flat_loop_gradients
 
     keras.utils.set_random_seed(0)
     keras.backend.set_floatx(dtype)
@@ -60,18 +59,8 @@ def _tiny(dtype="float64", batch=6):
         flat = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], 0)
     rows = outer.jacobian(flat, variables, experimental_use_pfor=False)
     h = tf.concat([tf.reshape(r, [flat.shape[0], -1]) for r in rows], 1).numpy()
-    per_ex = gradients.per_example_gradients(model, losses.crossentropy, x, y, method="loop")
-    g = np.concatenate([np.reshape(t, (batch, -1)) for t in per_ex], 1)
+    g = _flat_loop_gradients(model, losses.crossentropy, x, y)
     return model, x, y, h, g[batch // 2:]
-
-
-def _split(vector, variables):
-    out, at = [], 0
-    for v in variables:
-        n = int(np.prod(v.shape))
-        out.append(tf.constant(vector[at:at + n].reshape(v.shape), v.dtype))
-        at += n
-    return out
 
 
 def _dots(g):
@@ -82,10 +71,12 @@ def _dots(g):
 
 
 def _terms(model, x, y, g, probes):
+    from test_cockpit import _unflat
+
     from tfmbgd.engine import hessian
 
     return hessian.noise_terms(model, losses.crossentropy, x, y, _dots(g),
-                               [_split(p, model.trainable_variables) for p in probes])
+                               [_unflat(p, model.trainable_variables) for p in probes])
 
 
 def test_hessian_noise_terms_with_every_probe_equal_the_exact_hessian_and_covariance():

@@ -63,8 +63,8 @@ def builds(t, k, c, elementwise):
     for an unknown `t`, when the Gram matrices `[B, T, T]` would be larger, and for the
     elementwise tier beyond `CROSS_TERMS` positions. T = 1 never builds: the identities are
     exact and cheaper. A few positions (a layer called a few times, a convolution's last
-    2x2 output) take the Gram norms and the cross terms `sum_{t<=s} (a_t a_s)^T (d_t d_s)`: a few large matrix
-    products over the batch are far faster on a CPU than B tiny ones."""
+    2x2 output) take the Gram norms and the cross terms `sum_{t<=s} (a_t a_s)^T (d_t d_s)`:
+    a few large matrix products over the batch are far faster on a CPU than B tiny ones."""
     if t == 1:
         return False
     if t is None or t * t > k * c:
@@ -200,7 +200,7 @@ def project(form, vector, b):
         v = tf.cast(vector, form.rows.dtype)
         table = tf.reshape(v, [-1, form.rows.shape[-1]])
         return tf.reduce_sum(tf.gather(table, form.ids) * form.rows, [1, 2]) * b
-    g = explicit(form, [-1]) if isinstance(form, Pieces) else tf.reshape(form.g, [tf.shape(form.g)[0], -1])
+    g = explicit(form, [-1])            # Explicit or Pieces: [B, elements]
     return tf.linalg.matvec(g, tf.reshape(tf.cast(vector, g.dtype), [-1])) * b
 
 

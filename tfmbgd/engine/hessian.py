@@ -83,13 +83,18 @@ def rademacher(variables, seed):
     return out
 
 
+def rademacher_probes(variables, samples, seed):
+    """`samples` Rademacher vectors shaped like `variables`, each from its own part of the
+    stateless `seed` ([2] int)."""
+    seed = tf.cast(tf.convert_to_tensor(seed), tf.int32)
+    return [rademacher(variables, seed + [0, 1000 * k]) for k in range(samples)]
+
+
 def hutchinson(model, loss_fn, x, y, samples=1, seed=(0, 0)):
     """`(trace, [diagonal per variable])` estimates from `samples` Rademacher vectors."""
     variables = model.trainable_variables
-    seed = tf.cast(tf.convert_to_tensor(seed), tf.int32)
     trace, diagonal = 0.0, [tf.zeros(v.shape, v.dtype) for v in variables]
-    for k in range(samples):
-        v = rademacher(variables, seed + [0, 1000 * k])
+    for v in rademacher_probes(variables, samples, seed):
         hv = hvp(model, loss_fn, x, y, v)
         products = [a * b for a, b in zip(v, hv)]
         trace += tf.add_n([tf.reduce_sum(tf.cast(p, tf.float32)) for p in products])
@@ -259,7 +264,5 @@ def noise_terms(model, loss_fn, x, y, dots, probes):
 def hutchinson_noise_terms(model, loss_fn, x, y, dots, samples=1, seed=(0, 0)):
     """`noise_terms` with `samples` Rademacher probes drawn from the stateless `seed`: the
     estimate of `tr(H Sigma)` is unbiased and its variance falls as 1 / samples."""
-    variables = model.trainable_variables
-    seed = tf.cast(tf.convert_to_tensor(seed), tf.int32)
-    probes = [rademacher(variables, seed + [0, 1000 * k]) for k in range(samples)]
-    return noise_terms(model, loss_fn, x, y, dots, probes)
+    vectors = rademacher_probes(model.trainable_variables, samples, seed)
+    return noise_terms(model, loss_fn, x, y, dots, vectors)

@@ -160,7 +160,7 @@ def _is_split(source):
                                                and source.inputs[0].op.type == "SpaceToBatchND")
 
 
-@tf.function(jit_compile=True, autograph=False, reduce_retracing=False)
+@tf.function(jit_compile=True, autograph=False)
 def _depthwise(x, dz, kernel, strides, dilations, pads, m):
     c = x.shape[-1]
     d4 = tf.reshape(dz, [tf.shape(x)[0], -1, c, m])
