@@ -19,7 +19,7 @@ stay fast and do not start TensorFlow until something needs it:
 The public names of the library face are attributes here: `tfmbgd.gradients`,
 `tfmbgd.moments`, `tfmbgd.layerwise` (the engine's), `tfmbgd.stats`, `tfmbgd.instruments`,
 `tfmbgd.fit`, `tfmbgd.callbacks`, `tfmbgd.data`, `tfmbgd.models`, `tfmbgd.losses`,
-`tfmbgd.optimizers`, `tfmbgd.config`, `tfmbgd.run`.
+`tfmbgd.optimizers`, `tfmbgd.config`, `tfmbgd.run`, `tfmbgd.critical_batch`.
 """
 
 import importlib
@@ -37,7 +37,7 @@ _SUBMODULES = {
     "curvature": "engine.hessian",
 }
 
-__all__ = list(_SUBMODULES) + ["run"]
+__all__ = list(_SUBMODULES) + ["run", "critical_batch"]
 
 
 def run(config, should_stop=None):
@@ -46,6 +46,14 @@ def run(config, should_stop=None):
     See `tfmbgd.app.launch.run`."""
     from tfmbgd.app import launch
     return launch.run(config, should_stop)
+
+
+def critical_batch(model, loss_fn, train, **options):
+    """The critical batch size of `model` from its current weights, measured by branches per
+    batch size with tuned learning rates, with B_simple and B_noise beside it; returns a
+    `CriticalBatch` (`.table()`, `.b_crit`, `.frontier`, ...). See `tfmbgd.app.critical.probe`."""
+    from tfmbgd.app import critical
+    return critical.probe(model, loss_fn, train, **options)
 
 
 def __getattr__(name):

@@ -54,6 +54,10 @@ def _widths(text):
     return tuple(int(h) for h in text.split(","))
 
 
+def _target(text):
+    return None if text == "auto" else float(text)
+
+
 def _names(text):
     return tuple(text.split(",")) if text else ()
 
@@ -124,8 +128,20 @@ class TrainConfig:
                              "cluster. --batch_size is the global batch, split across replicas.", STRATEGIES)
     cpu_devices: int = _setting(1, "Split the CPU into N logical devices, the replicas of "
                                 "--strategy=mirrored on a machine without GPUs.", minimum=1)
-    mode: str = _setting("train", "train, or compare: contrast every gradient method and update rule "
-                         "on one batch.", MODES)
+    mode: str = _setting("train", "train; compare: contrast every gradient method and update rule "
+                         "on one batch; critical_batch: branches at --batch_sizes, each with its best "
+                         "learning rate, to --target_loss, and the critical batch size they give.", MODES)
+    target_loss: float | None = _setting(None, "critical_batch: the loss every branch trains to, on a fixed "
+                                         "evaluation set of training examples; auto = a fifth of the loss "
+                                         "at the branch point.", parse=_target, form="a number or auto")
+    budget_epochs: int = _setting(100, "critical_batch: a branch that has not reached the target after this "
+                                  "many epochs' worth of examples stops, not reached.", minimum=1)
+    repeats: int = _setting(1, "critical_batch: data orders per branch, trained side by side; a branch "
+                            "reaches the target when their mean loss does (less noise, proportionally "
+                            "more time).", minimum=1)
+    branch_from: str | None = _setting(None, "critical_batch: branch from the last checkpoint of this "
+                                       "training run (default: from the initial weights of --seed).",
+                                       parse=str)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -160,13 +176,24 @@ class TrainConfig:
                                self.batch_sizes)
         if len(set(self.batch_sizes)) != len(self.batch_sizes):
             raise SettingError("batch_sizes", "has repeats", self.batch_sizes)
+        t = self.target_loss
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+            raise SettingError("target_loss", "must be a finite number, or auto (None in Python)", t)
+        if self.mode == "critical_batch":
+            if self.strategy != "default" or self.accumulate > 1:
+                raise UserError("--mode=critical_batch trains its branches on one device with plain batches; "
+                                "drop --strategy and --accumulate")
+        elif self.branch_from is not None:
+            raise SettingError("branch_from", "is where a critical-batch probe branches; add "
+                               "--mode=critical_batch, or drop it", self.branch_from)
         if self.batch_sizes and self.mode == "compare":
             raise SettingError("batch_sizes", "is a study of training runs; --mode=compare takes one "
                                "batch of --batch_size: drop one of the two",
                                ",".join(map(str, self.batch_sizes)))
-        if self.lr_scaling != "none" and not self.batch_sizes:
-            raise SettingError("lr_scaling", "scales the learning rate across the batch sizes of a study; "
-                               "add --batch_sizes=..., or drop it", self.lr_scaling)
+        if self.lr_scaling != "none" and (not self.batch_sizes or self.mode == "critical_batch"):
+            raise SettingError("lr_scaling", "scales the learning rate across the batch sizes of a "
+                               "study (a critical-batch probe searches each rate); add --batch_sizes=..., "
+                               "or drop it", self.lr_scaling)
         if not isinstance(self.hidden, tuple) or not self.hidden or any(not _is_int(h) or h < 1
                                                                         for h in self.hidden):
             raise SettingError("hidden", "must be positive layer widths, e.g. 64,32", self.hidden)
@@ -198,17 +225,22 @@ _TRAINING_ONLY = ("epochs", "log_every", "steps_per_call", "stats_every", "eleme
                   "deterministic", "on_nonfinite", "optimizer", "update", "reduction", "grad_method",
                   "jit_compile", "mixed_precision")
 _STATISTICS_ONLY = ("elementwise_stats", "noise_scale_decay", "instruments", "grad_method")
+_NOT_IN_PROBE = ("batch_size", "epochs", "log_every", "steps_per_call", "stats_every", "elementwise_stats",
+                 "noise_scale_decay", "instruments", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
+                 "optimizer", "update", "reduction", "grad_method", "jit_compile", "mixed_precision")
+PROBE_ONLY = ("target_loss", "budget_epochs", "repeats")
 
 
 def ignored(config):
     """The settings of `config` that differ from their defaults but do nothing in the run it
-    asks for: training settings in compare mode, statistics settings with `stats_every=0`."""
+    asks for: training settings in compare mode, statistics settings with `stats_every=0`,
+    the probe's settings outside `mode="critical_batch"` and the training run's in it."""
     if config.mode == "compare":
-        unused = _TRAINING_ONLY
-    elif config.stats_every == 0:
-        unused = _STATISTICS_ONLY
+        unused = _TRAINING_ONLY + PROBE_ONLY
+    elif config.mode == "critical_batch":
+        unused = _NOT_IN_PROBE
     else:
-        return []
+        unused = (_STATISTICS_ONLY if config.stats_every == 0 else ()) + PROBE_ONLY
     defaults = TrainConfig.__dataclass_fields__
     return [name for name in unused if getattr(config, name) != defaults[name].default]
 

@@ -27,6 +27,11 @@ def check(config):
     _warn_ignored(config)
     if config.strategy == "multi_worker":
         cfg.check_tf_config(os.environ.get("TF_CONFIG"))
+    if config.mode == "critical_batch" and not config.resume:
+        from tfmbgd.loop import rundir  # no TensorFlow
+        rundir.check_logdir(config.logdir)
+        if config.branch_from is not None:
+            rundir.load_config(config.branch_from)     # a training run with a checkpoint
     if config.mode != "train" or config.batch_sizes or config.dataset in ("mnist", "fashion_mnist"):
         return None
     from tfmbgd import data
@@ -45,13 +50,18 @@ def reports(config):
 
 
 def _warn_ignored(config):
-    """One line on stderr naming the settings that do nothing in this run, if any."""
+    """One line on stderr per reason, naming the settings that do nothing in this run."""
     names = cfg.ignored(config)
-    if names:
-        why = "with --mode=compare (one batch, nothing trained or written)" if config.mode == "compare" \
-            else "with --stats_every=0 (no statistics)"
-        print(f"warning: {', '.join('--' + n for n in names)} {'has' if len(names) == 1 else 'have'} no "
-              f"effect {why}; ignored", file=sys.stderr)
+    probe = [n for n in names if n in cfg.PROBE_ONLY and config.mode == "train"]
+    rest = [n for n in names if n not in probe]
+    why = {"compare": "with --mode=compare (one batch, nothing trained or written)",
+           "critical_batch": "with --mode=critical_batch (its branches take plain SGD steps on "
+                             "--batch_sizes to --target_loss)",
+           "train": "with --stats_every=0 (no statistics)"}[config.mode]
+    for group, reason in ((rest, why), (probe, "outside --mode=critical_batch")):
+        if group:
+            print(f"warning: {', '.join('--' + n for n in group)} {'has' if len(group) == 1 else 'have'} no "
+                  f"effect {reason}; ignored", file=sys.stderr)
 
 
 def start_tensorflow(config):
@@ -67,9 +77,9 @@ def start_tensorflow(config):
 
 
 def trains(config):
-    """Whether `config` trains (one run or a study), and stops at a signal with a checkpoint;
-    compare mode has nothing to save."""
-    return config.mode == "train"
+    """Whether `config` trains (one run, a study or a critical-batch probe), and stops at a
+    signal with what it has done saved; compare mode has nothing to save."""
+    return config.mode != "compare"
 
 
 def dispatch(config, should_stop=None, dataset=None):
@@ -88,6 +98,10 @@ def dispatch(config, should_stop=None, dataset=None):
     if config.mode == "compare":
         from tfmbgd.app import compare
         return 0 if compare.run(config, should_stop=should_stop) else 1
+    if config.mode == "critical_batch":
+        from tfmbgd.app import critical
+        critical.run(config, should_stop=should_stop)
+        return 0
     if config.batch_sizes:
         from tfmbgd.app import study
         study.run(config, should_stop=should_stop)

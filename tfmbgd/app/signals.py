@@ -21,6 +21,8 @@ import sys
 import threading
 
 TRAINING = "stopping after the current call, with a checkpoint; press Ctrl-C again to stop now"
+PROBING = ("stopping after the current call; the finished branches are kept; press Ctrl-C again to "
+           "stop now")
 COMPARING = "stopping after the current computation; press Ctrl-C again to stop now"
 _NOW = "stopping now"
 

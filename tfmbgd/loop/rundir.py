@@ -36,7 +36,9 @@ def load_config(run_dir):
     if not os.path.isfile(path):
         raise UserError(f"{run_dir!r} holds no run to resume (no {CONFIG_FILE}); "
                         "pass a directory that train.py wrote")
-    if not os.path.isdir(os.path.join(run_dir, CHECKPOINTS)):
+    with open(path) as f:
+        probe = '"critical_batch"' in f.read()      # a probe keeps its branches, not checkpoints
+    if not probe and not os.path.isdir(os.path.join(run_dir, CHECKPOINTS)):
         raise UserError(f"{run_dir!r} holds {CONFIG_FILE} but no {CHECKPOINTS}/: the run stopped before its "
                         "first checkpoint, so there is nothing to resume; start it again")
     try:
