@@ -4,12 +4,11 @@
   python train.py --batch_size=1                   # SGD: one example per update
   python train.py --batch_size=full                # full-batch gradient descent
   python train.py --mode=compare --batch_size=16   # every gradient method side by side
-  python train.py --mode=critical_batch            # the critical batch size, measured
+  python train.py --mode=critical_batch            # the critical batch size, branch by branch
 
-One flag per field of `tfmbgd.config.TrainConfig` (`tfmbgd.app.cli`); `tfmbgd.app.launch`
-does the work, as `tfmbgd.run(config)` does in a notebook. Here only what a command line
-needs: TensorFlow's start-up kept off stderr, and Ctrl-C (`tfmbgd.app.signals`) ending a
-run with a checkpoint.
+One flag per field of `tfmbgd.config.TrainConfig` (`tfmbgd.app.cli`); `tfmbgd.app.launch` does
+the work, as `tfmbgd.run(config)` does in a notebook. Here only what a command line needs:
+TensorFlow's start-up kept off stderr, and Ctrl-C (`tfmbgd.app.signals`) ending a run cleanly.
 """
 
 import os
@@ -38,8 +37,7 @@ def _main(argv, stop):
     """`(exit status, the line for stderr or None)` of the run `argv` asks for."""
     try:
         config = cli.config_from_argv(argv, FLAGS)
-        stop.first = {"train": signals.TRAINING, "critical_batch": signals.PROBING}.get(config.mode,
-                                                                                       signals.COMPARING)
+        stop.first = signals.FIRST[config.mode]
         dataset = launch.check(config)
         if launch.reports(config):
             print("starting TensorFlow ...", flush=True)

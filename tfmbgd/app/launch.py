@@ -76,12 +76,6 @@ def start_tensorflow(config):
     tf.config.list_logical_devices()
 
 
-def trains(config):
-    """Whether `config` trains (one run, a study or a critical-batch probe), and stops at a
-    signal with what it has done saved; compare mode has nothing to save."""
-    return config.mode != "compare"
-
-
 def dispatch(config, should_stop=None, dataset=None):
     """The run `config` asks for, after `check` and `start_tensorflow`. Returns the exit
     status: 0, or 1 when compare mode finds a contrast that fails.

@@ -25,6 +25,7 @@ PROBING = ("stopping after the current call; the finished branches are kept; pre
            "stop now")
 COMPARING = "stopping after the current computation; press Ctrl-C again to stop now"
 _NOW = "stopping now"
+FIRST = {"train": TRAINING, "critical_batch": PROBING, "compare": COMPARING}   # by --mode
 
 
 class StopOnSignals:
