@@ -10,8 +10,9 @@ import tensorflow as tf
 from test_layerwise import FALLBACK, PROBLEMS, SPEC, in_dtype, make
 
 import zoo
+from conftest import PROBLEMS as SMALL_PROBLEMS
 from conftest import make_problem, oracle_per_example, read_histograms, read_scalars
-from tfmbgd import instruments, losses, models
+from tfmbgd import instruments, losses, models, optimizers
 from tfmbgd.config import TrainConfig
 from tfmbgd.engine import gradients, hessian
 from tfmbgd.engine.moments import measured_moments, per_example_dots
@@ -100,19 +101,33 @@ def _values(model, loss_fn, x, y, active, learning_rate=0.1):
     return {k: v.numpy() for k, v in s.with_stats(x, y).items()}
 
 
-def test_inner_and_ortho_tests_match_their_formulas_in_numpy(problem):
-    # Bollapragada et al. 2018 as Cockpit 1.0.2 computes them, from numpy per-example
-    # gradients: P_n = g_n . mean.
-    model, loss_fn, x, y = make_problem(problem)
+@pytest.mark.parametrize("dtype,rel", [("float32", 1e-4), ("float64", 1e-10)])
+def test_gradient_tests_and_cabs_match_their_formulas_in_numpy(problem, dtype, rel):
+    # Bollapragada et al. 2018 and Balles et al. 2017 as Cockpit 1.0.2 computes them, from
+    # numpy per-example gradients: P_n = g_n . mean. In float64 too (issue 28: the inner test
+    # mixed a float32 B with float64 dot products and raised a TypeError).
+    model, loss_fn, x, y = make_problem(problem, dtype=dtype)
     g = np.concatenate([o.reshape(len(x), -1) for o in oracle_per_example(model, loss_fn, x, y)], 1)
     b, mean = len(x), g.mean(0)
     m2, p = mean @ mean, g @ mean
     s2 = np.sum(g ** 2)
-    want_inner = np.sqrt((np.sum(p ** 2) - b * m2 ** 2) / (b * (b - 1) * m2 ** 2))
-    want_ortho = np.sqrt((s2 - np.sum(p ** 2) / m2) / (b * (b - 1) * m2))
-    values = _values(model, loss_fn, x, y, instruments.create(["inner_test", "ortho_test"]))
-    assert values["grad_test/inner"] == pytest.approx(want_inner, rel=1e-4)
-    assert values["grad_test/ortho"] == pytest.approx(want_ortho, rel=1e-4)
+    loss = np.mean(np.asarray(loss_fn(y, model(x)), np.float64))
+    want = {"grad_test/norm": np.sqrt((s2 - b * m2) / (b * (b - 1) * m2)),
+            "grad_test/inner": np.sqrt((np.sum(p ** 2) - b * m2 ** 2) / (b * (b - 1) * m2 ** 2)),
+            "grad_test/ortho": np.sqrt((s2 - np.sum(p ** 2) / m2) / (b * (b - 1) * m2)),
+            "batch_size/cabs": 0.1 * (s2 - b * m2) / (b * loss)}
+    active = instruments.create(["norm_test", "inner_test", "ortho_test", "cabs"], learning_rate=0.1)
+    values = _values(model, loss_fn, x, y, active, learning_rate=0.1)
+    for tag, value in want.items():
+        assert values[tag] == pytest.approx(value, rel=rel), tag
+
+
+def test_every_preset_runs_in_float64():
+    model, loss_fn, x, y = make_problem(SMALL_PROBLEMS[1], dtype="float64")
+    for preset in ("economy", "business", "full"):
+        cockpit = Cockpit(model, loss_fn, optimizers.MiniBatchSGD(0.1), instruments=preset)
+        values = [cockpit.step(x, y) for _ in range(2)][-1]
+        assert all(np.all(np.isfinite(v)) for k, v in values.items() if k != "step/alpha"), preset
 
 
 # --- alpha -----------------------------------------------------------------------------------

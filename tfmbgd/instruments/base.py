@@ -175,7 +175,13 @@ class Measurement:
     def dots(self):
         """`[B]`: `P_n = g_n . mean`, each example's gradient dotted with the batch's mean
         gradient over all variables (the `DOTS` need)."""
-        return tf.cast(self.require(DOTS, self.project)(self.moments.mean), tf.float32)
+        return tf.cast(self.require(DOTS, self.project)(self.moments.mean), self.dtype)
+
+    @functools.cached_property
+    def dtype(self):
+        """The dtype the statistics are computed in: float64 when the moments are (a float64
+        model, the way to check numerics against an oracle), else float32."""
+        return tf.float64 if any(m.dtype == tf.float64 for m in self.moments.mean) else tf.float32
 
     def require(self, need, value):
         """`value`, or a clear error when the step did not provide the `need`."""

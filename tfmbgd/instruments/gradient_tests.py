@@ -23,9 +23,9 @@ from tfmbgd.instruments.base import DOTS, Chart, Instrument
 
 def norm_test(measurement):
     """Cockpit's NormTest of one batch (B >= 2)."""
-    b = measurement.b(tf.float32)
-    s2 = tf.reduce_sum(measurement.example_sq)
-    mean_sq = tf.reduce_sum(measurement.mean_sq)
+    b, cast = measurement.b(measurement.dtype), lambda t: tf.cast(t, measurement.dtype)
+    s2 = cast(tf.reduce_sum(measurement.example_sq))
+    mean_sq = cast(tf.reduce_sum(measurement.mean_sq))
     return tf.sqrt((s2 - b * mean_sq) / (b * (b - 1) * mean_sq))
 
 
@@ -48,17 +48,17 @@ class NormTest(Instrument):
 
 def inner_test(measurement):
     """Cockpit's InnerTest of one batch (B >= 2)."""
-    b = measurement.b(tf.float32)
-    mean_sq = tf.reduce_sum(measurement.mean_sq)
+    b, cast = measurement.b(measurement.dtype), lambda t: tf.cast(t, measurement.dtype)
+    mean_sq = cast(tf.reduce_sum(measurement.mean_sq))
     p_sq = tf.reduce_sum(tf.square(measurement.dots))
     return tf.sqrt((p_sq - b * mean_sq ** 2) / (b * (b - 1) * mean_sq ** 2))
 
 
 def ortho_test(measurement):
     """Cockpit's OrthoTest of one batch (B >= 2)."""
-    b = measurement.b(tf.float32)
-    mean_sq = tf.reduce_sum(measurement.mean_sq)
-    s2 = tf.reduce_sum(measurement.example_sq)
+    b, cast = measurement.b(measurement.dtype), lambda t: tf.cast(t, measurement.dtype)
+    mean_sq = cast(tf.reduce_sum(measurement.mean_sq))
+    s2 = cast(tf.reduce_sum(measurement.example_sq))
     p_sq = tf.reduce_sum(tf.square(measurement.dots))
     return tf.sqrt((s2 - p_sq / mean_sq) / (b * (b - 1) * mean_sq))
 

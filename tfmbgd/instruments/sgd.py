@@ -41,10 +41,11 @@ class CABS(Instrument):
 
     def compute(self, measurement):
         m = measurement.moments
-        b = measurement.b(tf.float32)
-        s2 = tf.reduce_sum(measurement.example_sq)
-        loss = tf.reduce_mean(tf.cast(m.losses, tf.float32))
-        spread = s2 - b * tf.reduce_sum(measurement.mean_sq)
+        dtype = measurement.dtype
+        b = measurement.b(dtype)
+        s2 = tf.cast(tf.reduce_sum(measurement.example_sq), dtype)
+        loss = tf.reduce_mean(tf.cast(m.losses, dtype))
+        spread = s2 - b * tf.cast(tf.reduce_sum(measurement.mean_sq), dtype)
         return {"batch_size/cabs": self.learning_rate * spread / (b * loss)}
 
 
