@@ -55,12 +55,14 @@ def test_skipped_updates_are_counted_and_the_bar_shows_the_non_finite_loss(tmp_p
     out = capsys.readouterr().out
     skipped = run.steps - 1
     assert f"{skipped} updates skipped as non-finite in this epoch" in out
-    assert f"{skipped} updates were skipped as non-finite" in out
+    assert f"{skipped} of {run.steps} updates were skipped as non-finite" in out
     assert "loss: nan" in out.lower() or "loss: inf" in out.lower()
 
 
 def test_a_run_whose_every_update_was_skipped_is_an_error():
     class AllSkipped:
+        diverged = False
+
         def skipped_in_run(self):
             return 7
     result = training.RunResult("logs/run", 7, 1, {})

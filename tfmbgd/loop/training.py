@@ -44,6 +44,7 @@ class RunResult:
     test: dict                    # final test metrics
     train_history: list = dataclasses.field(default_factory=list)   # mean train loss per epoch
     means: dict = dataclasses.field(default_factory=dict)   # StepRunner.means(): mean B_simple, ...
+    diverged: bool = False        # a call's mean loss went non-finite or far above the initial one
 
 
 def evaluate(model, loss_fn, x, y, classification, batch_size=1024):
@@ -240,6 +241,10 @@ def _train_in(config, verbose, where, should_stop, strategy, parts, new):
         result = RunResult(run_dir, 0, 0, {})
         _describe(config, parts, verbose)
         progress, first_step = RunProgress(verbose, parts.steps.skipped()), int(state.step.numpy())
+        if first_step == 0:
+            x, y = parts.ds.train
+            progress.initial(evaluate(parts.model, parts.loss_fn, x[:parts.batch], y[:parts.batch],
+                                      parts.ds.num_classes > 0)["loss"])
         for epoch in range(int(state.epoch.numpy()), config.epochs):
             progress.epoch(epoch + 1, config.epochs)
             with strategy.scope():
@@ -275,9 +280,13 @@ def _describe(config, parts, verbose):
 def _report_end(progress, result, config, verbose, updates):
     """The last lines of a run; a `UserError` if every one of its `updates` was skipped."""
     skipped = progress.skipped_in_run()
+    result.diverged = progress.diverged
     if verbose:
         if skipped:
-            print(f"{skipped} updates were skipped as non-finite (nonfinite/skipped in TensorBoard)")
+            print(f"{skipped} of {updates} updates were skipped as non-finite (nonfinite/skipped in "
+                  "TensorBoard)")
+        if progress.diverged:
+            print(progress.verdict())
         print(f"Run written to {result.run_dir}\nSee it with:  tensorboard --logdir {config.logdir}")
     if skipped and skipped >= updates:
         raise UserError(f"every update of the run ({skipped}) was skipped as non-finite: the weights did "

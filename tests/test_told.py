@@ -1,0 +1,45 @@
+"""Runs tell the truth about themselves (issue 28): a run that diverges in its first call is
+named as diverged, a run whose every later update is skipped too, and progress written to a
+pipe is plain text."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import user_env
+from tfmbgd.config import TrainConfig
+from tfmbgd.loop import training
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow     # the issue's command, in a train.py process whose stdout is a pipe
+def test_a_run_that_diverges_at_once_is_told_and_its_log_has_no_escapes(tmp_path):
+    command = [sys.executable, str(ROOT / "train.py"), "--learning_rate=1e9", "--epochs=2",
+               f"--logdir={tmp_path}"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=user_env())
+    assert proc.returncode == 0, proc.stderr          # it did finish
+    assert "warning: this run diverged: the training loss rose from 2.29" in proc.stdout
+    assert "(before the first update)" in proc.stdout
+    assert "\x1b" not in proc.stdout and "\x1b" not in proc.stderr
+    # one plain line per epoch, as Keras' verbose=2
+    bars = [line for line in proc.stdout.splitlines() if line.startswith("45/45 - ")]
+    assert len(bars) == 2, proc.stdout
+
+
+def test_a_sane_run_is_not_called_diverged(tmp_path, capsys):
+    result = training.train(TrainConfig(epochs=1, logdir=str(tmp_path), stats_every=0))
+    assert not result.diverged and "diverged" not in capsys.readouterr().out
+
+
+def test_a_dead_run_with_skipped_updates_is_told(tmp_path, capsys):
+    # --on_nonfinite=skip: the first update blows the weights up, every later one is skipped
+    config = TrainConfig(epochs=2, learning_rate=1e30, on_nonfinite="skip", logdir=str(tmp_path),
+                         stats_every=0)
+    result = training.train(config)
+    out = capsys.readouterr().out
+    assert result.diverged
+    assert "of 90 updates were skipped as non-finite" in out
+    assert "warning: this run diverged" in out
