@@ -43,3 +43,49 @@ def test_a_dead_run_with_skipped_updates_is_told(tmp_path, capsys):
     assert result.diverged
     assert "of 90 updates were skipped as non-finite" in out
     assert "warning: this run diverged" in out
+
+
+def test_a_sequential_without_input_gets_the_right_advice():
+    import keras
+
+    from tfmbgd import fit
+    from tfmbgd.errors import UserError
+    model = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(10)])
+    with pytest.raises(UserError, match=r"has no Input yet.*keras\.Input\(shape=\.\.\.\)"):
+        fit.with_statistics(model)
+
+
+def test_checks_that_need_no_tensorflow_come_before_it(tmp_path):
+    # an unknown instrument and a finished run are reported in well under TensorFlow's start-up
+    import time
+    for flags in (["--instruments=economyy"],):
+        began = time.monotonic()
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, f"--logdir={tmp_path}"],
+                              capture_output=True, text=True, timeout=120, env=user_env())
+        assert proc.returncode == 2 and "unknown instrument 'economyy'" in proc.stderr
+        assert "starting TensorFlow" not in proc.stdout
+        assert time.monotonic() - began < 5
+
+
+def test_paths_with_a_tilde_are_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = TrainConfig(logdir="~/runs", dataset="npz:~/data.npz")
+    assert config.logdir == str(tmp_path / "runs") and config.dataset == f"npz:{tmp_path}/data.npz"
+
+
+def test_version_and_the_module_entry_point():
+    from tfmbgd import __version__
+    for command in ([sys.executable, "-m", "tfmbgd", "--version"], [sys.executable, str(ROOT / "train.py"),
+                                                                    "--version"]):
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=60, env=user_env(), cwd="/")
+        assert proc.stdout.strip() == f"tfmbgd {__version__}", proc.stderr
+    help_text = subprocess.run([sys.executable, "-m", "tfmbgd", "--help"], capture_output=True, text=True,
+                               timeout=60, env=user_env(), cwd="/").stdout
+    assert help_text.startswith("Train a small network") and "python -m tfmbgd --batch_size=1" in help_text
+    assert "hessian_noise_scale" in help_text and "economy, business, full" in help_text
+
+
+def test_the_names_checked_before_tensorflow_are_the_registrys():
+    from tfmbgd import choices
+    from tfmbgd.instruments import registry
+    assert set(choices.INSTRUMENTS) == {cls.name for cls in registry.BUILT_IN}

@@ -127,8 +127,10 @@ def test_tfmbgd_run_does_what_train_py_does(tmp_path, tiny_npz):
     with pytest.raises(UserError, match="batch"):
         tfmbgd.run(_config(tmp_path, tiny_npz, batch_size=500))          # 48 examples
     assert not (tmp_path / "logs").exists()                               # nothing written
-    assert tfmbgd.run(_config(tmp_path, tiny_npz, batch_size=16, epochs=1)) == 0
+    result = tfmbgd.run(_config(tmp_path, tiny_npz, batch_size=16, epochs=1))     # what it measured
     (run_dir,) = (tmp_path / "logs").iterdir()
+    assert result.run_dir == str(run_dir) and result.epochs == 1 and result.steps == 3
+    assert set(result.test) == {"loss", "accuracy"}
     assert (run_dir / "final.weights.h5").exists()
 
 

@@ -24,7 +24,7 @@ The public names of the library face are attributes here: `tfmbgd.gradients`,
 
 import importlib
 
-__version__ = "0.1.0"
+from tfmbgd._version import __version__  # noqa: F401
 
 # The modules reachable as attributes, by the name a user types: the top-level ones, and
 # the library faces that live on a floor.
@@ -42,8 +42,9 @@ __all__ = list(_SUBMODULES) + ["run", "critical_batch"]
 
 def run(config, should_stop=None):
     """All that `python train.py` does with a `tfmbgd.config.TrainConfig`: the checks before
-    TensorFlow starts, then the training run, study or comparison; returns the exit status.
-    See `tfmbgd.app.launch.run`."""
+    TensorFlow starts, then the training run, study, probe or comparison; returns what it
+    measured (a training run's `RunResult`: its directory, steps, test metrics, ...). See
+    `tfmbgd.app.launch.execute`."""
     from tfmbgd.app import launch
     return launch.run(config, should_stop)
 

@@ -10,6 +10,7 @@ are reported before TensorFlow starts.
 import dataclasses
 import json
 import math
+import os
 
 from tfmbgd.choices import (
     DATASETS,
@@ -144,6 +145,12 @@ class TrainConfig:
                                        parse=str)
 
     def __post_init__(self):
+        # `--logdir=~/runs` reaches Python unexpanded (the shell expands ~ only at a word's start)
+        for name in ("logdir", "resume", "branch_from"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, os.path.expanduser(getattr(self, name)))
+        if isinstance(self.dataset, str) and self.dataset.startswith("npz:"):
+            object.__setattr__(self, "dataset", "npz:" + os.path.expanduser(self.dataset[4:]))
         for field in dataclasses.fields(self):
             value, meta = getattr(self, field.name), field.metadata
             if meta["choices"] is not None and value not in meta["choices"]:

@@ -2,7 +2,7 @@
 
     import tfmbgd
     from tfmbgd.config import TrainConfig
-    tfmbgd.run(TrainConfig(batch_size=8, epochs=2))      # checks, then trains, compares or studies
+    result = tfmbgd.run(TrainConfig(batch_size=8, epochs=2))   # checks, then trains: a RunResult
 
 `check` runs before TensorFlow starts (numpy only): bad input is reported in about a
 second, not after TensorFlow's start-up. `start_tensorflow` makes what must exist before
@@ -13,7 +13,9 @@ then the run the config asks for. Importing this module imports no TensorFlow.
 import os
 import sys
 
+from tfmbgd import choices
 from tfmbgd import config as cfg
+from tfmbgd.errors import UserError
 
 
 def check(config):
@@ -25,6 +27,7 @@ def check(config):
       UserError: what is wrong, and what to do.
     """
     _warn_ignored(config)
+    _check_instruments(config.instruments)
     if config.strategy == "multi_worker":
         cfg.check_tf_config(os.environ.get("TF_CONFIG"))
     if config.mode == "critical_batch" and not config.resume:
@@ -47,6 +50,17 @@ def reports(config):
     """Whether this process prints what the run does (not a multi-worker cluster's other
     workers); after `check`."""
     return cfg.reports(config, os.environ.get("TF_CONFIG"))
+
+
+def _check_instruments(names):
+    """Unknown instrument names, before TensorFlow starts: against the built-in names, or the
+    registry itself once it is loaded (where `tfmbgd.instruments.register` adds to them)."""
+    registry = sys.modules.get("tfmbgd.instruments.registry")
+    known = set(registry.REGISTRY) if registry is not None else set(choices.INSTRUMENTS)
+    unknown = [n for n in names if n not in known and n not in choices.PRESETS]
+    if unknown:
+        raise UserError(f"unknown instrument {unknown[0]!r}; presets: {', '.join(choices.PRESETS)}; "
+                        f"built in: {', '.join(sorted(known))} (see --help)")
 
 
 def _warn_ignored(config):
@@ -89,25 +103,32 @@ def dispatch(config, should_stop=None, dataset=None):
       UserError: bad input found once TensorFlow runs.
       tfmbgd.errors.Interrupted: `should_stop` said so; a checkpoint was saved.
     """
+    result = execute(config, should_stop, dataset)
+    return 1 if result is False else 0
+
+
+def execute(config, should_stop=None, dataset=None):
+    """As `dispatch`, but returns what the run measured: a `tfmbgd.loop.training.RunResult`
+    (a training run: its directory, steps, test metrics, ...), `{run name: RunResult}` (a
+    study), a `tfmbgd.app.critical.CriticalBatch` (a probe), or whether every contrast
+    passed (compare mode)."""
     if config.mode == "compare":
         from tfmbgd.app import compare
-        return 0 if compare.run(config, should_stop=should_stop) else 1
+        return bool(compare.run(config, should_stop=should_stop))
     if config.mode == "critical_batch":
         from tfmbgd.app import critical
-        critical.run(config, should_stop=should_stop)
-        return 0
+        return critical.run(config, should_stop=should_stop)
     if config.batch_sizes:
         from tfmbgd.app import study
-        study.run(config, should_stop=should_stop)
-        return 0
+        return study.run(config, should_stop=should_stop)
     from tfmbgd.loop import training
-    training.train(config, should_stop=should_stop, dataset=dataset)
-    return 0
+    return training.train(config, should_stop=should_stop, dataset=dataset)
 
 
 def run(config, should_stop=None):
-    """`check`, `start_tensorflow`, then `dispatch`: all that `python train.py` does with
-    `config`, but for parsing flags, quieting TensorFlow's start-up and catching signals."""
+    """`check`, `start_tensorflow`, then `execute`: all that `python train.py` does with
+    `config`, but for parsing flags, quieting TensorFlow's start-up and catching signals.
+    Returns what `execute` returns."""
     dataset = check(config)
     start_tensorflow(config)
-    return dispatch(config, should_stop=should_stop, dataset=dataset)
+    return execute(config, should_stop=should_stop, dataset=dataset)

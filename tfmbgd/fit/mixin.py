@@ -355,5 +355,9 @@ def with_statistics(model):
             structure = model.inputs[0] if len(model.inputs) == 1 else model.inputs
         return GradientStatisticsModel(structure, model.outputs[0] if len(model.outputs) == 1
                                        else model.outputs, name=model.name)
+    if isinstance(model, keras.Sequential):
+        raise UserError(f"the Sequential model {model.name!r} has no Input yet, so it has no graph to "
+                        "share: start it with keras.Input(shape=...), as in keras.Sequential([keras.Input("
+                        "(28, 28)), ...]), or use tfmbgd.fit.GradientStatisticsSequential in its place")
     raise UserError(f"{type(model).__name__} is a subclassed model: add "
                     "tfmbgd.fit.GradientStatisticsMixin before keras.Model in its bases")

@@ -38,6 +38,7 @@ name.
 
 import importlib
 
+from tfmbgd.choices import BUSINESS, ECONOMY, FULL, PRESETS  # noqa: F401
 from tfmbgd.instruments.base import (  # noqa: F401
     BATCH,
     DOTS,
@@ -61,10 +62,6 @@ from tfmbgd.instruments.norms import GradientNorm, PerExampleNorms  # noqa: F401
 from tfmbgd.instruments.panel import ONE_DEVICE, Panel  # noqa: F401
 from tfmbgd.instruments.registry import (  # noqa: F401
     BUILT_IN,
-    BUSINESS,
-    ECONOMY,
-    FULL,
-    PRESETS,
     REGISTRY,
     create,
     default,

@@ -1,5 +1,6 @@
 """The instruments known by name: the registry, the defaults of a run, Cockpit's presets."""
 
+from tfmbgd.choices import PRESETS
 from tfmbgd.errors import UserError
 from tfmbgd.instruments.batch_size import BatchSize
 from tfmbgd.instruments.curvature import HessMaxEV, HessTrace, TICDiag, TICTrace
@@ -33,12 +34,8 @@ BUILT_IN = (GradientNorm, VarianceTrace, MeanGSNR, NoiseScale, TwoBatchNoiseScal
 for _cls in BUILT_IN:
     register(_cls)
 
-# Cockpit's three configurations (`cockpit.utils.configuration`), by the names of the
-# instruments that tfmbgd adds to its defaults (which already log the loss and gradient norm).
-ECONOMY = ("alpha", "distance", "grad_hist", "inner_test", "norm_test", "ortho_test", "update_size")
-BUSINESS = ECONOMY + ("tic_diag", "hess_trace")
-FULL = BUSINESS + ("hess_max_ev", "grad_hist_2d")
-PRESETS = {"economy": ECONOMY, "business": BUSINESS, "full": FULL}
+# Cockpit's three configurations are in `tfmbgd.choices` (BUSINESS, ECONOMY, FULL, PRESETS),
+# where train.py reads them before TensorFlow starts.
 
 
 def expand(names):
