@@ -89,3 +89,42 @@ def test_the_names_checked_before_tensorflow_are_the_registrys():
     from tfmbgd import choices
     from tfmbgd.instruments import registry
     assert set(choices.INSTRUMENTS) == {cls.name for cls in registry.BUILT_IN}
+
+
+def _descriptions(event_dir):
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(str(event_dir), size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    return {tag: acc.SummaryMetadata(tag).summary_description for tag in acc.Tags()["tensors"]}
+
+
+def test_tensorboard_says_what_each_tag_is_in_train_py_and_fit_runs(tmp_path):
+    import keras
+    from test_instruments import _layout
+
+    from tfmbgd import callbacks, data, fit, instruments, models
+    config = TrainConfig(epochs=1, instruments=("hess_trace",), stats_every=5, logdir=str(tmp_path / "loop"))
+    run = training.train(config, verbose=0)
+    written = _descriptions(f"{run.run_dir}/train")
+    panel = instruments.Panel(instruments.default() + instruments.create(["hess_trace"])).build(
+        models.build("mlp", (8, 8, 1), 10).trainable_variables)
+    for tag, text in panel.descriptions.items():        # the instruments' own words, each tag
+        if tag in written:
+            assert written[tag] == text, tag
+    assert "Hutchinson" in written["curvature/hess_trace"]
+    assert written["loss"].startswith("mean per-example loss") and written["grad/norm"]
+    assert not [tag for tag, text in written.items() if not text and tag != "custom_scalars__config__"]
+    # model.fit: the same descriptions, and the custom-scalars layout a train.py run gets
+    keras.utils.set_random_seed(0)
+    ds = data.load("digits")
+    model = fit.with_statistics(models.build("mlp", ds.input_shape, ds.num_classes))
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(*ds.train, batch_size=32, epochs=1, verbose=0,
+              callbacks=[callbacks.GradientStatistics(str(tmp_path / "fit"), freq=5,
+                                                      more_instruments=("hess_trace",))])
+    fitted = _descriptions(tmp_path / "fit" / "train")
+    assert fitted["curvature/hess_trace"] == written["curvature/hess_trace"]
+    charts = {c.title for category in _layout(tmp_path / "fit" / "train").category for c in category.chart}
+    loop_charts = {c.title for category in _layout(f"{run.run_dir}/train").category for c in category.chart}
+    assert charts == loop_charts and len(charts) > 5

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tfmbgd.errors import UserError
 from tfmbgd.fit.settings import Settings, check_settings
+from tfmbgd.loop import tensorboard
 
 
 class GradientStatistics(keras.callbacks.Callback):
@@ -78,7 +79,10 @@ class GradientStatistics(keras.callbacks.Callback):
             return
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(f"{self.settings.log_dir}/train")
+            # the custom-scalars layout of a train.py run: loss, then the instruments' charts
+            tensorboard.write_layout(self._writer, recorder.panel.charts())
         if self._write_rows is None or self._write_rows[0] is not recorder:
-            self._write_rows = (recorder, recorder.buffer.writer_function(self._writer, recorder.finite_only,
-                                                                          lags=recorder.lags))
+            descriptions = {**tensorboard.LOOP_DESCRIPTIONS, **recorder.panel.descriptions}
+            self._write_rows = (recorder, recorder.buffer.writer_function(
+                self._writer, recorder.finite_only, lags=recorder.lags, descriptions=descriptions))
         self._write_rows[1]()

@@ -137,6 +137,12 @@ class Panel:
         return [(i, tag) for i in self.active for tag in i.tags(self.paths)]
 
     @property
+    def descriptions(self):
+        """`{tag: text}`: what each tag of the instruments measures (their `tags()`), written
+        as TensorBoard's description beside each chart."""
+        return {tag: text for i in self.active for tag, text in i.tags(self.paths).items() if text}
+
+    @property
     def finite_only(self):
         """The tags that are written only when finite."""
         return frozenset(tag for i, tag in self._tags() if i.finite_only)

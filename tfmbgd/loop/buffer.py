@@ -106,7 +106,7 @@ class StatisticsBuffer:
             rows = tensorboard.histogram_rows(value, BUCKETS)
         return tf.pad(rows, [[0, self.width - rows.shape[0]], [0, 0]])
 
-    def writer_function(self, writer, finite_only=(), skip=(), extra=None, lags=None):
+    def writer_function(self, writer, finite_only=(), skip=(), extra=None, lags=None, descriptions=None):
         """A `tf.function` (not XLA-compiled) that writes the recorded rows with `writer`,
         each at its step, and empties the buffer; it returns the number of rows written.
 
@@ -115,14 +115,15 @@ class StatisticsBuffer:
         what the statistics cost `fit`. Tags in `finite_only` are written only when finite, tags
         in `skip` not at all; `extra(values, step, *args)` (traced once per row, `values`
         `{tag: scalar tensor}`) writes more from a row, with the function's `*args`.
-        `lags` `{tag: j}`: those tags are written at their row's step minus j.
+        `lags` `{tag: j}`: those tags are written at their row's step minus j. `descriptions`
+        `{tag: text}`: TensorBoard's description of each tag.
 
         Raises (when called):
           tf.errors.InvalidArgumentError: rows were lost to a full buffer (a bug: the
             capacity is sized from the calls' steps and the schedule).
         """
         t = len(self.scalar_tags)
-        lags = lags or {}
+        lags, about = lags or {}, descriptions or {}
         only_finite = [tag in finite_only for tag in self.scalar_tags]
 
         @tf.function
@@ -143,19 +144,20 @@ class StatisticsBuffer:
                         ok = wrote[j] & tf.math.is_finite(row[j]) if only_finite[j] else wrote[j]
                         at = step - lags.get(tag, 0)
                         tf.cond(ok, lambda tag=tag, value=row[j], at=at: _unscoped(
-                            tf.summary.scalar, tag, value, step=at), lambda: tf.constant(False))
+                            tf.summary.scalar, tag, value, step=at, description=about.get(tag)),
+                                lambda: tf.constant(False))
                     for k, tag in enumerate(self.histogram_tags):
                         at = step - lags.get(tag, 0)
                         tf.cond(wrote[t + k],
                                 lambda tag=tag, rows=histograms[i, k, :self.widths[tag]], at=at: _unscoped(
                                     tf.summary.write, tag, rows, step=at,
-                                    metadata=tensorboard.HISTOGRAM_METADATA),
+                                    metadata=tensorboard.histogram_metadata_for(about.get(tag))),
                                 lambda: tf.constant(False))
                     for k, tag in enumerate(self.image_shapes):
                         at = step - lags.get(tag, 0)
                         tf.cond(wrote[t + len(self.histogram_tags) + k],
                                 lambda tag=tag, image=self.images[tag][i], at=at: _unscoped(
-                                    tf.summary.image, tag, image, step=at),
+                                    tf.summary.image, tag, image, step=at, description=about.get(tag)),
                                 lambda: tf.constant(False))
                     if extra is not None:
                         _unscoped(extra, values, step, *args)

@@ -35,6 +35,7 @@ class StepRunner:
         self.steps, self._writer = steps, writer
         self.log_every, self.schedule = log_every, Schedule(stats_every, steps.panel)
         self.lags = steps.panel.lags
+        self.descriptions = {**tensorboard.LOOP_DESCRIPTIONS, **steps.panel.descriptions}
         averaged = [s.tag for s in steps.panel.summaries()]
         self._sums = {tag: (tf.Variable(0.0, trainable=False, dtype=tf.float64),
                             tf.Variable(0, trainable=False, dtype=tf.int64)) for tag in averaged}
@@ -168,11 +169,13 @@ class StepRunner:
     def _write(self, values, where):
         step, examples = where
         values = self._with_skipped(values)
-        tensorboard.write_in_graph(self.writer, values, step, self.steps.finite_only, lags=self.lags)
+        tensorboard.write_in_graph(self.writer, values, step, self.steps.finite_only, lags=self.lags,
+                                   descriptions=self.descriptions)
         now = _clock()
         origin = self._origin.assign(tf.where(self._origin < 0, now, self._origin))
         elapsed_ms = tf.cast((now - origin) * 1000.0, tf.int64)
-        tensorboard.write_in_graph(self.writer, {"loss_by/examples_seen": values["loss"]}, examples)
+        tensorboard.write_in_graph(self.writer, {"loss_by/examples_seen": values["loss"]}, examples,
+                                   descriptions=self.descriptions)
         tensorboard.write_in_graph(self.writer, {"loss_by/milliseconds": values["loss"]}, elapsed_ms,
                                  description=MILLISECONDS)
         return tf.constant(True)
@@ -228,7 +231,8 @@ class XlaStepRunner(StepRunner):
             if self._write_rows is None:
                 self._write_rows = self._buffer.writer_function(self.writer, self.steps.finite_only,
                                                                 skip=(EXAMPLES,), extra=self._write_by,
-                                                                lags=self.lags)
+                                                                lags=self.lags,
+                                                                descriptions=self.descriptions)
             since = began - self._began - self._paused
             self._write_rows(first_step, tf.constant(n, tf.int64), tf.constant(since * 1000, tf.float64),
                              tf.constant((ended - began) * 1000, tf.float64))
@@ -246,7 +250,8 @@ class XlaStepRunner(StepRunner):
         among its steps)."""
         done = tf.cast(step - first_step + 1, tf.float64) / tf.cast(n, tf.float64)
         ms = tf.cast(since_ms + done * call_ms, tf.int64)
-        tf.summary.scalar("loss_by/examples_seen", values["loss"], step=tf.cast(values[EXAMPLES], tf.int64))
+        tf.summary.scalar("loss_by/examples_seen", values["loss"], step=tf.cast(values[EXAMPLES], tf.int64),
+                          description=tensorboard.LOOP_DESCRIPTIONS["loss_by/examples_seen"])
         tf.summary.scalar("loss_by/milliseconds", values["loss"], step=ms, description=MILLISECONDS)
 
 

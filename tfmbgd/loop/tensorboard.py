@@ -37,7 +37,7 @@ class RunWriters:
         with self.writer(split).as_default(step=step):
             for tag, value in values.items():
                 if np.ndim(value) == 0:
-                    tf.summary.scalar(tag, value)
+                    tf.summary.scalar(tag, value, description=LOOP_DESCRIPTIONS.get(tag))
                 else:
                     tf.summary.histogram(tag, value)
 
@@ -53,7 +53,7 @@ class RunWriters:
         self.close()
 
 
-def write_in_graph(writer, values, step, finite_only=(), description=None, lags=None):
+def write_in_graph(writer, values, step, finite_only=(), description=None, lags=None, descriptions=None):
     """Writes a dict of tensors at `step` from inside a `tf.function`.
 
     Scalars become scalar summaries and vectors (the per-example gradient norms)
@@ -61,34 +61,52 @@ def write_in_graph(writer, values, step, finite_only=(), description=None, lags=
     noise scale is undefined while the noise hides the signal). The writes usually sit in
     a `tf.cond` branch: `name_scope(None)` keeps its "cond/" scope out of the tags, so they
     read as when written eagerly. `description`: TensorBoard's text for every scalar of
-    `values` (shown beside the chart). A `[k, 3]` value is a histogram's rows already
-    (fixed bins); `lags` `{tag: j}` writes those tags at `step - j` (two-step instruments).
+    `values` (shown beside the chart); `descriptions` `{tag: text}`, one per tag, first. A
+    `[k, 3]` value is a histogram's rows already (fixed bins); `lags` `{tag: j}` writes
+    those tags at `step - j` (two-step instruments).
     """
-    lags = lags or {}
+    lags, descriptions = lags or {}, descriptions or {}
     with writer.as_default(step=step), tf.compat.v1.name_scope(None):
         for tag, value in values.items():
+            text = descriptions.get(tag, description)
             if tag in lags:
-                write_in_graph(writer, {tag: value}, step - lags[tag], finite_only, description)
+                write_in_graph(writer, {tag: value}, step - lags[tag], finite_only, text)
             elif value.shape.rank == 4:
-                tf.summary.image(tag, value)
+                tf.summary.image(tag, value, description=text)
             elif value.shape.rank == 2:
-                tf.summary.write(tag, tf.cast(value, tf.float64), metadata=HISTOGRAM_METADATA)
+                tf.summary.write(tag, tf.cast(value, tf.float64), metadata=histogram_metadata_for(text))
             elif value.shape.rank:
-                histogram(tag, value)
+                histogram(tag, value, description=text)
             elif tag in finite_only:
-                tf.cond(tf.math.is_finite(value), lambda t=tag, v=value: _scalar(t, v),
+                tf.cond(tf.math.is_finite(value), lambda t=tag, v=value, d=text: _scalar(t, v, d),
                         lambda: tf.constant(False))
             else:
-                tf.summary.scalar(tag, value, description=description)
+                tf.summary.scalar(tag, value, description=text)
 
 
 HISTOGRAM_METADATA = histogram_metadata.create_summary_metadata(display_name=None, description=None)
 
+# What the loop's own tags are; the instruments describe theirs (`Panel.descriptions`).
+LOOP_DESCRIPTIONS = {
+    "loss": "mean per-example loss: of the mini-batch (train), of the whole split after each epoch (test)",
+    "accuracy": "share of correct argmax predictions: of the mini-batch (train), of the split (test)",
+    "loss_by/examples_seen": "the mini-batch loss against the number of training examples seen (x axis)",
+    "nonfinite/skipped": "updates skipped so far because the loss or a gradient was not finite",
+}
 
-def histogram(tag, values, buckets=30):
+
+def histogram_metadata_for(description):
+    """The histogram plugin's metadata, with TensorBoard's `description` of the tag."""
+    if not description:
+        return HISTOGRAM_METADATA
+    return histogram_metadata.create_summary_metadata(display_name=None, description=description)
+
+
+def histogram(tag, values, buckets=30, description=None):
     """Writes the histogram `tf.summary.histogram` writes for the finite `values`, in fewer
     ops (to the default writer, at its default step): `histogram_rows`."""
-    return tf.summary.write(tag, histogram_rows(values, buckets), metadata=HISTOGRAM_METADATA)
+    return tf.summary.write(tag, histogram_rows(values, buckets),
+                            metadata=histogram_metadata_for(description))
 
 
 def histogram_rows(values, buckets=30):
@@ -126,9 +144,9 @@ def histogram_rows(values, buckets=30):
     return tf.stack([edges[:-1], edges[1:], counts], axis=1)
 
 
-def _scalar(tag, value):
+def _scalar(tag, value, description=None):
     with tf.compat.v1.name_scope(None):
-        return tf.summary.scalar(tag, value)
+        return tf.summary.scalar(tag, value, description=description)
 
 
 LOSS_CHARTS = (
