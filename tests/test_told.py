@@ -4,6 +4,7 @@ pipe is plain text."""
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,44 @@ def test_tensorboard_says_what_each_tag_is_in_train_py_and_fit_runs(tmp_path):
     charts = {c.title for category in _layout(tmp_path / "fit" / "train").category for c in category.chart}
     loop_charts = {c.title for category in _layout(f"{run.run_dir}/train").category for c in category.chart}
     assert charts == loop_charts and len(charts) > 5
+
+
+def _npz(path, x, y):
+    import numpy as np
+    np.savez(path, x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
+    return f"npz:{path}"
+
+
+def test_common_npz_data_gets_the_right_words(tmp_path):
+    import numpy as np
+
+    from tfmbgd import data
+    from tfmbgd.app import launch
+    from tfmbgd.errors import UserError
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 50)
+    labels[:10] = np.arange(10)
+    pixels = rng.integers(0, 256, (50, 6, 6)).astype(np.uint8)
+    # one-hot labels are classes, not regression targets; raw pixels are used, with a warning
+    name = _npz(tmp_path / "onehot.npz", pixels, np.eye(10, dtype=np.float32)[labels])
+    with pytest.warns(data.DataWarning, match=r"integers up to 255 \(uint8\).*x / 255\.0"):
+        ds = data.load(name)
+    assert ds.num_classes == 10 and np.array_equal(ds.train[1], labels[:40])
+    # (N, 28, 28) images and the cnn: a channel axis, said before TensorFlow starts
+    hint = r"without a channel axis: save x\[\.\.\., None\] \(shape \(6, 6, 1\)\)"
+    with pytest.warns(data.DataWarning), pytest.raises(UserError, match=hint):
+        launch.check(TrainConfig(dataset=name, model="cnn", logdir=str(tmp_path / "logs")))
+    scaled = _npz(tmp_path / "scaled.npz", pixels / 255.0, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.load(scaled).num_classes == 10
+
+
+def test_a_finished_run_is_refused_before_tensorflow(tmp_path):
+    from tfmbgd.app import launch
+    from tfmbgd.errors import UserError
+    from tfmbgd.loop import rundir
+    run = training.train(TrainConfig(epochs=1, stats_every=0, logdir=str(tmp_path)), verbose=0)
+    with pytest.raises(UserError, match="has finished its 1 epochs; nothing was changed. Pass --epochs=2"):
+        launch.check(rundir.resume_config(run.run_dir, {}))
+    launch.check(rundir.resume_config(run.run_dir, {"epochs": 2}))     # more epochs: fine

@@ -159,7 +159,7 @@ def test_batch_larger_than_training_set_is_refused(tmp_path, tiny_npz):
 
 
 def test_cnn_needs_images(tmp_path, tiny_npz):
-    with pytest.raises(UserError, match="needs image inputs"):
+    with pytest.raises(UserError, match="needs images \\[height, width, channels\\]"):
         training.train(_config(tmp_path, tiny_npz, model="cnn"), verbose=0)
 
 

@@ -15,6 +15,7 @@
 
 import dataclasses
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -26,6 +27,11 @@ LINEAR_TRAIN = 2048
 LINEAR_TEST = 512
 LINEAR_NOISE_STD = 0.5
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+class DataWarning(UserWarning):
+    """Data that loads but is probably not what the user meant (`train.py` prints it as one
+    line on stderr)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +178,8 @@ def _validated(name, x_train, y_train, x_test, y_test):
         if y.shape[:1] != x.shape[:1]:
             raise UserError(f"{name}: x_{split} has {len(x)} examples but y_{split} "
                             f"has {y.shape[0] if y.ndim else 'no'} labels")
+    if all(_one_hot(y) for y in ys) and ys[0].shape[1] == ys[1].shape[1]:
+        ys = [np.argmax(y, axis=1) for y in ys]        # one-hot rows: the classes of their 1s
     kinds = {y.dtype.kind for y in ys}
     if kinds <= {"i", "u"}:
         return _classification(name, xs, ys)
@@ -181,10 +189,22 @@ def _validated(name, x_train, y_train, x_test, y_test):
                     f"got dtypes {ys[0].dtype} and {ys[1].dtype}")
 
 
+def _one_hot(y):
+    """Whether `y` is `[N, K]`, K >= 2, each row one 1 and otherwise 0s (Keras'
+    `to_categorical` labels)."""
+    return (y.ndim == 2 and y.shape[1] >= 2 and y.dtype.kind in "iuf" and len(y) > 0
+            and bool(np.all((y == 0) | (y == 1))) and bool(np.all(y.sum(axis=1) == 1)))
+
+
 def _check_x(name, split, x):
     x = np.asarray(x)
     if x.dtype.kind not in "iuf":
         raise UserError(f"{name}: x_{split} must be numeric; got dtype {x.dtype}")
+    if split == "train" and x.dtype.kind in "iu" and x.size and int(x.max()) > 1:
+        warnings.warn(DataWarning(
+            f"{name}: x_train holds integers up to {int(x.max())} ({x.dtype}), raw pixels perhaps; they "
+            "are used as given, and a network trains badly on inputs that large: divide them by their "
+            "maximum (e.g. x / 255.0) before saving"), stacklevel=3)
     if x.ndim < 2 or x.shape[0] == 0:
         raise UserError(f"{name}: x_{split} must be [examples, features...] with at least "
                         f"one example; got shape {x.shape}")

@@ -38,3 +38,18 @@ class Interrupted(Exception):
             note = f"at step {step}; {where}"
         super().__init__(f"stopped {note}")
         self.run_dir, self.step, self.note = run_dir, step, note
+
+
+# A check shared by train.py before TensorFlow starts and by the model builder.
+
+def check_images(input_shape):
+    """A `UserError` if examples of `input_shape` are not images `[height, width, channels]`
+    for the cnn; examples `[height, width]` are told to add a channel axis."""
+    if len(input_shape) == 3:
+        return
+    if len(input_shape) == 2:
+        raise UserError(f"model cnn needs images [height, width, channels]; these examples are "
+                        f"{tuple(input_shape)}, without a channel axis: save x[..., None] "
+                        f"(shape {(*input_shape, 1)}) in the npz, or use --model=mlp")
+    raise UserError(f"model cnn needs images [height, width, channels]; these examples have shape "
+                    f"{tuple(input_shape)}: use --model=mlp")

@@ -7,7 +7,7 @@ Classification models output logits; regression models one linear unit.
 
 import keras
 
-from tfmbgd.errors import UserError
+from tfmbgd.errors import UserError, check_images
 
 
 def build(name, input_shape, num_classes, hidden=(64,), seed=0, activation="relu"):
@@ -38,9 +38,7 @@ def build(name, input_shape, num_classes, hidden=(64,), seed=0, activation="relu
         for i, width in enumerate(hidden if name == "mlp" else ()):
             h = keras.layers.Dense(width, activation=activation, name=f"hidden_{i + 1}", **init())(h)
     elif name == "cnn":
-        if len(input_shape) != 3:
-            raise UserError(f"model cnn needs image inputs [height, width, channels]; this data "
-                            f"set has examples of shape {tuple(input_shape)}: use --model=mlp")
+        check_images(input_shape)
         h = inputs
         for i, filters in enumerate((8, 16)):
             h = keras.layers.Conv2D(filters, 3, padding="same", activation=activation,

@@ -15,7 +15,7 @@ import sys
 
 from tfmbgd import choices
 from tfmbgd import config as cfg
-from tfmbgd.errors import UserError
+from tfmbgd.errors import UserError, check_images
 
 
 def check(config):
@@ -35,10 +35,15 @@ def check(config):
         rundir.check_logdir(config.logdir)
         if config.branch_from is not None:
             rundir.load_config(config.branch_from)     # a training run with a checkpoint
+    if config.mode == "train" and config.resume:
+        from tfmbgd.loop import rundir  # no TensorFlow
+        rundir.check_unfinished(config.resume, config.epochs)
     if config.mode != "train" or config.batch_sizes or config.dataset in ("mnist", "fashion_mnist"):
         return None
     from tfmbgd import data
     ds = data.load(config.dataset, config.seed)
+    if config.model == "cnn":
+        check_images(ds.input_shape)
     cfg.check_update_size(config.batch_size, config.accumulate, len(ds.train[0]), ds.name)
     if not config.resume:
         from tfmbgd.loop import rundir  # no TensorFlow

@@ -9,6 +9,7 @@ ending a run cleanly. Imports no TensorFlow until a run starts.
 import os
 import signal
 import sys
+import warnings
 
 from tfmbgd._version import __version__
 from tfmbgd.app import cli, launch, signals
@@ -45,11 +46,24 @@ def main(argv):
     if "--version" in argv[1:]:
         print(f"tfmbgd {__version__}")
         return 0
+    _one_line_warnings()
     with StopOnSignals() as stop:       # from the first moment: Ctrl-C is answered at once
         status, last_words = _main(argv, stop, prog)
     if last_words:                      # after the acknowledgements of any signals
         print(last_words, file=sys.stderr)
     return status
+
+
+def _one_line_warnings():
+    """tfmbgd's own warnings (`tfmbgd.data.DataWarning`) as one line on stderr."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if getattr(category, "__module__", "").startswith("tfmbgd"):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
 
 
 def console():

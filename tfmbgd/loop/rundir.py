@@ -22,6 +22,27 @@ from tfmbgd.errors import UserError
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
+FINISHED = "finished.json"     # {"epochs": N}, written when a run ends having trained N epochs
+
+
+def mark_finished(run_dir, epochs):
+    """Records that the run in `run_dir` has trained `epochs` epochs (read by `check_unfinished`)."""
+    with open(os.path.join(run_dir, FINISHED), "w") as f:
+        json.dump({"epochs": int(epochs)}, f)
+
+
+def check_unfinished(run_dir, epochs):
+    """A `UserError`, before TensorFlow starts, if the run in `run_dir` has trained `epochs`
+    epochs already (a resumed run with nothing left to do). Runs that were stopped have no
+    mark; the checkpoint then decides (`tfmbgd.loop.training`)."""
+    try:
+        with open(os.path.join(run_dir, FINISHED)) as f:
+            done = int(json.load(f)["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if done >= epochs:
+        raise UserError(f"the run in {run_dir} has finished its {done} epochs; nothing was changed. "
+                        f"Pass --epochs={done + 1} or more to train it further")
 
 
 def save_config(run_dir, config):

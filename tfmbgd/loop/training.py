@@ -265,6 +265,7 @@ def _train_in(config, verbose, where, should_stop, strategy, parts, new):
         # The batch size also at the last step: a run with one statistics step still draws a line.
         writers.write("train", {"batch_size": float(parts.batch)}, result.steps)
     parts.model.save_weights(os.path.join(run_dir, FINAL_WEIGHTS))
+    rundir.mark_finished(run_dir, result.epochs)
     _report_end(progress, result, config, verbose, result.steps - first_step)
     return result
 
