@@ -55,3 +55,15 @@ def test_every_relative_link_leads_somewhere(page):
         assert path.exists(), f"{page.name}: {target} leads to no file"
         if anchor:
             assert anchor in headings(path), f"{page.name}: {target}: no such heading in {path.name}"
+
+
+def test_the_flags_page_lists_every_flag_and_what_a_resume_may_change():
+    import dataclasses
+
+    from tfmbgd.config import CHANGEABLE_ON_RESUME, TrainConfig
+    flags_page = (ROOT / "docs" / "flags.md").read_text()
+    assert not [f.name for f in dataclasses.fields(TrainConfig) if f"`--{f.name}`" not in flags_page]
+    resume = (ROOT / "docs" / "troubleshooting.md").read_text().split("may change")[0][-400:]
+    named = [n for n in CHANGEABLE_ON_RESUME if n not in ("resume", "logdir", "checkpoint_every",
+                                                          "keep_checkpoints")]
+    assert not [n for n in named if f"`--{n}`" not in resume], resume

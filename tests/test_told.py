@@ -170,3 +170,29 @@ def test_a_finished_run_is_refused_before_tensorflow(tmp_path):
     with pytest.raises(UserError, match="has finished its 1 epochs; nothing was changed. Pass --epochs=2"):
         launch.check(rundir.resume_config(run.run_dir, {}))
     launch.check(rundir.resume_config(run.run_dir, {"epochs": 2}))     # more epochs: fine
+
+
+def test_the_remainder_batch_is_compiled_once_and_said_or_dropped(tmp_path, capsys):
+    import numpy as np
+
+    from tfmbgd.loop.runner import epoch_batches
+    calls = epoch_batches(np.random.default_rng(0), 45, 8, steps_per_call=4, drop_remainder=True)
+    steps = np.concatenate(calls)
+    assert steps.shape == (5, 8) and len(set(steps.ravel())) == 40        # 45 // 8 full batches
+    kept = np.concatenate([c.ravel() for c in epoch_batches(np.random.default_rng(0), 45, 8, 4)])
+    assert sorted(kept) == list(range(45))                                 # by default every example
+    run = training.train(TrainConfig(epochs=2, stats_every=0, logdir=str(tmp_path), drop_remainder=True))
+    out = capsys.readouterr().out
+    assert run.steps == 2 * (1437 // 32) and "batches of 29" not in out
+    assert out.count("compiling the train step for batches of 32 (once per batch size) ... ") == 1
+    assert " s\n" in out.split("compiling the train step")[1]             # the compile's time, said
+
+
+def test_an_accumulated_run_is_named_apart_and_a_study_names_tensorboard_once(tmp_path, capsys):
+    from tfmbgd.app import study
+    from tfmbgd.loop import rundir
+    assert "-b32x4-" in rundir.run_name(TrainConfig(accumulate=4))
+    assert "-b32-" in rundir.run_name(TrainConfig())
+    study.run(TrainConfig(batch_sizes=(64, 256), epochs=1, stats_every=0, logdir=str(tmp_path)))
+    out = capsys.readouterr().out
+    assert out.count("See it with:") == 1 and out.count("Run written to") == 2

@@ -84,6 +84,9 @@ class TrainConfig:
     accumulate: int = _setting(1, "Gradient accumulation: sum K micro-batches of batch_size into one "
                                "update.", minimum=1)
     epochs: int = _setting(10, "Passes over the training set.", minimum=1)
+    drop_remainder: bool = _setting(False, "Leave out each epoch's last, smaller batch (other examples each "
+                                    "epoch): one compile of the train step fewer. Off by default: every "
+                                    "example counts in every epoch.")
     learning_rate: float = _setting(0.1, "Step size of every update rule, > 0.")
     reduction: str = _setting("mean", "Batch loss = mean or sum of the per-example losses.", REDUCTIONS)
     update: str = _setting("custom", "Who applies the update: manual w -= lr*g (sgd only), custom "
@@ -118,8 +121,9 @@ class TrainConfig:
                                  "checkpoint, exit 2) or skip that update and count it in "
                                  "nonfinite/skipped.", ON_NONFINITE)
     mixed_precision: str = _setting("none", "Keras' mixed-precision policy: layers compute in 16 bits, "
-                                    "variables and the gradient moments stay float32 (mixed_float16 needs "
-                                    "loss scaling: model.fit's LossScaleOptimizer).", PRECISIONS)
+                                    "variables and the gradient moments stay float32. Training takes "
+                                    "mixed_bfloat16; mixed_float16 only --mode=compare (it needs loss "
+                                    "scaling: model.fit's LossScaleOptimizer).", PRECISIONS)
     jit_compile: bool = _setting(False, "XLA-compile each call of train steps (as fit's jit_compile); "
                                  "statistics are written after the call. Off by default: compiling takes "
                                  "longer (see benchmarks/fit_vs_loop.py for the speed).")
@@ -213,7 +217,7 @@ class TrainConfig:
         d = self.noise_scale_decay
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
             raise SettingError("noise_scale_decay", "must be in [0, 1)", d)
-        for name in ("elementwise_stats", "jit_compile", "deterministic"):
+        for name in ("elementwise_stats", "jit_compile", "deterministic", "drop_remainder"):
             if not isinstance(getattr(self, name), bool):
                 raise SettingError(name, "must be True or False", getattr(self, name))
         names = self.instruments
@@ -230,11 +234,12 @@ class TrainConfig:
 _TRAINING_ONLY = ("epochs", "log_every", "steps_per_call", "stats_every", "elementwise_stats",
                   "noise_scale_decay", "instruments", "logdir", "checkpoint_every", "keep_checkpoints",
                   "deterministic", "on_nonfinite", "optimizer", "update", "reduction", "grad_method",
-                  "jit_compile", "mixed_precision")
+                  "jit_compile", "mixed_precision", "drop_remainder")
 _STATISTICS_ONLY = ("elementwise_stats", "noise_scale_decay", "instruments", "grad_method")
-_NOT_IN_PROBE = ("batch_size", "epochs", "log_every", "steps_per_call", "stats_every", "elementwise_stats",
-                 "noise_scale_decay", "instruments", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
-                 "optimizer", "update", "reduction", "grad_method", "jit_compile", "mixed_precision")
+_NOT_IN_PROBE = ("batch_size", "drop_remainder", "epochs", "log_every", "steps_per_call", "stats_every",
+                 "elementwise_stats", "noise_scale_decay", "instruments", "checkpoint_every",
+                 "keep_checkpoints", "on_nonfinite", "optimizer", "update", "reduction", "grad_method",
+                 "jit_compile", "mixed_precision")
 PROBE_ONLY = ("target_loss", "budget_epochs", "repeats")
 
 

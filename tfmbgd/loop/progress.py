@@ -44,10 +44,18 @@ class RunProgress:
         verbose = self.verbose if not self.verbose or _terminal() else 2
         self._bar = keras.utils.Progbar(batches, verbose=verbose, unit_name="batch")
 
-    def compiling(self, batch):
-        """Before a call that traces and compiles the step for batches of `batch` examples."""
+    def compiling(self, batch, remainder=False):
+        """Before a call that traces and compiles the step for batches of `batch` examples
+        (`remainder`: the epoch's last, smaller batch)."""
         if self.verbose:
-            print(f"  compiling the train step for batches of {batch} (once per batch size) ...", flush=True)
+            why = ("the epoch's last batch; --drop_remainder leaves it out" if remainder
+                   else "once per batch size")
+            print(f"  compiling the train step for batches of {batch} ({why}) ...", end="", flush=True)
+
+    def compiled(self, seconds):
+        """After the compile `compiling` announced, which took `seconds`."""
+        if self.verbose:
+            print(f" {seconds:.1f} s", flush=True)
 
     def initial(self, loss):
         """The loss of the initial weights on a first batch, before any update: the reference

@@ -106,6 +106,8 @@ def run_name(config, now=None, with_batch=True):
     """A readable run name from the main settings plus a timestamp."""
     data = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.dataset.replace("npz:", "npz-").split("/")[-1])
     batch = "full" if config.batch_size is None else str(config.batch_size)
+    if config.accumulate > 1:
+        batch += f"x{config.accumulate}"          # b32x4: micro-batches of 32, updates of 128
     width = "x".join(map(str, config.hidden)) if config.model == "mlp" else ""
     stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
     rule = config.update if config.optimizer == "sgd" else f"{config.update}_{config.optimizer}"

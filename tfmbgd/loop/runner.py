@@ -272,18 +272,21 @@ def _clock():
     return now
 
 
-def epoch_batches(rng, n, batch, steps_per_call, skip=0, checkpoint_every=0, first_step=0):
+def epoch_batches(rng, n, batch, steps_per_call, skip=0, checkpoint_every=0, first_step=0,
+                  drop_remainder=False):
     """Index arrays for one epoch, one array `[steps, batch]` per compiled call.
 
     The epoch's order is drawn from `rng` (every example once); full batches first, then
-    the remainder batch alone. The first `skip` steps are left out (a resumed epoch), and
-    calls end at multiples of `checkpoint_every` (counted from `first_step`, the step of the
-    first batch returned) so that checkpoints fall between calls.
+    the remainder batch alone (left out with `drop_remainder`: each epoch then misses the
+    last `n % batch` examples of its order, different ones each epoch). The first `skip`
+    steps are left out (a resumed epoch), and calls end at multiples of `checkpoint_every`
+    (counted from `first_step`, the step of the first batch returned) so that checkpoints
+    fall between calls.
     """
     order = rng.permutation(n).astype(np.int32)
     full = n // batch * batch
     batches = list(order[:full].reshape(-1, batch))
-    if full < n:
+    if full < n and not drop_remainder:
         batches.append(order[full:])
     batches = batches[skip:]
     calls, step = [], first_step

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from typing import NamedTuple
 
 import keras
@@ -288,7 +289,10 @@ def _report_end(progress, result, config, verbose, updates):
                   "TensorBoard)")
         if progress.diverged:
             print(progress.verdict())
-        print(f"Run written to {result.run_dir}\nSee it with:  tensorboard --logdir {config.logdir}")
+        print(f"Run written to {result.run_dir}")
+        if os.path.dirname(os.path.normpath(result.run_dir)) == os.path.normpath(config.logdir):
+            # (a study's runs sit in its directory, which it names once at its end)
+            print(f"See it with:  tensorboard --logdir {config.logdir}")
     if skipped and skipped >= updates:
         raise UserError(f"every update of the run ({skipped}) was skipped as non-finite: the weights did "
                         "not change. Lower --learning_rate or check the data")
@@ -349,14 +353,17 @@ def _train_epoch(config, parts, runner, state, rng, progress, should_stop):
     state.recall_rng(rng)
     done = int(state.in_epoch.numpy())
     calls = epoch_batches(rng, n, parts.batch, config.steps_per_call, skip=done,
+                          drop_remainder=config.drop_remainder,
                           checkpoint_every=config.checkpoint_every, first_step=int(state.step.numpy()))
     for batch in dict.fromkeys(index.shape[1] for index in calls):     # each size once, in order
         if runner.compiles(batch):
-            progress.compiling(batch)
+            progress.compiling(batch, remainder=batch < parts.batch)
+            began = time.perf_counter()
             runner.compile(parts.x_all, parts.y_all, batch)
+            progress.compiled(time.perf_counter() - began)
             if config.strategy != "multi_worker":   # workers stop in step, after a call
                 _stop_if_asked(state, should_stop)  # Ctrl-C while it compiled: no step taken
-    progress.start_bar(math.ceil(n / parts.batch))
+    progress.start_bar(n // parts.batch if config.drop_remainder else math.ceil(n / parts.batch))
     loss_sum, counted = 0.0, 0
     for index in calls:
         total = float(runner.run(parts.x_all, parts.y_all, tf.constant(index),
