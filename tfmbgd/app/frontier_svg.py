@@ -8,8 +8,8 @@ B_noise (a batch size is a line of slope 1 here).
 
 import math
 
-WIDTH, HEIGHT = 640, 440
-LEFT, RIGHT, TOP, BOTTOM = 70, 130, 40, 60
+WIDTH, HEIGHT = 760, 440
+LEFT, RIGHT, TOP, BOTTOM = 70, 250, 40, 60
 COLORS = {"B_crit": "#d62728", "B_simple": "#2ca02c", "B_noise": "#9467bd"}
 
 
