@@ -434,3 +434,24 @@ def test_instruments_that_need_the_forms_refuse_replicas_before_a_run_starts(tmp
     with pytest.raises(UserError, match="alpha: not computed across replicas yet; run on one device"):
         training.train(config, verbose=0)
     assert not any(tmp_path.iterdir())           # no run directory left behind
+
+
+def test_the_statistics_step_families_match_numpy_in_float64(problem):
+    # Issue 28: every family of statistics through the step train.py and fit run, in a
+    # float64 model with float64 inputs, against numpy on the loop's per-example gradients:
+    # norms, variances and the noise scale's terms, GSNR (ours and Cockpit's), EB, the
+    # gradient tests and CABS (test above), the Hessian trace (hessian tests, float64).
+    model, loss_fn, x, y = make_problem(problem, dtype="float64")
+    g = np.concatenate([o.reshape(len(x), -1) for o in oracle_per_example(model, loss_fn, x, y)], 1)
+    b, mean = len(x), g.mean(0)
+    var = g.var(0, ddof=1)
+    trace = var.sum()
+    defined = var > 1e-20
+    active = instruments.default(elementwise=True) + instruments.create(["gsnr_biased", "eb"])
+    values = _values(model, loss_fn, x, y, active)
+    want = {"grad/norm": np.sqrt(mean @ mean), "grad_var/trace": trace, "grad_var/of_mean": trace / b,
+            "grad_snr/mean_gsnr": np.mean(mean[defined] ** 2 / var[defined]),
+            "grad_snr/mean_gsnr_biased": np.mean(mean ** 2 / (g.var(0) + 1e-5)),
+            "early_stopping/eb": 1 - b / g.shape[1] * np.sum(mean ** 2 / (var + 1e-5))}
+    for tag, value in want.items():
+        assert values[tag] == pytest.approx(value, rel=1e-10), tag
