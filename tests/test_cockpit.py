@@ -301,8 +301,14 @@ def test_element_histograms_count_numpys_per_example_elements(problem):
                                  bins=(40, 50), range=((-2, 2), (-r, r)))
     level = np.log1p(want2)
     image = values["grad_hist/elements_vs_params"]
-    assert image.shape == (1, 40, 50, 3) and image.dtype == np.uint8
-    np.testing.assert_allclose(image[0, :, :, 0], np.round(255 * (1 - level / level.max())), atol=3)
+    assert image.shape == (1, 160, 200, 3) and image.dtype == np.uint8      # 4x4 pixels per bin
+    cells = image[0, 2::4, 2::4, 0]                                          # off the axes and frame
+    np.testing.assert_allclose(cells, np.round(255 * (1 - level / level.max())), atol=3)
+    # the axes: gradient 0 across (pixel row 80), parameter 0 down (column 100), blue where light
+    light = image[0, 81, :, 0] >= 128
+    assert (image[0, 80, light[:]] == [40, 110, 220]).all() and light.any()
+    column = image[0, :, 100]
+    assert ((column == [40, 110, 220]).all(axis=1) | (image[0, :, 101, 0] < 128)).all()
 
 
 # --- the runs ----------------------------------------------------------------------------------

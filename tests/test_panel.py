@@ -71,7 +71,7 @@ def test_buffer_spec_sorts_every_declared_tag_by_its_kind():
                     "histogram_tags" if tag in i.histograms else "scalar_tags")
             assert tag in spec[kind], (i.name, tag)
     assert spec["widths"] == {"grad_hist/elements": 100}
-    assert spec["images"] == {"grad_hist/elements_vs_params": (1, 40, 50, 3)}
+    assert spec["images"] == {"grad_hist/elements_vs_params": (1, 160, 200, 3)}
     assert set(spec["scalar_tags"]).isdisjoint(spec["histogram_tags"])
     assert panel.finite_only == {tag for i in panel if i.finite_only for tag in i.tags(paths)}
     with pytest.raises(UserError, match="once the panel is built"):

@@ -123,19 +123,24 @@ class GradHist1d(Instrument):
         return {"grad_hist/elements": histogram_rows(element_counts(measurement), LOW, HIGH)}
 
 
+PIXELS = 4                        # image pixels per bin, each way
+AXIS = (40, 110, 220)             # the axes' colour, drawn over light pixels only
+
+
 class GradHist2d(Instrument):
     """`grad_hist/elements_vs_params`: gradient element against parameter value, an image."""
 
     name = "grad_hist_2d"
     needs = frozenset({DOTS, PARAMETERS})
     shape = (40, 50)
-    images = {"grad_hist/elements_vs_params": (1, *shape, 3)}
+    images = {"grad_hist/elements_vs_params": (1, shape[0] * PIXELS, shape[1] * PIXELS, 3)}
 
     def tags(self, names):
         return {"grad_hist/elements_vs_params": (
             "2-D histogram of per-example gradient elements (rows, 40 bins on (-2, 2), top = -2) "
             "against parameter values (columns, 50 bins on (-r, r), r = largest |parameter|); "
-            "log(1 + count), dark = many (Cockpit's GradHist2d)")}
+            "log(1 + count), dark = many; 4x4 pixels per bin, blue axes at gradient 0 (across) "
+            "and parameter 0 (down) (Cockpit's GradHist2d)")}
 
     def compute(self, measurement):
         return {"grad_hist/elements_vs_params": image(counts_2d(measurement, *self.shape))}
@@ -164,8 +169,19 @@ def counts_2d(measurement, rows=40, columns=50):
 
 
 def image(counts):
-    """`[1, rows, columns, 3]` uint8: log(1 + count), scaled so the largest is black."""
+    """`[1, rows * PIXELS, columns * PIXELS, 3]` uint8: log(1 + count), scaled so the largest
+    is black, each bin a PIXELS x PIXELS square; with a frame, and the axes (gradient 0 and
+    parameter 0: the middle row and column boundaries, for an even number of bins) drawn in
+    blue where the histogram is light, so a reader sees where zero is."""
     level = tf.math.log1p(counts)
     level = level / tf.maximum(tf.reduce_max(level), 1e-12)
-    gray = tf.cast(tf.round(255.0 * (1.0 - level)), tf.uint8)
-    return tf.tile(gray[None, :, :, None], [1, 1, 1, 3])
+    gray = tf.cast(tf.round(255.0 * (1.0 - level)), tf.float32)
+    rows, columns = counts.shape
+    big = tf.repeat(tf.repeat(gray, PIXELS, axis=0), PIXELS, axis=1)          # [H, W]
+    height, width = rows * PIXELS, columns * PIXELS
+    r, c = tf.range(height)[:, None], tf.range(width)[None, :]
+    line = ((r == rows // 2 * PIXELS) | (c == columns // 2 * PIXELS) | (r == 0) | (c == 0)
+            | (r == height - 1) | (c == width - 1))
+    axis = line & (big >= 128.0)
+    rgb = tf.stack([tf.where(axis, float(a), big) for a in AXIS], axis=-1)
+    return tf.cast(rgb, tf.uint8)[None]
