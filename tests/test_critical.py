@@ -184,3 +184,14 @@ def test_ctrl_c_then_resume_from_the_command_line(tmp_path):
     assert resumed.finish() == 0, resumed.text("err")
     whole = critical.run(_config(tmp_path / "whole"), verbose=0)
     assert whole.table() in resumed.text("out")
+
+
+def test_a_batch_norm_model_gets_b_simple_and_no_b_noise():
+    import keras
+    keras.utils.set_random_seed(0)
+    ds = data.load("digits")
+    model = keras.Sequential([keras.Input(ds.input_shape), keras.layers.Flatten(), keras.layers.Dense(16),
+                              keras.layers.BatchNormalization(), keras.layers.ReLU(), keras.layers.Dense(10)])
+    b_simple, b_noise = critical.noise_scales(model, losses.per_example("crossentropy"), *[a[:64] for a in
+                                                                                          ds.train])
+    assert np.isfinite(b_simple) and b_simple > 0 and np.isnan(b_noise)

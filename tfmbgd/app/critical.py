@@ -48,7 +48,7 @@ from tensorboard.plugins.hparams import api as hp
 
 from tfmbgd import data, losses, models
 from tfmbgd.app import frontier_svg
-from tfmbgd.engine import hessian, moments
+from tfmbgd.engine import hessian, layerwise, moments
 from tfmbgd.errors import Interrupted, UserError
 from tfmbgd.loop import checkpoints, rundir
 
@@ -298,15 +298,19 @@ class _Order:
 def noise_scales(model, loss_fn, x, y, probes=32, seed=0):
     """`(B_simple, B_noise)` at the model's weights, on the examples `(x, y)`: `tr(Sigma) /
     |G|^2` with the unbiased `|G|^2`, and `tr(H Sigma) / G^T H G` from `probes` Rademacher
-    probes (`tfmbgd.curvature.noise_terms`). NaN where a term is not positive."""
+    probes (`tfmbgd.curvature.noise_terms`). NaN where a term is not positive, and B_noise
+    NaN for a model with BatchNormalization in training mode (its examples mix; the
+    `hessian_noise_scale` instrument refuses it for the same reason)."""
     m, project = moments.measured_moments(model, loss_fn, x, y, elementwise=False)
     b = float(m.batch_size)
     mean_sq = sum(float(tf.reduce_sum(tf.cast(g, tf.float64) ** 2)) for g in m.mean)
     trace = (float(tf.reduce_sum(tf.cast(m.norms_sq, tf.float64))) - b * mean_sq) / (b - 1)
     g_sq = mean_sq - trace / b
+    ratio = lambda a, c: a / c if c > 0 and a > 0 else float("nan")
+    if layerwise.batch_norms(model):
+        return ratio(trace, g_sq), float("nan")
     tr_h_sigma, ghg = hessian.hutchinson_noise_terms(model, loss_fn, x, y, project, samples=probes,
                                                      seed=(seed, 7))
-    ratio = lambda a, c: a / c if c > 0 and a > 0 else float("nan")
     return ratio(trace, g_sq), ratio(float(tr_h_sigma), float(ghg))
 
 
