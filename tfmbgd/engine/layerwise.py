@@ -257,10 +257,12 @@ def _variable_moments(v, uses, dzs, b, elementwise):
     form = forms.merge([f for _, f in made]) if len(shapes) == 1 else None
     shape = made[0][0].shape
     if form is None:     # uses of different kinds or shapes: sum them explicitly
-        form = forms.Explicit(tf.add_n([tf.reshape(forms.explicit(f, u.shape), [b, -1]) for u, f in made]))
-        shape = (math.prod(v.shape),)
+        size = math.prod(v.shape)
+        form = forms.Explicit(tf.add_n([forms.reshaped(forms.explicit(f, u.shape), [b, size])
+                                        for u, f in made]))
+        shape = (size,)
     sum_sq, norms, mean = forms.moments(form, shape, scale, elementwise)
-    reshape = lambda t: None if t is None else tf.reshape(t, v.shape)
+    reshape = lambda t: None if t is None else forms.reshaped(t, v.shape)
     return reshape(sum_sq), norms, reshape(mean), parts
 
 

@@ -8,7 +8,7 @@ import math
 
 import tensorflow as tf
 
-from tfmbgd.engine.forms import Explicit, Outer, Pieces
+from tfmbgd.engine.forms import Explicit, Outer, Pieces, batch_size
 from tfmbgd.engine.rules.base import Pending, cast, is_batch
 
 
@@ -163,7 +163,7 @@ def _is_split(source):
 @tf.function(jit_compile=True, autograph=False)
 def _depthwise(x, dz, kernel, strides, dilations, pads, m):
     c = x.shape[-1]
-    d4 = tf.reshape(dz, [tf.shape(x)[0], -1, c, m])
+    d4 = tf.reshape(dz, [batch_size(x), -1, c, m])
     return tf.stack([tf.reduce_sum(w[..., None] * d4, axis=1)
                      for w in _windows(x, dz.shape[1:-1], kernel, strides, dilations, pads)], axis=1)
 
@@ -177,7 +177,7 @@ def depthwise_grads(x, dz, kernel, strides, dilations, pads, m):
     TensorFlow's kernels and within about 1.6x of the plain step's filter gradient, which
     the backward pass then leaves out: `benchmarks/step_cost.py --depthwise`)."""
     g = _depthwise(x, dz, tuple(kernel), tuple(strides), tuple(dilations), tuple(map(tuple, pads)), m)
-    return tf.reshape(g, [tf.shape(x)[0], *kernel, x.shape[-1], m])
+    return tf.reshape(g, [batch_size(x), *kernel, x.shape[-1], m])
 
 
 def _windows(x, out, kernel, strides, dilations, pads):
@@ -190,7 +190,7 @@ def _windows(x, out, kernel, strides, dilations, pads):
     gradient, so they exist only while that layer's per-example gradients are computed."""
     if any(p != (0, 0) for p in pads):
         x = tf.pad(x, [[0, 0], *pads, [0, 0]])
-    b = tf.shape(x)[0]
+    b = batch_size(x)
     for offset in itertools.product(*(range(k) for k in kernel)):
         index = tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
                       for o, d, n, s in zip(offset, dilations, out, strides))
@@ -202,7 +202,7 @@ def filter_grads(x, y, kernel, strides, dilations, pads, groups=1):
     of `x [B, *spatial, c_x]` whose output gradient is `y [B, *out, c_y]` (`filter_pieces`
     joined)."""
     pieces = filter_pieces(x, y, kernel, strides, dilations, pads, groups)
-    b = tf.shape(x)[0]
+    b = batch_size(x)
     return tf.reshape(tf.concat([tf.reshape(p, [b, -1]) for p in pieces], 1),
                       [b, *kernel, x.shape[-1] // groups, y.shape[-1]])
 
@@ -215,7 +215,7 @@ def filter_pieces(x, y, kernel, strides, dilations, pads, groups=1):
     one input channel the windows stack into one matmul; with groups, each group's
     channels meet only their own outputs (one input channel per group, ConvNeXt's:
     `depthwise_grads`)."""
-    b, c_x, c_y = tf.shape(x)[0], x.shape[-1], y.shape[-1]
+    b, c_x, c_y = batch_size(x), x.shape[-1], y.shape[-1]
     if groups > 1 and groups == c_x:      # one input channel per group: a depthwise convolution
         return [depthwise_grads(x, y, kernel, strides, dilations, pads, c_y // c_x)]
     y3 = tf.reshape(y, [b, -1, c_y])
