@@ -204,7 +204,7 @@ def batch_float(m, dtype):
 
 def mean_norms_sq(m):
     """`[V]`: squared norm of the mean gradient of each variable."""
-    return tf.stack([2 * tf.nn.l2_loss(mean) for mean in m.mean])    # l2_loss: one fused pass
+    return 2 * tf.stack([tf.nn.l2_loss(mean) for mean in m.mean])    # l2_loss: one fused pass
 
 
 def per_variable(prefix, vector, names):
