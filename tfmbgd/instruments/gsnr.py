@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from tfmbgd.errors import UserError
 from tfmbgd.instruments.base import ELEMENTWISE, Instrument, batch_float
-from tfmbgd.instruments.variance import spreads
+from tfmbgd.instruments.variance import flat_moments
 
 
 def mean_gsnr(m):
@@ -17,12 +17,12 @@ def mean_gsnr(m):
     """
     if m.sum_sq is None:
         raise UserError("GSNR needs the elementwise moments: call gradient_moments(..., elementwise=True)")
-    total, count = 0.0, 0.0
-    for mean, spread in zip(m.mean, spreads(m)):
-        spread = tf.maximum(spread, 0)         # (B - 1) * variance
-        total += tf.reduce_sum(tf.math.divide_no_nan(tf.square(mean), spread))
-        count += tf.reduce_sum(tf.sign(spread))      # spread >= 0: counts the non-zero ones
-    b = batch_float(m, total.dtype)
+    mean, sum_sq = flat_moments(m)
+    b = batch_float(m, mean.dtype)
+    mean2 = tf.square(mean)
+    spread = tf.maximum(sum_sq - b * mean2, 0)           # (B - 1) * variance
+    total = tf.reduce_sum(tf.math.divide_no_nan(mean2, spread))
+    count = tf.reduce_sum(tf.sign(spread))               # spread >= 0: counts the non-zero ones
     return tf.math.divide_no_nan((b - 1) * total, count)
 
 
@@ -51,13 +51,10 @@ def mean_gsnr_biased(m, epsilon=COCKPIT_EPSILON):
     smaller by (B - 1) / B. Needs the elementwise tier."""
     if m.sum_sq is None:
         raise UserError("GSNR needs the elementwise moments: call gradient_moments(..., elementwise=True)")
-    total, count = 0.0, 0
-    for mean, sum_sq in zip(m.mean, m.sum_sq):
-        mean2 = tf.square(mean)
-        variance = sum_sq / batch_float(m, mean.dtype) - mean2
-        total += tf.reduce_sum(mean2 / (variance + epsilon))
-        count += mean.shape.num_elements()
-    return total / count
+    mean, sum_sq = flat_moments(m)
+    mean2 = tf.square(mean)
+    variance = sum_sq / batch_float(m, mean.dtype) - mean2
+    return tf.reduce_sum(mean2 / (variance + epsilon)) / mean.shape.num_elements()
 
 
 class MeanGSNRBiased(Instrument):

@@ -15,7 +15,7 @@ SGD only; a run with another optimizer is refused (`sgd_only`).
 import tensorflow as tf
 
 from tfmbgd.instruments.base import ELEMENTWISE, Chart, Instrument
-from tfmbgd.instruments.variance import spreads
+from tfmbgd.instruments.variance import flat_moments
 
 EPSILON = 1e-5      # Cockpit's EarlyStopping default
 
@@ -65,10 +65,9 @@ class EarlyStopping(Instrument):
         return [Chart("Cockpit", "EB criterion", ("^early_stopping/eb$",))]
 
     def compute(self, measurement):
-        m = measurement.moments
-        total, count = 0.0, 0
-        for mean, spread in zip(m.mean, spreads(m)):
-            variance = spread / (measurement.b(mean.dtype) - 1)
-            total += tf.reduce_sum(tf.square(mean) / (variance + EPSILON))
-            count += mean.shape.num_elements()
-        return {"early_stopping/eb": 1 - measurement.b(total.dtype) * total / count}
+        mean, sum_sq = flat_moments(measurement.moments)
+        b = measurement.b(mean.dtype)
+        mean2 = tf.square(mean)
+        variance = (sum_sq - b * mean2) / (b - 1)
+        total = tf.reduce_sum(mean2 / (variance + EPSILON))
+        return {"early_stopping/eb": 1 - b * total / mean.shape.num_elements()}

@@ -13,6 +13,17 @@ from tfmbgd.errors import UserError
 from tfmbgd.instruments.base import Chart, Instrument, Summary, batch_float, mean_norms_sq, per_variable
 
 
+def flat_moments(m):
+    """`(mean, sum_sq)` of every parameter as two vectors, all variables end to end (a few
+    ops for the whole model, instead of several per variable: on small models the
+    elementwise statistics are op-bound). Variables of different dtypes are joined in the
+    widest."""
+    dtype = tf.float64 if any(t.dtype == tf.float64 for t in m.mean) else m.mean[0].dtype
+    join = lambda ts: tf.concat([tf.reshape(tf.cast(t, dtype), [-1]) for t in ts], 0) if len(ts) > 1 \
+        else tf.reshape(tf.cast(ts[0], dtype), [-1])
+    return join(m.mean), join(m.sum_sq)
+
+
 def spreads(m):
     """Per variable, shaped like it: `sum_n (g_n - mean)^2 = sum_sq - B * mean^2`, which is
     B - 1 times the unbiased per-parameter variance; not clipped (round-off can take it a
