@@ -42,15 +42,14 @@ import time
 
 import numpy as np
 import tensorflow as tf
-from tensorboard.plugins.custom_scalar import layout_pb2
-from tensorboard.plugins.custom_scalar import summary as custom_scalar
 from tensorboard.plugins.hparams import api as hp
 
-from tfmbgd import data, losses, models
+from tfmbgd import data, losses, models, stats
 from tfmbgd.app import frontier_svg
 from tfmbgd.engine import hessian, layerwise, moments
 from tfmbgd.errors import Interrupted, UserError
-from tfmbgd.loop import checkpoints, rundir
+from tfmbgd.instruments import Chart
+from tfmbgd.loop import checkpoints, rundir, tensorboard
 
 DEFAULT_BATCH_SIZES = (8, 16, 32, 64, 128, 256, None)      # None: the whole training set
 EVAL_EXAMPLES = 4096         # the fixed evaluation set: at most this many training examples
@@ -95,6 +94,15 @@ class Frontier:
 
     def steps(self, batch_size):
         return self.s_min + self.e_min / batch_size
+
+    @property
+    def bounded(self):
+        """Whether both asymptotes are positive, so the frontier can be drawn."""
+        return self.s_min > 0 and self.e_min > 0
+
+    def steps_for_examples(self, examples):
+        """S on the frontier at E = `examples` (> E_min): `(S/S_min - 1)(E/E_min - 1) = 1`."""
+        return self.s_min * (1 + 1 / (examples / self.e_min - 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,10 +310,7 @@ def noise_scales(model, loss_fn, x, y, probes=32, seed=0):
     NaN for a model with BatchNormalization in training mode (its examples mix; the
     `hessian_noise_scale` instrument refuses it for the same reason)."""
     m, project = moments.measured_moments(model, loss_fn, x, y, elementwise=False)
-    b = float(m.batch_size)
-    mean_sq = sum(float(tf.reduce_sum(tf.cast(g, tf.float64) ** 2)) for g in m.mean)
-    trace = (float(tf.reduce_sum(tf.cast(m.norms_sq, tf.float64))) - b * mean_sq) / (b - 1)
-    g_sq = mean_sq - trace / b
+    trace, g_sq = (float(t) for t in stats.noise_scale_terms(m))
     ratio = lambda a, c: a / c if c > 0 and a > 0 else float("nan")
     if layerwise.batch_norms(model):
         return ratio(trace, g_sq), float("nan")
@@ -527,7 +532,7 @@ class _Board:
     """The probe in TensorBoard: one HParams run per branch, the frontier as a chart."""
 
     def __init__(self, probe_dir):
-        self.hp, self.dir = hp, probe_dir
+        self.dir = probe_dir
         self.hparams = [hp.HParam("batch_size", hp.IntInterval(1, 2 ** 31 - 1)),
                         hp.HParam("learning_rate", hp.RealInterval(0.0, float("inf")))]
         metrics = [hp.Metric("steps_to_target", display_name="steps to target"),
@@ -539,7 +544,7 @@ class _Board:
     def branch(self, branch, curve):
         name = f"b{branch.batch_size}-lr{branch.learning_rate:g}"
         with tf.summary.create_file_writer(os.path.join(self.dir, "branches", name)).as_default():
-            self.hp.hparams({self.hparams[0]: branch.batch_size, self.hparams[1]: branch.learning_rate})
+            hp.hparams({self.hparams[0]: branch.batch_size, self.hparams[1]: branch.learning_rate})
             for step, value in curve:
                 if math.isfinite(value):
                     tf.summary.scalar("loss", value, step=step)
@@ -558,16 +563,16 @@ class _Board:
             return
         e_hi = max(b.examples for b in points) * 2
         grid = np.unique(np.geomspace(1, e_hi, 200).astype(np.int64))
-        with tf.summary.create_file_writer(os.path.join(self.dir, "frontier")).as_default():
+        writer = tf.summary.create_file_writer(os.path.join(self.dir, "frontier"))
+        with writer.as_default():
             for b in points:
                 tf.summary.scalar("critical_batch/measured", b.steps, step=b.examples,
                                   description="steps to the target loss at the step = examples to it; "
                                               "one point per batch size, its best learning rate")
             f = result.frontier
-            if f is not None and f.s_min > 0 and f.e_min > 0:
+            if f is not None and f.bounded:
                 for e in grid[grid > f.e_min]:
-                    s = f.s_min * (1 + 1 / (e / f.e_min - 1))      # (S/S_min - 1)(E/E_min - 1) = 1
-                    tf.summary.scalar("critical_batch/frontier", s, step=int(e),
+                    tf.summary.scalar("critical_batch/frontier", f.steps_for_examples(e), step=int(e),
                                       description="fitted (S/S_min - 1)(E/E_min - 1) = 1")
             for name, value in (("B_crit", result.b_crit), ("B_simple", result.b_simple),
                                 ("B_noise", result.b_noise)):
@@ -576,8 +581,7 @@ class _Board:
                         tf.summary.scalar(f"critical_batch/ray_{name}", e / value, step=int(e),
                                           description=f"the batch size {name} = {value:.3g}: S = E / {name}")
             tf.summary.text("critical_batch/table", result.table(), step=0)
-            layout = layout_pb2.Layout(category=[layout_pb2.Category(title="Critical batch size", chart=[
-                layout_pb2.Chart(title="steps to target vs examples to target (x axis)",
-                                 multiline=layout_pb2.MultilineChartContent(tag=[r"critical_batch/.*"]))])])
-            tf.summary.experimental.write_raw_pb(custom_scalar.pb(layout).SerializeToString(), step=0)
+        chart = Chart("Critical batch size", "steps to target vs examples to target (x axis)",
+                      (r"critical_batch/.*",))
+        tensorboard.write_layout(writer, [chart], loss_charts=False)
 

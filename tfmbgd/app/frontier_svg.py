@@ -47,9 +47,9 @@ def draw(result):
     out.append(f'<clipPath id="plot"><rect x="{LEFT}" y="{TOP}" width="{plot_w}" '
                f'height="{plot_h}"/></clipPath>')
     f = result.frontier
-    if f is not None and f.s_min > 0 and f.e_min > 0:
+    if f is not None and f.bounded:
         grid = [f.e_min * (1 + 10 ** (k / 40)) for k in range(-160, 161)]
-        path = " ".join(f"{'M' if i == 0 else 'L'}{px(e):.1f},{py(f.s_min + f.s_min / (e / f.e_min - 1)):.1f}"
+        path = " ".join(f"{'M' if i == 0 else 'L'}{px(e):.1f},{py(f.steps_for_examples(e)):.1f}"
                         for i, e in enumerate(grid) if x_lo <= e <= x_hi)
         out.append(f'<path d="{path}" fill="none" stroke="#1f77b4" stroke-width="2" {clip}/>')
         out.append(f'<line x1="{LEFT}" y1="{py(f.s_min):.1f}" x2="{LEFT + plot_w}" y2="{py(f.s_min):.1f}" '

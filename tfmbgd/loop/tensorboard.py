@@ -158,19 +158,19 @@ LOSS_CHARTS = (
 )
 
 
-def layout(charts=()):
-    """The custom-scalars layout: the loss charts, then `charts` (a run's instruments',
-    `Panel.charts()`), grouped by category in order."""
+def layout(charts=(), loss_charts=True):
+    """The custom-scalars layout: the loss charts (unless not `loss_charts`), then `charts`
+    (a run's instruments', `Panel.charts()`), grouped by category in order."""
     categories = {}
-    for c in LOSS_CHARTS + tuple(charts):
+    for c in (LOSS_CHARTS if loss_charts else ()) + tuple(charts):
         categories.setdefault(c.category, []).append(layout_pb2.Chart(
             title=c.title, multiline=layout_pb2.MultilineChartContent(tag=list(c.patterns))))
     return layout_pb2.Layout(category=[layout_pb2.Category(title=title, chart=charts)
                                        for title, charts in categories.items()])
 
 
-def write_layout(writer, charts=()):
+def write_layout(writer, charts=(), loss_charts=True):
     """Writes the custom-scalars `layout` with `writer` (once per run)."""
     with writer.as_default():
         tf.summary.experimental.write_raw_pb(
-            custom_scalar.pb(layout(charts)).SerializeToString(), step=0)
+            custom_scalar.pb(layout(charts, loss_charts)).SerializeToString(), step=0)
