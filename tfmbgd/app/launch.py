@@ -16,6 +16,7 @@ import sys
 from tfmbgd import choices
 from tfmbgd import config as cfg
 from tfmbgd.errors import UserError, check_images
+from tfmbgd.loop import rundir  # no TensorFlow (the tf-free contract in setup.cfg)
 
 
 def check(config):
@@ -31,12 +32,10 @@ def check(config):
     if config.strategy == "multi_worker":
         cfg.check_tf_config(os.environ.get("TF_CONFIG"))
     if config.mode == "critical_batch" and not config.resume:
-        from tfmbgd.loop import rundir  # no TensorFlow
         rundir.check_logdir(config.logdir)
         if config.branch_from is not None:
             rundir.load_config(config.branch_from)     # a training run with a checkpoint
     if config.mode == "train" and config.resume:
-        from tfmbgd.loop import rundir  # no TensorFlow
         rundir.check_unfinished(config.resume, config.epochs)
     if config.mode != "train" or config.batch_sizes or config.dataset in ("mnist", "fashion_mnist"):
         return None
@@ -46,7 +45,6 @@ def check(config):
         check_images(ds.input_shape)
     cfg.check_update_size(config.batch_size, config.accumulate, len(ds.train[0]), ds.name)
     if not config.resume:
-        from tfmbgd.loop import rundir  # no TensorFlow
         rundir.check_logdir(config.logdir)
     return ds
 

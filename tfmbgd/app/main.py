@@ -9,11 +9,13 @@ ending a run cleanly. Imports no TensorFlow until a run starts.
 import os
 import signal
 import sys
+import textwrap
 import warnings
 
 from tfmbgd._version import __version__
 from tfmbgd.app import cli, launch, signals
 from tfmbgd.app.signals import StopOnSignals
+from tfmbgd.choices import INSTRUMENTS, PRESETS
 from tfmbgd.errors import Interrupted, UserError
 
 FLAGS = cli.define_flags()
@@ -30,7 +32,7 @@ HELP = """Train a small network by mini-batch gradient descent and watch its gra
   tensorboard --logdir logs                  # then see the runs
 
 Instruments (--instruments, comma-separated): the sets {presets}, or by name:
-  {names}
+{names}
 
 Flags:
 """
@@ -80,16 +82,8 @@ def _program(argv0):
 
 
 def _help(prog):
-    from tfmbgd.choices import INSTRUMENTS, PRESETS
-    names = sorted(INSTRUMENTS)
-    lines, line = [], ""
-    for name in names:
-        if len(line) + len(name) > 84:
-            lines.append(line.rstrip(", "))
-            line = ""
-        line += name + ", "
-    lines.append(line.rstrip(", "))
-    return HELP.format(prog=prog, presets=", ".join(PRESETS), names="\n  ".join(lines))
+    names = textwrap.fill(", ".join(sorted(INSTRUMENTS)), 88, initial_indent="  ", subsequent_indent="  ")
+    return HELP.format(prog=prog, presets=", ".join(PRESETS), names=names)
 
 
 def _main(argv, stop, prog="python train.py"):

@@ -82,7 +82,7 @@ class GradientStatistics(keras.callbacks.Callback):
             # the custom-scalars layout of a train.py run: loss, then the instruments' charts
             tensorboard.write_layout(self._writer, recorder.panel.charts())
         if self._write_rows is None or self._write_rows[0] is not recorder:
-            descriptions = {**tensorboard.LOOP_DESCRIPTIONS, **recorder.panel.descriptions}
             self._write_rows = (recorder, recorder.buffer.writer_function(
-                self._writer, recorder.finite_only, lags=recorder.lags, descriptions=descriptions))
+                self._writer, recorder.finite_only, lags=recorder.lags,
+                descriptions=tensorboard.descriptions(recorder.panel)))
         self._write_rows[1]()

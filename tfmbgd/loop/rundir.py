@@ -40,6 +40,11 @@ def check_unfinished(run_dir, epochs):
             done = int(json.load(f)["epochs"])
     except (OSError, ValueError, KeyError, TypeError):
         return
+    refuse_finished(run_dir, done, epochs)
+
+
+def refuse_finished(run_dir, done, epochs):
+    """A `UserError` if a run that has trained `done` epochs is resumed for `epochs`."""
     if done >= epochs:
         raise UserError(f"the run in {run_dir} has finished its {done} epochs; nothing was changed. "
                         f"Pass --epochs={done + 1} or more to train it further")
@@ -58,13 +63,18 @@ def load_config(run_dir):
         raise UserError(f"{run_dir!r} holds no run to resume (no {CONFIG_FILE}); "
                         "pass a directory that train.py wrote")
     with open(path) as f:
-        probe = '"critical_batch"' in f.read()      # a probe keeps its branches, not checkpoints
+        text = f.read()
+    try:
+        values = json.loads(text)
+    except ValueError:
+        values = None                    # reported below, after the checkpoints
+    probe = isinstance(values, dict) and values.get("mode") == "critical_batch"   # keeps branches instead
     if not probe and not os.path.isdir(os.path.join(run_dir, CHECKPOINTS)):
         raise UserError(f"{run_dir!r} holds {CONFIG_FILE} but no {CHECKPOINTS}/: the run stopped before its "
                         "first checkpoint, so there is nothing to resume; start it again")
     try:
-        with open(path) as f:
-            values = json.load(f)
+        if values is None:
+            json.loads(text)             # raises the parse error again, for the message
         values["hidden"] = tuple(values["hidden"])
         values["batch_sizes"] = tuple(values["batch_sizes"])
         values["instruments"] = tuple(values.get("instruments", ()))

@@ -8,10 +8,6 @@ import tensorflow as tf
 from tfmbgd.loop import buffer, tensorboard
 from tfmbgd.loop.steps import Schedule, capacity
 
-MILLISECONDS = ("The mini-batch loss against milliseconds of training since this process's first step: "
-                "the time to trace and compile the train step is left out, so runs compare by the "
-                "time their steps take.")
-
 
 class StepRunner:
     """Runs many train steps per `tf.function` call and writes their summaries from inside.
@@ -35,7 +31,7 @@ class StepRunner:
         self.steps, self._writer = steps, writer
         self.log_every, self.schedule = log_every, Schedule(stats_every, steps.panel)
         self.lags = steps.panel.lags
-        self.descriptions = {**tensorboard.LOOP_DESCRIPTIONS, **steps.panel.descriptions}
+        self.descriptions = tensorboard.descriptions(steps.panel)
         averaged = [s.tag for s in steps.panel.summaries()]
         self._sums = {tag: (tf.Variable(0.0, trainable=False, dtype=tf.float64),
                             tf.Variable(0, trainable=False, dtype=tf.int64)) for tag in averaged}
@@ -177,7 +173,7 @@ class StepRunner:
         tensorboard.write_in_graph(self.writer, {"loss_by/examples_seen": values["loss"]}, examples,
                                    descriptions=self.descriptions)
         tensorboard.write_in_graph(self.writer, {"loss_by/milliseconds": values["loss"]}, elapsed_ms,
-                                 description=MILLISECONDS)
+                                   descriptions=self.descriptions)
         return tf.constant(True)
 
 
@@ -250,9 +246,11 @@ class XlaStepRunner(StepRunner):
         among its steps)."""
         done = tf.cast(step - first_step + 1, tf.float64) / tf.cast(n, tf.float64)
         ms = tf.cast(since_ms + done * call_ms, tf.int64)
+        about = tensorboard.LOOP_DESCRIPTIONS
         tf.summary.scalar("loss_by/examples_seen", values["loss"], step=tf.cast(values[EXAMPLES], tf.int64),
-                          description=tensorboard.LOOP_DESCRIPTIONS["loss_by/examples_seen"])
-        tf.summary.scalar("loss_by/milliseconds", values["loss"], step=ms, description=MILLISECONDS)
+                          description=about["loss_by/examples_seen"])
+        tf.summary.scalar("loss_by/milliseconds", values["loss"], step=ms,
+                          description=about["loss_by/milliseconds"])
 
 
 def _clock():

@@ -53,24 +53,23 @@ class RunWriters:
         self.close()
 
 
-def write_in_graph(writer, values, step, finite_only=(), description=None, lags=None, descriptions=None):
+def write_in_graph(writer, values, step, finite_only=(), lags=None, descriptions=None):
     """Writes a dict of tensors at `step` from inside a `tf.function`.
 
     Scalars become scalar summaries and vectors (the per-example gradient norms)
     histograms; a scalar whose tag is in `finite_only` is written only when finite (the
     noise scale is undefined while the noise hides the signal). The writes usually sit in
     a `tf.cond` branch: `name_scope(None)` keeps its "cond/" scope out of the tags, so they
-    read as when written eagerly. `description`: TensorBoard's text for every scalar of
-    `values` (shown beside the chart); `descriptions` `{tag: text}`, one per tag, first. A
-    `[k, 3]` value is a histogram's rows already (fixed bins); `lags` `{tag: j}` writes
-    those tags at `step - j` (two-step instruments).
+    read as when written eagerly. `descriptions` `{tag: text}`: TensorBoard's text for each
+    tag (shown beside the chart). A `[k, 3]` value is a histogram's rows already (fixed
+    bins); `lags` `{tag: j}` writes those tags at `step - j` (two-step instruments).
     """
     lags, descriptions = lags or {}, descriptions or {}
     with writer.as_default(step=step), tf.compat.v1.name_scope(None):
         for tag, value in values.items():
-            text = descriptions.get(tag, description)
+            text = descriptions.get(tag)
             if tag in lags:
-                write_in_graph(writer, {tag: value}, step - lags[tag], finite_only, text)
+                write_in_graph(writer, {tag: value}, step - lags[tag], finite_only, descriptions=descriptions)
             elif value.shape.rank == 4:
                 tf.summary.image(tag, value, description=text)
             elif value.shape.rank == 2:
@@ -92,7 +91,15 @@ LOOP_DESCRIPTIONS = {
     "accuracy": "share of correct argmax predictions: of the mini-batch (train), of the split (test)",
     "loss_by/examples_seen": "the mini-batch loss against the number of training examples seen (x axis)",
     "nonfinite/skipped": "updates skipped so far because the loss or a gradient was not finite",
+    "loss_by/milliseconds": "The mini-batch loss against milliseconds of training since this process's "
+                            "first step: the time to trace and compile the train step is left out, so runs "
+                            "compare by the time their steps take.",
 }
+
+
+def descriptions(panel):
+    """`{tag: text}` of a run's tags: the loop's own and its instruments' (`Panel.descriptions`)."""
+    return {**LOOP_DESCRIPTIONS, **panel.descriptions}
 
 
 def histogram_metadata_for(description):

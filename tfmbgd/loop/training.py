@@ -10,7 +10,6 @@ progress bar (`progress`).
 
 import contextlib
 import dataclasses
-import math
 import os
 import shutil
 import tempfile
@@ -204,10 +203,7 @@ def _check_unfinished(config):
     latest = checkpoints.latest(config.resume)
     if latest is None:
         raise UserError(f"no checkpoint in {config.resume}; nothing to resume")
-    done = checkpoints.epochs_done(latest)
-    if done >= config.epochs:
-        raise UserError(f"the run in {config.resume} has finished its {done} epochs; nothing was "
-                        f"changed. Pass --epochs={done + 1} or more to train it further")
+    rundir.refuse_finished(config.resume, checkpoints.epochs_done(latest), config.epochs)
 
 
 def _train_in(config, verbose, where, should_stop, strategy, parts, new):
@@ -363,7 +359,7 @@ def _train_epoch(config, parts, runner, state, rng, progress, should_stop):
             progress.compiled(time.perf_counter() - began)
             if config.strategy != "multi_worker":   # workers stop in step, after a call
                 _stop_if_asked(state, should_stop)  # Ctrl-C while it compiled: no step taken
-    progress.start_bar(n // parts.batch if config.drop_remainder else math.ceil(n / parts.batch))
+    progress.start_bar(done + sum(len(index) for index in calls))     # the epoch's batches
     loss_sum, counted = 0.0, 0
     for index in calls:
         total = float(runner.run(parts.x_all, parts.y_all, tf.constant(index),
