@@ -6,6 +6,7 @@
     python benchmarks/step_cost.py --zoo --zoo-batch 32
     python benchmarks/step_cost.py --depthwise   # per-example depthwise kernels, by formulation
     python benchmarks/step_cost.py --outer       # matrix products over T positions, by formulation
+    python benchmarks/step_cost.py --gram        # the ghost norm's Gram matrices, two ways
 
 Every ratio compares two steps measured in the same process, interleaved call by call, as
 a ratio of medians: the machine is shared and noisy, absolute times mean little. A "plain"
@@ -319,13 +320,41 @@ def _outer_row(batch, t, k, c, forms, budget):
         return tf.reduce_sum(q, [1, 2]), tf.reduce_sum(g, 0), tf.reduce_sum(q, 0) if elementwise else 0.0
 
     fns = [weight,
-           lambda a, d: (tf.reduce_sum(tf.matmul(a, a, transpose_b=True) * tf.matmul(d, d, transpose_b=True),
-                                       [1, 2]), weight(a, d)),
+           lambda a, d: (tf.reduce_sum(forms._gram(a) * forms._gram(d), [1, 2]), weight(a, d)),
            lambda a, d: built(a, d, False),
            lambda a, d: (forms._cross_terms(forms.Outer(a, d), t, (k, c), 1.0), weight(a, d)),
            lambda a, d: built(a, d, True)]
     fns = [tf.function(f) for f in fns]
     return interleaved([lambda f=f: [v.numpy() for v in tf.nest.flatten(f(a, d))] for f in fns], budget)[0]
+
+
+# (T, K): a layer called twice (T=2), a few positions, short sequences; around T^2 K = 1024
+GRAM = [(2, 64), (2, 256), (4, 64), (4, 128), (4, 512), (8, 32), (16, 32), (16, 128), (64, 64)]
+
+
+def gram_table(budget, batch=32, repeats=20):
+    """The Gram matrices `x_n x_n^T` of the ghost norm, `[B, T, K]`, two ways: one batched
+    matrix product, or a broadcast product summed over K. Each is called `repeats` times on
+    different inputs in one function, and the time of as many plain sums is taken off, so the
+    figure is the op's own, in microseconds."""
+    import tensorflow as tf
+
+    from tfmbgd.engine import forms
+
+    print(f"\nGram matrices of T positions of K values, B={batch}, microseconds per matrix (median, "
+          f"interleaved); forms takes the broadcast sum up to T^2 K = {forms.GRAM_BY_BROADCAST:,}\n")
+    print("| T | K | T^2 K | batched product | broadcast sum | forms takes |")
+    print("|---|---|---|---|---|---|")
+    for t, k in GRAM:
+        xs = [tf.random.normal([batch, t, k]) for _ in range(repeats)]
+        ways = [lambda x: tf.matmul(x, x, transpose_b=True),
+                lambda x: tf.reduce_sum(tf.expand_dims(x, 2) * tf.expand_dims(x, 1), -1),
+                lambda x: x]
+        fns = [tf.function(lambda xs, g=g: tf.add_n([tf.reduce_sum(g(x)) for x in xs])) for g in ways]
+        (product, broadcast, base), _ = interleaved([lambda f=f, xs=xs: f(xs).numpy() for f in fns], budget)
+        product, broadcast = ((s - base) / repeats * 1e6 for s in (product, broadcast))
+        takes = "broadcast sum" if forms.gram_by_broadcast(t, k) else "batched product"
+        print(f"| {t} | {k} | {t * t * k:,} | {product:.1f} | {broadcast:.1f} | {takes} |", flush=True)
 
 
 def main():
@@ -335,6 +364,7 @@ def main():
     parser.add_argument("--zoo", action="store_true", help="only the zoo tables (the models users bring)")
     parser.add_argument("--depthwise", action="store_true", help="only the depthwise kernels' table")
     parser.add_argument("--outer", action="store_true", help="only the matrix products' table")
+    parser.add_argument("--gram", action="store_true", help="only the Gram matrices' table")
     parser.add_argument("--zoo-batch", type=int, default=64, help="the zoo tables' batch size (default 64)")
     parser.add_argument("--memory", nargs=4, help=argparse.SUPPRESS)   # child: MODEL BATCH METHOD 0|1
     args = parser.parse_args()
@@ -358,6 +388,9 @@ def main():
         return
     if args.outer:
         outer_table(budget)
+        return
+    if args.gram:
+        gram_table(budget)
         return
     print("| model | B | plain step | method, tier | ratio | rounds |")
     print("|---|---|---|---|---|---|")

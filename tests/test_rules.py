@@ -265,6 +265,39 @@ def test_a_convolution_takes_the_ghost_norm_below_the_arithmetic_threshold(filte
     assert said.endswith("the backward pass leaves out its batch gradient") != ghost
 
 
+def _grams_by_product(fn, *args):
+    """How many `BatchMatMulV2` ops of `fn`'s graph multiply a tensor by itself (a Gram
+    matrix `x x^T`): the layer's own products have two different operands."""
+    graph = tf.function(fn).get_concrete_function(*args).graph
+    return sum(1 for op in graph.get_operations()
+               if op.type.startswith("BatchMatMul") and op.inputs[0] is op.inputs[1])
+
+
+@pytest.mark.parametrize("width", [64, 65])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_gram_matrices_flip_from_broadcast_sums_to_batched_products_at_the_threshold(width, dtype):
+    # A Dense layer on T = 4 positions of K values, C = 3 outputs: the ghost norm takes the
+    # Gram matrices of a ([B, 4, K]) and of d ([B, 4, 3]). With T^2 K = 16 * 64 = 1024 (at
+    # forms.GRAM_BY_BROADCAST) a's is summed from a broadcast product; with K = 65, 1040, it
+    # is a batched matrix product. d's (T^2 C = 48) is a broadcast sum either way. Both
+    # against the loop: 1e-10 in float64, round-off in float32.
+    from test_layerwise import assert_moments_close
+
+    def build():
+        inputs = keras.Input((4, width))
+        hidden = keras.layers.Dense(3, activation="tanh")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(hidden)))
+    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"), batch=6, dtype=dtype)
+    got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=False)
+    assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=False),
+                         rtol=1e-10 if dtype == "float64" else 2e-5)
+    fn = lambda x, y: gradient_moments(model, loss_fn, x, y, "auto", False).var_norms_sq
+    assert _grams_by_product(fn, x, y) == (width > 64)
+    said = layerwise.choices(model, x)[model.layers[1].kernel.path]
+    how = "broadcast sum" if width == 64 else "batched product"
+    assert f"a's by {how}, T^2 K = {16 * width:,}; d's by broadcast sum, T^2 C = 48" in said
+
+
 GHOST_CASES = [  # (id, input shape, layer): each with T^2 (K + C) < K C, so the ghost norm
     ("conv1d_same_stride2", (5, 16), lambda: keras.layers.Conv1D(16, 3, strides=2, padding="same")),
     ("conv2d_same_stride2", (3, 3, 16), lambda: keras.layers.Conv2D(32, 3, strides=2, padding="same")),

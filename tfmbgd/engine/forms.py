@@ -158,7 +158,7 @@ def moments(form, shape, b, elementwise):
                 return None, norms * b2, None
             return tf.reshape(tf.matmul(a_sq, d_sq, transpose_a=True), shape), norms, None
         if not builds(t, k, c, elementwise):
-            gram = tf.matmul(form.a, form.a, transpose_b=True) * tf.matmul(form.d, form.d, transpose_b=True)
+            gram = _gram(form.a) * _gram(form.d)
             return _cross_terms(form, t, shape, b2) if elementwise else None, \
                 tf.reduce_sum(gram, axis=[1, 2]) * b2, None
     if isinstance(form, Pieces):
@@ -167,6 +167,26 @@ def moments(form, shape, b, elementwise):
     squares = tf.square(g)
     sum_sq = tf.reduce_sum(squares, 0) * b2 if elementwise else None
     return sum_sq, per_example_sum(squares) * b2, tf.reduce_sum(g, 0)
+
+
+# Up to this many multiply-adds per example (T^2 K), a Gram matrix `x x^T` by broadcasting and
+# summing: on a CPU, oneDNN's batched product of B tiny matrices costs more to start than to
+# compute. At B=32 the product took 25-42 us at T=2..4, K=64..256 (T^2 K <= 1024), the broadcast
+# sum 6-17 us; at T^2 K = 2048 they are even, beyond it the product wins (`step_cost.py --gram`).
+GRAM_BY_BROADCAST = 1024
+
+
+def gram_by_broadcast(t, width):
+    """Whether the Gram matrices of `t` positions of `width` values are summed from a
+    broadcast product rather than taken by a batched matrix product (`GRAM_BY_BROADCAST`)."""
+    return t is not None and width is not None and t * t * width <= GRAM_BY_BROADCAST
+
+
+def _gram(x):
+    """`[B, T, T]`: the Gram matrix `x_n x_n^T` of each example's `[T, K]` positions."""
+    if gram_by_broadcast(x.shape[1], x.shape[-1]):
+        return tf.reduce_sum(tf.expand_dims(x, 2) * tf.expand_dims(x, 1), -1)
+    return tf.matmul(x, x, transpose_b=True)
 
 
 def _pieces(form, shape, b2, elementwise):

@@ -412,6 +412,13 @@ def _plan(model, x, asker):
     return found["plan"]
 
 
+def _grams(t, k, c):
+    """How `forms` takes the two Gram matrices of an `Outer` form, with the arithmetic."""
+    how = lambda width: "broadcast sum" if forms.gram_by_broadcast(t, width) else "batched product"
+    return (f"a's by {how(k)}, T^2 K = {t * t * k:,}; d's by {how(c)}, T^2 C = {t * t * c:,}; "
+            f"broadcast sums up to {forms.GRAM_BY_BROADCAST:,}")
+
+
 def choices(model, x=None, elementwise=False):
     """How a statistics step measures each trainable variable, and why: the op its rule reads,
     the form of the per-example gradients and the arithmetic behind a choice between two
@@ -436,29 +443,41 @@ def _formulation(uses, elementwise):
         return f"fallback, B backward passes: {uses}"
     if not uses:
         return "never read: zero for every example"
-    lines = []
-    for u in uses:
-        p = u.pending
-        if p.kind is forms.Outer:
-            t, k, c = p.dims
-            if t == 1:
-                how = "outer product a_n^T d_n: norms ||a_n||^2 ||d_n||^2"
-            elif forms.builds(t, k, c, elementwise):
-                how = f"outer product over T={t} positions, built per example ({k}x{c})"
-            else:
-                how = f"ghost norm: Gram matrices of T={t} positions" + (
-                    f"; elementwise sums by {t * (t + 1) // 2} cross terms" if elementwise else "")
-        elif p.kind is forms.Rows:
-            how = "gathered rows: segment sums per (example, row)"
-        elif p.kind is forms.Pieces:
-            how = "per-example gradients, reduced a kernel offset at a time"
-        else:
-            how = "per-example gradients"
-        lines.append(f"{u.op}: {how}" + (f" ({p.why})" if p.why else ""))
+    lines = [f"{u.op}: {_how(u.pending.kind, u.pending.dims, elementwise)}"
+             + (f" ({u.pending.why})" if u.pending.why else "") for u in uses]
     line = " + ".join(lines)
+    merged = _merged_dims(uses)
+    if merged is not None:      # forms.merge joins their positions: one form, as the moments take it
+        line += f"; the {len(uses)} uses joined: {_how(forms.Outer, merged, elementwise)}"
     if _sums(uses, elementwise):
         line += "; the backward pass leaves out its batch gradient"
     return line
+
+
+def _how(kind, dims, elementwise):
+    if kind is forms.Outer:
+        t, k, c = dims
+        if t == 1:
+            return "outer product a_n^T d_n: norms ||a_n||^2 ||d_n||^2"
+        if forms.builds(t, k, c, elementwise):
+            return f"outer product over T={t} positions, built per example ({k}x{c})"
+        return f"ghost norm: Gram matrices of T={t} positions ({_grams(t, k, c)})" + (
+            f"; elementwise sums by {t * (t + 1) // 2} cross terms" if elementwise else "")
+    if kind is forms.Rows:
+        return "gathered rows: segment sums per (example, row)"
+    if kind is forms.Pieces:
+        return "per-example gradients, reduced a kernel offset at a time"
+    return "per-example gradients"
+
+
+def _merged_dims(uses):
+    """`(T, K, C)` of the one `Outer` that `forms.merge` makes of several uses of a variable
+    (outer products of the same K and C), or None."""
+    if len(uses) < 2 or any(u.pending.kind is not forms.Outer for u in uses):
+        return None
+    if len({u.pending.dims[1:] for u in uses}) != 1 or None in (u.pending.dims[0] for u in uses):
+        return None
+    return (sum(u.pending.dims[0] for u in uses), *uses[0].pending.dims[1:])
 
 
 def traced_coverage(model):
