@@ -442,11 +442,16 @@ def test_instruments_that_need_the_forms_refuse_replicas_before_a_run_starts(tmp
     assert not any(tmp_path.iterdir())           # no run directory left behind
 
 
-def test_the_statistics_step_families_match_numpy_in_float64(problem):
+@pytest.mark.parametrize("fused", [False, True], ids=["joined", "fused"])
+def test_the_statistics_step_families_match_numpy_in_float64(problem, fused, monkeypatch):
     # Issue 28: every family of statistics through the step train.py and fit run, in a
     # float64 model with float64 inputs, against numpy on the loop's per-example gradients:
     # norms, variances and the noise scale's terms, GSNR (ours and Cockpit's), EB, the
     # gradient tests and CABS (test above), the Hessian trace (hessian tests, float64).
+    # The sums over parameters both ways: on the joined vectors, and XLA-fused per variable
+    # (variance.FUSE_FROM, here lowered to 0 parameters).
+    from tfmbgd.instruments import variance
+    monkeypatch.setattr(variance, "FUSE_FROM", 0 if fused else variance.FUSE_FROM)
     model, loss_fn, x, y = make_problem(problem, dtype="float64")
     g = np.concatenate([o.reshape(len(x), -1) for o in oracle_per_example(model, loss_fn, x, y)], 1)
     b, mean = len(x), g.mean(0)

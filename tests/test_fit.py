@@ -23,11 +23,17 @@ def _data(n=64, seed=0):
     return x, (x[:, 0] + x[:, 1] > 0).astype(np.int32) + (x[:, 2] > 0.5).astype(np.int32)
 
 
-@pytest.mark.parametrize("jit_compile,steps_per_execution", [(False, 1), (True, 1), (True, 8), (False, 3)],
-                         ids=["plain", "xla", "xla spe=8", "spe=3"])
-def test_fit_statistics_equal_the_custom_loops(tmp_path, xla_allowed, jit_compile, steps_per_execution):
+@pytest.mark.parametrize("jit_compile,steps_per_execution,fused",
+                         [(False, 1, False), (True, 1, False), (True, 8, True), (False, 3, True)],
+                         ids=["plain", "xla", "xla spe=8 fused", "spe=3 fused"])
+def test_fit_statistics_equal_the_custom_loops(tmp_path, xla_allowed, jit_compile, steps_per_execution, fused,
+                                               monkeypatch):
     # statistics every 3 steps, in executions of 1, 3 or 8 steps (8: two or three statistics
-    # steps inside one compiled call, all of them written)
+    # steps inside one compiled call, all of them written); "fused": GSNR's sums over the
+    # parameters XLA-compiled as for a large model (variance.FUSE_FROM lowered to 0), inside
+    # fit's XLA-compiled step and inside its plain graph
+    from tfmbgd.instruments import variance
+    monkeypatch.setattr(variance, "FUSE_FROM", 0 if fused else variance.FUSE_FROM)
     x, y = _data()
     model = fit.with_statistics(models.build("mlp", (6,), 3, hidden=(8,), seed=5))
     model.compile(optimizer=optimizers.MiniBatchSGD(0.1), loss=CE, jit_compile=jit_compile,

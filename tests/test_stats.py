@@ -91,6 +91,55 @@ def test_mean_gsnr_matches_numpy(problem):
         gradient_moments(model, loss_fn, x, y, elementwise=False), model.trainable_variables)
 
 
+def _xla_calls(graph):
+    """Calls of XLA-compiled functions in `graph`."""
+    return sum(1 for op in graph.get_operations()
+               if op.type.endswith("PartitionedCall") and op.node_def.attr["_XlaMustCompile"].b)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("above", [False, True], ids=["joined", "fused"])
+def test_the_sums_over_parameters_are_fused_from_the_threshold_and_match_numpy(above, dtype):
+    # GSNR (ours and Cockpit's) and EB sum a term over every parameter. From
+    # variance.FUSE_FROM parameters the sums are one XLA-compiled function (fused loops per
+    # variable); one parameter fewer, ops on the variables joined into vectors. Moments made
+    # up in numpy, three variables, B = 6, a dead parameter (no spread) in each; numpy
+    # computes the statistics from the definitions.
+    from tfmbgd.engine.fields import GradientMoments
+    from tfmbgd.instruments import gsnr, sgd, variance
+
+    rng = np.random.default_rng(1)
+    b, size = 6, variance.FUSE_FROM - (0 if above else 1)
+    shapes = [(size // 2 - 3,), (3,), (size - size // 2,)]
+    means = [rng.normal(size=s).astype(dtype) for s in shapes]
+    sums = [(b * m.astype(np.float64) ** 2 + 0.5 + rng.exponential(size=m.shape)).astype(dtype)
+            for m in means]
+    for m, q in zip(means, sums):
+        m[0] = q[0] = 0.0                     # a dead parameter: no spread, no ratio
+    mean, sum_sq = np.concatenate(means).astype(np.float64), np.concatenate(sums).astype(np.float64)
+    spread = sum_sq - b * mean ** 2
+    var = spread / (b - 1)
+    defined = spread > 0
+    want = (np.mean(mean[defined] ** 2 / var[defined]),
+            np.mean(mean ** 2 / (sum_sq / b - mean ** 2 + 1e-5)),
+            1 - b * np.mean(mean ** 2 / (var + 1e-5)))
+
+    def statistics(means, sums):
+        m = GradientMoments(means, sums, None, None, None, b)
+        eb = sgd._eb_terms
+        total, = variance.parameter_sums(m, eb, sgd.EPSILON)
+        return gsnr.mean_gsnr(m), gsnr.mean_gsnr_biased(m), 1 - b * total / size
+
+    args = [[tf.constant(t) for t in ts] for ts in (means, sums)]
+    got = tf.function(statistics)(*args)
+    rel = 1e-10 if dtype == "float64" else 1e-4
+    for g, w in zip(got, want):
+        assert float(g) == pytest.approx(w, rel=rel)
+    graph = tf.function(statistics).get_concrete_function(*args).graph
+    assert _xla_calls(graph) == (3 if above else 0)
+    assert defined.sum() == size - 3
+
+
 def test_per_example_grad_norm_is_the_histogram_of_oracle_norms(problem):
     model, loss_fn, x, y = make_problem(problem)
     oracle = oracle_per_example(model, loss_fn, x, y)

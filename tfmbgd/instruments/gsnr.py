@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from tfmbgd.errors import UserError
 from tfmbgd.instruments.base import ELEMENTWISE, Instrument, batch_float
-from tfmbgd.instruments.variance import flat_moments
+from tfmbgd.instruments.variance import parameter_sums
 
 
 def mean_gsnr(m):
@@ -17,13 +17,16 @@ def mean_gsnr(m):
     """
     if m.sum_sq is None:
         raise UserError("GSNR needs the elementwise moments: call gradient_moments(..., elementwise=True)")
-    mean, sum_sq = flat_moments(m)
-    b = batch_float(m, mean.dtype)
+    total, count = parameter_sums(m, _gsnr_terms)
+    return tf.math.divide_no_nan((batch_float(m, total.dtype) - 1) * total, count)
+
+
+def _gsnr_terms(mean, sum_sq, b):
+    """Per parameter: `mean^2 / spread` where the spread `sum_sq - B mean^2` ((B - 1) times the
+    variance) is not zero, else 0; and 1 where it is not zero."""
     mean2 = tf.square(mean)
-    spread = tf.maximum(sum_sq - b * mean2, 0)           # (B - 1) * variance
-    total = tf.reduce_sum(tf.math.divide_no_nan(mean2, spread))
-    count = tf.reduce_sum(tf.sign(spread))               # spread >= 0: counts the non-zero ones
-    return tf.math.divide_no_nan((b - 1) * total, count)
+    spread = tf.maximum(sum_sq - b * mean2, 0)
+    return tf.math.divide_no_nan(mean2, spread), tf.sign(spread)      # spread >= 0
 
 
 class MeanGSNR(Instrument):
@@ -51,10 +54,13 @@ def mean_gsnr_biased(m, epsilon=COCKPIT_EPSILON):
     smaller by (B - 1) / B. Needs the elementwise tier."""
     if m.sum_sq is None:
         raise UserError("GSNR needs the elementwise moments: call gradient_moments(..., elementwise=True)")
-    mean, sum_sq = flat_moments(m)
+    total, = parameter_sums(m, _biased_terms, epsilon)
+    return total / sum(t.shape.num_elements() for t in m.mean)
+
+
+def _biased_terms(mean, sum_sq, b, epsilon):
     mean2 = tf.square(mean)
-    variance = sum_sq / batch_float(m, mean.dtype) - mean2
-    return tf.reduce_sum(mean2 / (variance + epsilon)) / mean.shape.num_elements()
+    return (mean2 / (sum_sq / b - mean2 + epsilon),)
 
 
 class MeanGSNRBiased(Instrument):

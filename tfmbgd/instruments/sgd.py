@@ -15,7 +15,7 @@ SGD only; a run with another optimizer is refused (`sgd_only`).
 import tensorflow as tf
 
 from tfmbgd.instruments.base import ELEMENTWISE, Chart, Instrument
-from tfmbgd.instruments.variance import flat_moments
+from tfmbgd.instruments.variance import parameter_sums
 
 EPSILON = 1e-5      # Cockpit's EarlyStopping default
 
@@ -65,9 +65,13 @@ class EarlyStopping(Instrument):
         return [Chart("Cockpit", "EB criterion", ("^early_stopping/eb$",))]
 
     def compute(self, measurement):
-        mean, sum_sq = flat_moments(measurement.moments)
-        b = measurement.b(mean.dtype)
-        mean2 = tf.square(mean)
-        variance = (sum_sq - b * mean2) / (b - 1)
-        total = tf.reduce_sum(mean2 / (variance + EPSILON))
-        return {"early_stopping/eb": 1 - b * total / mean.shape.num_elements()}
+        m = measurement.moments
+        total, = parameter_sums(m, _eb_terms, EPSILON)
+        size = sum(t.shape.num_elements() for t in m.mean)
+        return {"early_stopping/eb": 1 - measurement.b(total.dtype) * total / size}
+
+
+def _eb_terms(mean, sum_sq, b, epsilon):
+    """Per parameter: `mean^2 / (variance + epsilon)`, the unbiased variance."""
+    mean2 = tf.square(mean)
+    return (mean2 / ((sum_sq - b * mean2) / (b - 1) + epsilon),)
