@@ -298,6 +298,33 @@ def test_the_gram_matrices_flip_from_broadcast_sums_to_batched_products_at_the_t
     assert f"a's by {how}, T^2 K = {16 * width:,}; d's by broadcast sum, T^2 C = 48" in said
 
 
+def test_self_attentions_query_key_and_value_share_one_gram_matrix_of_their_input():
+    # The query, key and value projections read the same input (T = 8 positions of K = 32:
+    # T^2 K = 2048, batched products): the ghost norm needs its Gram matrices once, not three
+    # times. Against the loop in float64.
+    from test_layerwise import assert_moments_close
+
+    def build():
+        inputs = keras.Input((8, 32))
+        attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(inputs, inputs)
+        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(attended)))
+    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"), batch=4)
+    got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=False)
+    assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=False),
+                         rtol=1e-10)
+    fn = lambda x, y: gradient_moments(model, loss_fn, x, y, "auto", False).var_norms_sq
+    graph = tf.function(fn).get_concrete_function(x, y).graph
+    of_input = [op for op in graph.get_operations() if op.type.startswith("BatchMatMul")
+                and op.inputs[0] is op.inputs[1] and _source(op.inputs[0]).op.type == "Placeholder"]
+    assert len(of_input) == 1
+
+
+def _source(t):
+    while t.op.type in ("Reshape", "Cast", "Identity"):
+        t = t.op.inputs[0]
+    return t
+
+
 GHOST_CASES = [  # (id, input shape, layer): each with T^2 (K + C) < K C, so the ghost norm
     ("conv1d_same_stride2", (5, 16), lambda: keras.layers.Conv1D(16, 3, strides=2, padding="same")),
     ("conv2d_same_stride2", (3, 3, 16), lambda: keras.layers.Conv2D(32, 3, strides=2, padding="same")),

@@ -23,6 +23,7 @@ the unscaled per-example signal; moments are quadratic in it, so the squares are
 by `B^2` and the sum of the per-example gradients is then the mean gradient itself.
 """
 
+import weakref
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -183,7 +184,25 @@ def gram_by_broadcast(t, width):
 
 
 def _gram(x):
-    """`[B, T, T]`: the Gram matrix `x_n x_n^T` of each example's `[T, K]` positions."""
+    """`[B, T, T]`: the Gram matrix `x_n x_n^T` of each example's `[T, K]` positions; in a graph,
+    once per value: the query, key and value projections of self-attention read the same
+    input, reshaped and cast by each rule, and their Gram matrices are one."""
+    if tf.executing_eagerly():
+        return _new_gram(x)
+    source = x
+    while source.op.type in ("Reshape", "Cast", "Identity"):
+        source = source.op.inputs[0]
+    known = _GRAMS.setdefault(x.graph, {})
+    key = (source.ref(), tuple(x.shape), x.dtype)
+    if key not in known:
+        known[key] = _new_gram(x)
+    return known[key]
+
+
+_GRAMS = weakref.WeakKeyDictionary()     # graph -> {(value, shape, dtype): its Gram matrices}
+
+
+def _new_gram(x):
     if gram_by_broadcast(x.shape[1], x.shape[-1]):
         return tf.reduce_sum(tf.expand_dims(x, 2) * tf.expand_dims(x, 1), -1)
     return tf.matmul(x, x, transpose_b=True)
