@@ -294,8 +294,11 @@ def test_the_gram_matrices_flip_from_broadcast_sums_to_batched_products_at_the_t
     fn = lambda x, y: gradient_moments(model, loss_fn, x, y, "auto", False).var_norms_sq
     assert _grams_by_product(fn, x, y) == (width > 64)
     said = layerwise.choices(model, x)[model.layers[1].kernel.path]
-    how = "broadcast sum" if width == 64 else "batched product"
-    assert f"a's by {how}, T^2 K = {16 * width:,}; d's by broadcast sum, T^2 C = 48" in said
+    if width == 64:
+        assert "of T=4 positions by broadcast sums, T^2 K = 1,024 and T^2 C = 48 at most 1,024" in said
+    else:
+        assert ("of T=4 positions: a's by batched product, d's by broadcast sum, T^2 K = 1,040 and "
+                "T^2 C = 48 against 1,024") in said
 
 
 def test_self_attentions_query_key_and_value_share_one_gram_matrix_of_their_input():

@@ -414,9 +414,12 @@ def _plan(model, x, asker):
 
 def _grams(t, k, c):
     """How `forms` takes the two Gram matrices of an `Outer` form, with the arithmetic."""
-    how = lambda width: "broadcast sum" if forms.gram_by_broadcast(t, width) else "batched product"
-    return (f"a's by {how(k)}, T^2 K = {t * t * k:,}; d's by {how(c)}, T^2 C = {t * t * c:,}; "
-            f"broadcast sums up to {forms.GRAM_BY_BROADCAST:,}")
+    a, d = (forms.gram_by_broadcast(t, width) for width in (k, c))
+    way = lambda broadcast: "broadcast sum" if broadcast else "batched product"
+    sizes = f"T^2 K = {t * t * k:,} and T^2 C = {t * t * c:,}"
+    if a == d:
+        return f" by {way(a)}s, {sizes} {'at most' if a else 'above'} {forms.GRAM_BY_BROADCAST:,}"
+    return f": a's by {way(a)}, d's by {way(d)}, {sizes} against {forms.GRAM_BY_BROADCAST:,}"
 
 
 def choices(model, x=None, elementwise=False):
@@ -461,7 +464,7 @@ def _how(kind, dims, elementwise):
             return "outer product a_n^T d_n: norms ||a_n||^2 ||d_n||^2"
         if forms.builds(t, k, c, elementwise):
             return f"outer product over T={t} positions, built per example ({k}x{c})"
-        return f"ghost norm: Gram matrices of T={t} positions ({_grams(t, k, c)})" + (
+        return f"ghost norm: Gram matrices of T={t} positions{_grams(t, k, c)}" + (
             f"; elementwise sums by {t * (t + 1) // 2} cross terms" if elementwise else "")
     if kind is forms.Rows:
         return "gathered rows: segment sums per (example, row)"
