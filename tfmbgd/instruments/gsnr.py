@@ -59,6 +59,7 @@ def mean_gsnr_biased(m, epsilon=COCKPIT_EPSILON):
 
 
 def _biased_terms(mean, sum_sq, b, epsilon):
+    """Per parameter: `mean^2 / (biased variance + epsilon)`."""
     mean2 = tf.square(mean)
     return (mean2 / (sum_sq / b - mean2 + epsilon),)
 

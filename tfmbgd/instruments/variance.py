@@ -48,6 +48,7 @@ _FUSED = {}     # terms -> its compiled sums
 
 
 def _summed(terms, means, sums_sq, b, scalars):
+    """The compiled body of `parameter_sums`: each variable's terms summed, then added up."""
     totals = None
     for mean, sum_sq in zip(means, sums_sq):
         mean, sum_sq = tf.cast(mean, b.dtype), tf.cast(sum_sq, b.dtype)
