@@ -347,9 +347,7 @@ def gram_table(budget, batch=32, repeats=20):
     print("|---|---|---|---|---|---|")
     for t, k in GRAM:
         xs = [tf.random.normal([batch, t, k]) for _ in range(repeats)]
-        ways = [lambda x: tf.matmul(x, x, transpose_b=True),
-                lambda x: tf.reduce_sum(tf.expand_dims(x, 2) * tf.expand_dims(x, 1), -1),
-                lambda x: x]
+        ways = [forms.gram_by_product, forms.gram_by_sum, lambda x: x]
         fns = [tf.function(lambda xs, g=g: tf.add_n([tf.reduce_sum(g(x)) for x in xs])) for g in ways]
         (product, broadcast, base), _ = interleaved([lambda f=f, xs=xs: f(xs).numpy() for f in fns], budget)
         product, broadcast = ((s - base) / repeats * 1e6 for s in (product, broadcast))

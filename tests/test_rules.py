@@ -265,12 +265,12 @@ def test_a_convolution_takes_the_ghost_norm_below_the_arithmetic_threshold(filte
     assert said.endswith("the backward pass leaves out its batch gradient") != ghost
 
 
-def _grams_by_product(fn, *args):
-    """How many `BatchMatMulV2` ops of `fn`'s graph multiply a tensor by itself (a Gram
-    matrix `x x^T`): the layer's own products have two different operands."""
+def _gram_products(fn, *args):
+    """The `BatchMatMulV2` ops of `fn`'s graph that multiply a tensor by itself (a Gram matrix
+    `x x^T`): the layer's own products have two different operands."""
     graph = tf.function(fn).get_concrete_function(*args).graph
-    return sum(1 for op in graph.get_operations()
-               if op.type.startswith("BatchMatMul") and op.inputs[0] is op.inputs[1])
+    return [op for op in graph.get_operations()
+            if op.type.startswith("BatchMatMul") and op.inputs[0] is op.inputs[1]]
 
 
 @pytest.mark.parametrize("width", [64, 65])
@@ -292,7 +292,7 @@ def test_the_gram_matrices_flip_from_broadcast_sums_to_batched_products_at_the_t
     assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=False),
                          rtol=1e-10 if dtype == "float64" else 2e-5)
     fn = lambda x, y: gradient_moments(model, loss_fn, x, y, "auto", False).var_norms_sq
-    assert _grams_by_product(fn, x, y) == (width > 64)
+    assert len(_gram_products(fn, x, y)) == (width > 64)
     said = layerwise.choices(model, x)[model.layers[1].kernel.path]
     if width == 64:
         assert "of T=4 positions by broadcast sums, T^2 K = 1,024 and T^2 C = 48 at most 1,024" in said
@@ -316,9 +316,7 @@ def test_self_attentions_query_key_and_value_share_one_gram_matrix_of_their_inpu
     assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=False),
                          rtol=1e-10)
     fn = lambda x, y: gradient_moments(model, loss_fn, x, y, "auto", False).var_norms_sq
-    graph = tf.function(fn).get_concrete_function(x, y).graph
-    of_input = [op for op in graph.get_operations() if op.type.startswith("BatchMatMul")
-                and op.inputs[0] is op.inputs[1] and _source(op.inputs[0]).op.type == "Placeholder"]
+    of_input = [op for op in _gram_products(fn, x, y) if _source(op.inputs[0]).op.type == "Placeholder"]
     assert len(of_input) == 1
 
 

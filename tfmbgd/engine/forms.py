@@ -199,13 +199,21 @@ def _gram(x):
     return known[key]
 
 
+def gram_by_product(x):
+    """`[B, T, T]` Gram matrices of `x` `[B, T, K]` by one batched matrix product."""
+    return tf.matmul(x, x, transpose_b=True)
+
+
+def gram_by_sum(x):
+    """`[B, T, T]` Gram matrices of `x` `[B, T, K]` by a broadcast product summed over K."""
+    return tf.reduce_sum(tf.expand_dims(x, 2) * tf.expand_dims(x, 1), -1)
+
+
 _GRAMS = weakref.WeakKeyDictionary()     # graph -> {(value, shape, dtype): its Gram matrices}
 
 
 def _new_gram(x):
-    if gram_by_broadcast(x.shape[1], x.shape[-1]):
-        return tf.reduce_sum(tf.expand_dims(x, 2) * tf.expand_dims(x, 1), -1)
-    return tf.matmul(x, x, transpose_b=True)
+    return gram_by_sum(x) if gram_by_broadcast(x.shape[1], x.shape[-1]) else gram_by_product(x)
 
 
 def _pieces(form, shape, b2, elementwise):

@@ -228,16 +228,19 @@ def scan(graph, variables, first_op, batch, b):
 def _sums(uses, elementwise):
     """Whether the uses' forms build the per-example gradients (so their sum is the batch
     gradient and the backward pass can skip the variable)."""
-    kinds = {u.pending.kind for u in uses}
-    if kinds == {forms.Rows}:
+    if {u.pending.kind for u in uses} == {forms.Rows}:
         return False
-    if kinds != {forms.Outer}:
-        return True
-    dims = [u.pending.dims for u in uses]
-    if len({d[1:] for d in dims}) != 1:
-        return True
-    t = None if any(d[0] is None for d in dims) else sum(d[0] for d in dims)
-    return forms.builds(t, dims[0][1], dims[0][2], elementwise)
+    joined = _joined_outer(uses)
+    return True if joined is None else forms.builds(*joined, elementwise)
+
+
+def _joined_outer(uses):
+    """`(T, K, C)` of the one `Outer` that `forms.merge` makes of the uses of a variable
+    (outer products of the same K and C; T None when some use's is unknown), or None."""
+    if any(u.pending.kind is not forms.Outer for u in uses) or len({u.pending.dims[1:] for u in uses}) != 1:
+        return None
+    ts = [u.pending.dims[0] for u in uses]
+    return (None if None in ts else sum(ts), *uses[0].pending.dims[1:])
 
 
 def _variable_moments(v, uses, dzs, b, elementwise):
@@ -449,9 +452,10 @@ def _formulation(uses, elementwise):
     lines = [f"{u.op}: {_how(u.pending.kind, u.pending.dims, elementwise)}"
              + (f" ({u.pending.why})" if u.pending.why else "") for u in uses]
     line = " + ".join(lines)
-    merged = _merged_dims(uses)
-    if merged is not None:      # forms.merge joins their positions: one form, as the moments take it
-        line += f"; the {len(uses)} uses joined: {_how(forms.Outer, merged, elementwise)}"
+    joined = _joined_outer(uses)
+    if len(uses) > 1 and joined is not None and joined[0] is not None:
+        # forms.merge joins their positions: one form, as the moments take it
+        line += f"; the {len(uses)} uses joined: {_how(forms.Outer, joined, elementwise)}"
     if _sums(uses, elementwise):
         line += "; the backward pass leaves out its batch gradient"
     return line
@@ -471,16 +475,6 @@ def _how(kind, dims, elementwise):
     if kind is forms.Pieces:
         return "per-example gradients, reduced a kernel offset at a time"
     return "per-example gradients"
-
-
-def _merged_dims(uses):
-    """`(T, K, C)` of the one `Outer` that `forms.merge` makes of several uses of a variable
-    (outer products of the same K and C), or None."""
-    if len(uses) < 2 or any(u.pending.kind is not forms.Outer for u in uses):
-        return None
-    if len({u.pending.dims[1:] for u in uses}) != 1 or None in (u.pending.dims[0] for u in uses):
-        return None
-    return (sum(u.pending.dims[0] for u in uses), *uses[0].pending.dims[1:])
 
 
 def traced_coverage(model):
