@@ -79,12 +79,15 @@ def built(model, x):
 
 
 def pass_cost(values=2 ** 25):
-    """Seconds per float32 value of a square-and-sum over the batch axis of a large array."""
+    """Seconds per float32 value of one pass over a large array: its sum of squares over the
+    batch axis as `forms` takes it (`forms.sum_of_squares`)."""
     import step_cost
     import tensorflow as tf
 
+    from tfmbgd.engine import forms
+
     g = tf.random.normal([32, values // 32])
-    fn = tf.function(lambda g: tf.reduce_sum(tf.square(g), 0))
+    fn = tf.function(lambda g: forms.sum_of_squares(g, 0))
     (seconds,), _ = step_cost.interleaved([lambda: fn(g).numpy()], 2.0)
     return seconds / values
 
@@ -136,7 +139,7 @@ def main():
     print(f"Dispatch floor: 1 + (ops of the norm tier's step - ops of the plain step) x "
           f"{per_op * 1e6:.1f} us (the measured cost of one small op) / plain step. Elementwise floor: "
           "the norm tier plus one pass over the B x P values that the elementwise tier builds per example "
-          f"({per_float * 1e9:.2f} ns per value, measured: a square-and-sum over a large array); P: the "
+          f"({per_float * 1e9:.2f} ns per value, measured: a sum of squares over a large array); P: the "
           "parameters of the variables it builds them for (layerwise.choices)\n")
     print("| model | variables by the rules | BatchNorm layers (training) | oracle | largest difference | "
           "plain step | norm tier | dispatch floor | elementwise tier | elementwise floor | rounds | "

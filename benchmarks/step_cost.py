@@ -285,8 +285,10 @@ def _depthwise_row(batch, size, c, s, k, by_offset, depthwise_grads, budget):
     return interleaved([lambda f=f: f(x, dz).numpy() for f in fns], budget)[0]
 
 
-# (T, K, C): ConvNeXt's pointwise layers, transformer projections, VGG16's last convolutions
-OUTER = [(64, 96, 384), (16, 128, 128), (16, 192, 768), (16, 2304, 512), (4, 4608, 512), (2, 4608, 512)]
+# (T, K, C): ConvNeXt's pointwise layers, transformer projections, VGG16's last convolutions;
+# a few positions around forms.CROSS_JOINED
+OUTER = [(64, 96, 384), (16, 128, 128), (16, 192, 768), (16, 2304, 512), (4, 4608, 512), (2, 4608, 512),
+         (4, 256, 256), (4, 512, 512)]
 
 
 def outer_table(budget, batch=32):
@@ -294,14 +296,16 @@ def outer_table(budget, batch=32):
     unfolded convolution), `[B, T, K] x [B, T, C]`: the batch's weight gradient (a plain
     step's) against each way to the norms (the ghost norm's Gram matrices, plus the weight
     gradient; building the per-example gradients, which replace it) and to the elementwise
-    sums (cross terms, plus the weight gradient; building)."""
+    sums (cross terms, a product per pair of positions or one for all, plus the weight
+    gradient; building, then squaring and summing, or one pass per sum as `forms` does)."""
     from tfmbgd.engine import forms
 
     print(f"\nMatrix products over T positions, B={batch}: the weight gradient in ms, the rest as its "
           "multiple (median, interleaved)\n")
-    print("| T | K | C | weight gradient | norms: ghost norm | norms: built | sums: cross terms | "
-          "sums: built |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| T | K | C | weight gradient | norms: ghost norm | norms: built | sums: cross terms, a product "
+          "per pair | sums: cross terms, one product | sums: built, squared and summed | sums: built, "
+          "one pass (forms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for t, k, c in OUTER:
         times = _outer_row(batch, t, k, c, forms, budget)
         print(f"| {t} | {k} | {c} | {times[0] * 1e3:.2f} | "
@@ -314,15 +318,22 @@ def _outer_row(batch, t, k, c, forms, budget):
     a, d = tf.random.normal([batch, t, k]), tf.random.normal([batch, t, c])
     weight = lambda a, d: tf.matmul(tf.reshape(a, [-1, k]), tf.reshape(d, [-1, c]), transpose_a=True)
 
-    def built(a, d, elementwise):
+    def squared(a, d):       # the squares written, then read by each sum
         g = tf.matmul(a, d, transpose_a=True)
         q = tf.square(g)
-        return tf.reduce_sum(q, [1, 2]), tf.reduce_sum(g, 0), tf.reduce_sum(q, 0) if elementwise else 0.0
+        return tf.reduce_sum(q, [1, 2]), tf.reduce_sum(g, 0), tf.reduce_sum(q, 0)
+
+    def built(a, d, elementwise):
+        g = tf.matmul(a, d, transpose_a=True)
+        sums = forms.sum_of_squares(g, 0) if elementwise else 0.0
+        return forms.sum_of_squares(g, [1, 2]), tf.reduce_sum(g, 0), sums
 
     fns = [weight,
            lambda a, d: (tf.reduce_sum(forms._gram(a) * forms._gram(d), [1, 2]), weight(a, d)),
            lambda a, d: built(a, d, False),
-           lambda a, d: (forms._cross_terms(forms.Outer(a, d), t, (k, c), 1.0), weight(a, d)),
+           lambda a, d: (forms.cross_terms(a, d, joined=False), weight(a, d)),
+           lambda a, d: (forms.cross_terms(a, d, joined=True), weight(a, d)),
+           squared,
            lambda a, d: built(a, d, True)]
     fns = [tf.function(f) for f in fns]
     return interleaved([lambda f=f: [v.numpy() for v in tf.nest.flatten(f(a, d))] for f in fns], budget)[0]

@@ -320,6 +320,58 @@ def test_self_attentions_query_key_and_value_share_one_gram_matrix_of_their_inpu
     assert len(of_input) == 1
 
 
+
+@pytest.mark.parametrize("cut", [20, 21], ids=["one_product", "a_product_per_pair"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_cross_terms_join_into_one_product_from_the_threshold(cut, dtype, monkeypatch):
+    # A Dense layer on T = 3 positions, K = 5 inputs, C = 4 outputs: the elementwise tier takes
+    # the cross terms of its T(T+1)/2 = 6 pairs of positions. With K C = 20 at
+    # forms.CROSS_JOINED they are one product of the pairs' factors stacked, [B 6, K] by
+    # [B 6, C]; one below, one [B, K] by [B, C] product per pair. Against the loop: 1e-10 in
+    # float64, round-off in float32.
+    from test_layerwise import assert_moments_close
+
+    monkeypatch.setattr(forms, "CROSS_JOINED", cut)
+
+    def build():
+        inputs = keras.Input((3, 5))
+        hidden = keras.layers.Dense(4, activation="tanh")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(hidden)))
+    b = 5
+    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"), batch=b, dtype=dtype)
+    got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=True)
+    assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=True),
+                         rtol=1e-10 if dtype == "float64" else 2e-5)
+    fn = lambda x, y: gradient_moments(model, loss_fn, x, y, "auto", True).sum_sq
+    graph = tf.function(fn).get_concrete_function(x, y).graph
+    rows = [op.inputs[0].shape[0] for op in graph.get_operations()
+            if op.type == "MatMul" and op.inputs[0].shape[-1] == 5 and op.inputs[1].shape[-1] == 4]
+    assert (rows.count(b * 6), rows.count(b)) == ((1, 0) if cut == 20 else (0, 6))
+
+
+@pytest.mark.parametrize("width", [128, 130])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_built_gradients_take_their_norms_from_the_gram_matrices_below_the_threshold(width, dtype):
+    # A Dense layer of K = C = width on T = 8 positions: more than forms.CROSS_TERMS, so the
+    # elementwise tier builds its [B, K, C] per-example gradients. Their norms come from the
+    # Gram matrices where those cost fewer multiply-adds than the gradients hold values,
+    # T^2 (K + C) < K C: at width 130, 16,640 < 16,900 (two Gram products, of a and of d);
+    # at 128, 16,384 = 16,384, so from the built gradients. Against the loop.
+    from test_layerwise import assert_moments_close
+
+    def build():
+        inputs = keras.Input((8, width))
+        hidden = keras.layers.Dense(width, activation="tanh")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(hidden)))
+    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"), batch=4, dtype=dtype)
+    assert forms.builds(8, width, width, True) and not forms.builds(8, width, width, False)
+    got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=True)
+    assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=True),
+                         rtol=1e-10 if dtype == "float64" else 2e-5)
+    fn = lambda x, y: gradient_moments(model, loss_fn, x, y, "auto", True).var_norms_sq
+    assert len(_gram_products(fn, x, y)) == (2 if width == 130 else 0)
+
+
 def _source(t):
     while t.op.type in ("Reshape", "Cast", "Identity"):
         t = t.op.inputs[0]

@@ -8,8 +8,8 @@ and this module reduces a form to the variable's moments:
   product: Dense, EinsumDense, attention projections; `T` positions per example, 1 for a
   plain Dense). Norms by `||a_n||^2 ||d_n||^2` (T = 1) or by the Gram ("ghost norm")
   identity `sum_{t,s} (a_n a_n^T)_{ts} (d_n d_n^T)_{ts}` (Goodfellow 2015; Li et al. 2021),
-  elementwise sums by `(a^2)^T (d^2)` (T = 1); otherwise the `[B, K, C]` gradients of this
-  variable alone are built.
+  elementwise sums by `(a^2)^T (d^2)` (T = 1) or, over a few positions, by cross terms;
+  otherwise the `[B, K, C]` gradients of this variable alone are built.
 - `Explicit(g)`: `g [B, ...]` itself (depthwise convolutions; normalization scales and
   offsets; biases).
 - `Pieces(parts)`: `g` in consecutive pieces `[B, ...]` (a convolution's kernel, one piece
@@ -17,6 +17,8 @@ and this module reduces a form to the variable's moments:
   stacked (one copy less, and one offset's piece alive at a time instead of all).
 - `Rows(ids, rows)`: `g_n` adds `rows[n, t]` to row `ids[n, t]` of a `[vocab, dim]` table
   (Embedding, any gather of rows): segment sums per (example, row), never `B x vocab`.
+
+Whatever is built is read once per sum (`sum_of_squares`), never squared into a copy.
 
 Every form is built from the gradient of the *mean* loss, `delta / B`, where `delta` is
 the unscaled per-example signal; moments are quadratic in it, so the squares are scaled
@@ -92,6 +94,13 @@ def builds(t, k, c, elementwise):
     return elementwise and t > CROSS_TERMS
 
 
+def norms_by_gram(t, k, c):
+    """Whether an `Outer` form built for the elementwise sums alone (T > `CROSS_TERMS`) takes
+    its norms from the Gram matrices all the same: where they cost fewer multiply-adds per
+    example, T^2 (K + C), than a pass over the built `[K, C]` gradients reads values."""
+    return t is not None and t * t * (k + c) < k * c
+
+
 def merge(forms):
     """One form for the sum over several uses of a variable (a layer called twice, tied
     weights): `Outer`s and `Rows` concatenate their positions, anything else is summed
@@ -158,16 +167,39 @@ def moments(form, shape, b, elementwise):
             if not elementwise:
                 return None, norms * b2, None
             return tf.reshape(tf.matmul(a_sq, d_sq, transpose_a=True), shape), norms, None
+        ghost = lambda: tf.reduce_sum(_gram(form.a) * _gram(form.d), axis=[1, 2]) * b2
         if not builds(t, k, c, elementwise):
-            gram = _gram(form.a) * _gram(form.d)
-            return _cross_terms(form, t, shape, b2) if elementwise else None, \
-                tf.reduce_sum(gram, axis=[1, 2]) * b2, None
+            if not elementwise:
+                return None, ghost(), None
+            sum_sq = cross_terms(form.a, form.d, joins_cross_terms(k, c)) * b2
+            return tf.reshape(sum_sq, shape), ghost(), None
+        if norms_by_gram(t, k, c):
+            g = explicit(form, shape)
+            return sum_of_squares(g, 0) * b2, ghost(), tf.reduce_sum(g, 0)
     if isinstance(form, Pieces):
         return _pieces(form, shape, b2, elementwise)
     g = explicit(form, shape)
-    squares = tf.square(g)
-    sum_sq = tf.reduce_sum(squares, 0) * b2 if elementwise else None
-    return sum_sq, per_example_sum(squares) * b2, tf.reduce_sum(g, 0)
+    sum_sq = sum_of_squares(g, 0) * b2 if elementwise else None
+    return sum_sq, sum_of_squares(g, list(range(1, g.shape.rank))) * b2, tf.reduce_sum(g, 0)
+
+
+def in_xla():
+    """Whether the graph being traced is compiled by XLA (fit's `jit_compile`, `--jit_compile`),
+    which lacks a few of TensorFlow's ops."""
+    from tensorflow.python.ops import control_flow_util  # no public test for an XLA context
+
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def sum_of_squares(t, axis):
+    """`reduce_sum(t^2, axis)` in one pass over `t`: a Euclidean norm, squared. Squaring and
+    then summing writes the squares and reads them again, once per sum: at `[32, 4608, 512]`
+    on a CPU the sums over the batch and over each example took 2.3x and 2.9x as long so
+    (`benchmarks/step_cost.py --outer`, the built columns). XLA has no Euclidean norm, and
+    fuses the square into the sum itself."""
+    if in_xla():
+        return tf.reduce_sum(tf.square(t), axis)
+    return tf.square(tf.math.reduce_euclidean_norm(t, axis))
 
 
 # Up to this many multiply-adds per example (T^2 K), a Gram matrix `x x^T` by broadcasting and
@@ -219,23 +251,40 @@ def _new_gram(x):
 def _pieces(form, shape, b2, elementwise):
     """`moments` of `Pieces`, a piece at a time: the `[B]` norms add up, the sums over the
     batch are laid end to end."""
-    squares = [tf.square(p) for p in form.parts]
-    norms = tf.add_n([tf.reduce_sum(q, list(range(1, q.shape.rank))) for q in squares])
+    parts = form.parts
+    norms = tf.add_n([sum_of_squares(p, list(range(1, p.shape.rank))) for p in parts])
     joined = lambda ts: tf.reshape(tf.concat([tf.reshape(t, [-1]) for t in ts], 0), shape)
-    sum_sq = joined([tf.reduce_sum(q, 0) for q in squares]) * b2 if elementwise else None
-    return sum_sq, norms * b2, joined([tf.reduce_sum(p, 0) for p in form.parts])
+    sum_sq = joined([sum_of_squares(p, 0) for p in parts]) * b2 if elementwise else None
+    return sum_sq, norms * b2, joined([tf.reduce_sum(p, 0) for p in parts])
 
 
-def _cross_terms(form, t, shape, b2):
-    """`sum_n g_n^2` for `g_n = sum_t a_nt^T d_nt`: `g_n[k, c]^2` expands into
-    `sum_{t,s} (a_nt a_ns)_k (d_nt d_ns)_c`, so the batch's sum is one matrix product per
-    pair of positions (each off-diagonal pair counted twice)."""
-    terms = []
-    for i in range(t):
-        for j in range(i, t):
-            product = tf.matmul(form.a[:, i] * form.a[:, j], form.d[:, i] * form.d[:, j], transpose_a=True)
-            terms.append(product if i == j else 2.0 * product)
-    return tf.reshape(tf.add_n(terms) * b2, shape)
+# From this many weights (K C), the cross terms as one matrix product over all pairs of
+# positions, their factors stacked (inner size B T(T+1)/2), rather than one product per pair
+# added up: the `[K, C]` result is written once instead of T(T+1)/2 times. At B=32 one product
+# took 0.64-0.78x the time of the pairs' at K C = 262,144-2,359,296 (VGG16's last
+# convolutions: 9.2 against 14.4 ms at T=4), 1.2x at 65,536 (`benchmarks/step_cost.py --outer`).
+CROSS_JOINED = 2 ** 18
+
+
+def joins_cross_terms(k, c):
+    """Whether the cross terms of an `Outer` form of `k` by `c` weights are one matrix product
+    (`CROSS_JOINED`)."""
+    return k * c >= CROSS_JOINED
+
+
+def cross_terms(a, d, joined):
+    """`[K, C]`: `sum_n g_n^2` for `g_n = sum_t a_nt^T d_nt` (`a [B, T, K]`, `d [B, T, C]`).
+    `g_n[k, c]^2` expands into `sum_{t,s} (a_nt a_ns)_k (d_nt d_ns)_c`, so the batch's sum is
+    a matrix product per pair of positions (each off-diagonal pair counted twice), or, with
+    `joined`, one product of the pairs' factors stacked."""
+    t = a.shape[1]
+    pairs = [(i, j) for i in range(t) for j in range(i, t)]
+    a = [a[:, i] * a[:, j] for i, j in pairs]
+    d = [d[:, i] * d[:, j] if i == j else 2.0 * d[:, i] * d[:, j] for i, j in pairs]
+    if joined:
+        stacked = lambda xs: tf.reshape(tf.stack(xs, 1), [-1, xs[0].shape[-1]])
+        return tf.matmul(stacked(a), stacked(d), transpose_a=True)
+    return tf.add_n([tf.matmul(x, y, transpose_a=True) for x, y in zip(a, d)])
 
 
 def _rows(form, shape, b2, elementwise):

@@ -467,9 +467,14 @@ def _how(kind, dims, elementwise):
         if t == 1:
             return "outer product a_n^T d_n: norms ||a_n||^2 ||d_n||^2"
         if forms.builds(t, k, c, elementwise):
-            return f"outer product over T={t} positions, built per example ({k}x{c})"
+            built = f"outer product over T={t} positions, built per example ({k}x{c})"
+            if elementwise and forms.norms_by_gram(t, k, c):
+                built += (f"; norms by the Gram matrices{_grams(t, k, c)}, T^2 (K + C) = "
+                          f"{t * t * (k + c):,} < K C = {k * c:,}")
+            return built
+        joined = " in one product" if forms.joins_cross_terms(k, c) else ""
         return f"ghost norm: Gram matrices of T={t} positions{_grams(t, k, c)}" + (
-            f"; elementwise sums by {t * (t + 1) // 2} cross terms" if elementwise else "")
+            f"; elementwise sums by {t * (t + 1) // 2} cross terms{joined}" if elementwise else "")
     if kind is forms.Rows:
         return "gathered rows: segment sums per (example, row)"
     if kind is forms.Pieces:

@@ -18,6 +18,7 @@ import math
 
 import tensorflow as tf
 
+from tfmbgd.engine import forms
 from tfmbgd.instruments.base import DOTS, PARAMETERS, Instrument
 
 LOW, HIGH = -2.0, 2.0
@@ -55,9 +56,7 @@ def _count(index, bins):
     """`[bins]` int32: how many of `index` fall in each bin. `bincount` where TensorFlow runs
     the op (several times faster on a CPU than a segment sum), a segment sum where XLA
     compiles it (it has no bincount)."""
-    from tensorflow.python.ops import control_flow_util  # no public test for an XLA context
-
-    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+    if forms.in_xla():
         return tf.math.unsorted_segment_sum(tf.ones_like(index), index, bins)
     return tf.math.bincount(index, minlength=bins, maxlength=bins)
 
