@@ -53,16 +53,16 @@ def test_conv2d_matches_numpy_definition(spec):
 @pytest.mark.parametrize("steps", [4, 2], ids=["per_example_built", "gram"])
 @pytest.mark.parametrize("elementwise", [True, False], ids=["elementwise", "norms"])
 def test_dense_on_sequences_matches_numpy(steps, elementwise):
-    # Input (steps, 5), Dense(3): with T = 2, T^2 <= 5 * 3: the Gram identity for the norms
+    # Input (steps, 6), Dense(3): with T = 2, 4 T^2 < 6 * 3: the Gram identity for the norms
     # and cross terms for the elementwise sums (the batch gradient then comes from the
     # backward pass); with T = 4 the rule builds the per-example gradients and their sum
     # is the batch gradient.
     def build():
-        inputs = keras.Input((steps, 5))
+        inputs = keras.Input((steps, 6))
         return keras.Model(inputs, keras.layers.Dense(3)(inputs))
     model, loss_fn, x, y = make(dict(SPEC["dense_3d"], build=build))
     crossed = steps <= forms.CROSS_TERMS
-    assert forms.builds(steps, 5, 3, elementwise) == (steps * steps > 15 or elementwise and not crossed)
+    assert forms.builds(steps, 6, 3, elementwise) == (steps == 4 or elementwise and not crossed)
     g = np.einsum("nti,nto->nio", x.numpy(), y.numpy())   # per-example kernel gradient
     gb = y.numpy().sum(axis=1)
     m = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=elementwise)
@@ -302,13 +302,14 @@ def test_the_gram_matrices_flip_from_broadcast_sums_to_batched_products_at_the_t
 
 
 def test_self_attentions_query_key_and_value_share_one_gram_matrix_of_their_input():
-    # The query, key and value projections read the same input (T = 8 positions of K = 32:
-    # T^2 K = 2048, batched products): the ghost norm needs its Gram matrices once, not three
-    # times. Against the loop in float64.
+    # The query, key and value projections read the same input (T = 8 positions of K = 40:
+    # T^2 K = 2,560, batched products; K C = 320 is above forms.BUILD_WITHIN T^2 = 256, so no
+    # projection is built): the ghost norm needs its Gram matrices once, not three times.
+    # Against the loop in float64.
     from test_layerwise import assert_moments_close
 
     def build():
-        inputs = keras.Input((8, 32))
+        inputs = keras.Input((8, 40))
         attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(inputs, inputs)
         return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(attended)))
     model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"), batch=4)
@@ -321,20 +322,49 @@ def test_self_attentions_query_key_and_value_share_one_gram_matrix_of_their_inpu
 
 
 
+
+@pytest.mark.parametrize("outputs", [8, 9])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_small_outer_products_build_their_per_example_gradients_within_the_threshold(outputs, dtype):
+    # A Dense layer on T = 4 positions of K = 8 values: with C = 8 outputs its per-example
+    # gradients hold K C = 64 values, forms.BUILD_WITHIN (4) times the T^2 = 16 of a Gram
+    # matrix, so they are built (one batched product whose sum is the batch gradient: the
+    # backward pass leaves the layer's product out); with C = 9, 72 > 64, the ghost norm.
+    # Against the loop: 1e-10 in float64, round-off in float32.
+    from test_layerwise import assert_moments_close
+
+    def build():
+        inputs = keras.Input((4, 8))
+        hidden = keras.layers.Dense(outputs, activation="tanh")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(hidden)))
+    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"), batch=6, dtype=dtype)
+    got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=False)
+    assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=False),
+                         rtol=1e-10 if dtype == "float64" else 2e-5)
+    fn = lambda x, y: gradient_moments(model, loss_fn, x, y, "auto", False).var_norms_sq
+    graph = tf.function(fn).get_concrete_function(x, y).graph
+    per_example = [op for op in graph.get_operations()
+                   if op.type.startswith("BatchMatMul") and op.outputs[0].shape[1:] == (8, outputs)]
+    assert len(per_example) == (outputs == 8)
+    said = layerwise.choices(model, x)[model.layers[1].kernel.path]
+    assert said.startswith("MatMul: outer product over T=4 positions, built per example (8x8)" if outputs == 8
+                           else "MatMul: ghost norm: Gram matrices of T=4 positions")
+    assert said.endswith("the backward pass leaves out its batch gradient") == (outputs == 8)
+
 @pytest.mark.parametrize("cut", [20, 21], ids=["one_product", "a_product_per_pair"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_the_cross_terms_join_into_one_product_from_the_threshold(cut, dtype, monkeypatch):
-    # A Dense layer on T = 3 positions, K = 5 inputs, C = 4 outputs: the elementwise tier takes
-    # the cross terms of its T(T+1)/2 = 6 pairs of positions. With K C = 20 at
-    # forms.CROSS_JOINED they are one product of the pairs' factors stacked, [B 6, K] by
-    # [B 6, C]; one below, one [B, K] by [B, C] product per pair. Against the loop: 1e-10 in
+    # A Dense layer on T = 2 positions, K = 5 inputs, C = 4 outputs: the elementwise tier takes
+    # the cross terms of its T(T+1)/2 = 3 pairs of positions. With K C = 20 at
+    # forms.CROSS_JOINED they are one product of the pairs' factors stacked, [B 3, K] by
+    # [B 3, C]; one below, one [B, K] by [B, C] product per pair. Against the loop: 1e-10 in
     # float64, round-off in float32.
     from test_layerwise import assert_moments_close
 
     monkeypatch.setattr(forms, "CROSS_JOINED", cut)
 
     def build():
-        inputs = keras.Input((3, 5))
+        inputs = keras.Input((2, 5))
         hidden = keras.layers.Dense(4, activation="tanh")(inputs)
         return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(hidden)))
     b = 5
@@ -346,7 +376,7 @@ def test_the_cross_terms_join_into_one_product_from_the_threshold(cut, dtype, mo
     graph = tf.function(fn).get_concrete_function(x, y).graph
     rows = [op.inputs[0].shape[0] for op in graph.get_operations()
             if op.type == "MatMul" and op.inputs[0].shape[-1] == 5 and op.inputs[1].shape[-1] == 4]
-    assert (rows.count(b * 6), rows.count(b)) == ((1, 0) if cut == 20 else (0, 6))
+    assert (rows.count(b * 3), rows.count(b)) == ((1, 0) if cut == 20 else (0, 3))
 
 
 @pytest.mark.parametrize("width", [128, 130])

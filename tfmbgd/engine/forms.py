@@ -80,16 +80,27 @@ class Rows(NamedTuple):
 CROSS_TERMS = 6
 
 
+# Where the per-example gradients `[K, C]` hold at most this many times the values of a
+# Gram matrix `[T, T]`, an `Outer` form builds them: one batched product instead of two Gram
+# matrices, and their sum is the batch gradient, so the backward pass leaves its product out.
+# In the statistics step of the KerasHub backbones at test size (16 tokens, K = C = 16, and
+# K C = 2 T^2 in their feed-forward layers) building took the norm tier from 1.29-1.34x to
+# 1.18-1.22x; 8 and 16 measured the same as 4, and at K C = 64 T^2 building is slower
+# (`benchmarks/step_cost.py --outer`: 1.5x the weight gradient against 1.2x at T=16, K=C=128).
+BUILD_WITHIN = 4
+
+
 def builds(t, k, c, elementwise):
     """Whether an `Outer` form with `t` positions builds its per-example gradients `[B, K, C]`:
-    for an unknown `t`, when the Gram matrices `[B, T, T]` would be larger, and for the
-    elementwise tier beyond `CROSS_TERMS` positions. T = 1 never builds: the identities are
-    exact and cheaper. A few positions (a layer called a few times, a convolution's last
-    2x2 output) take the Gram norms and the cross terms `sum_{t<=s} (a_t a_s)^T (d_t d_s)`:
-    a few large matrix products over the batch are far faster on a CPU than B tiny ones."""
+    for an unknown `t`, when they are at most `BUILD_WITHIN` times the size of the Gram
+    matrices `[B, T, T]`, and for the elementwise tier beyond `CROSS_TERMS` positions. T = 1
+    never builds: the identities are exact and cheaper. A few positions (a layer called a
+    few times, a convolution's last 2x2 output) take the Gram norms and the cross terms
+    `sum_{t<=s} (a_t a_s)^T (d_t d_s)`: a few large matrix products over the batch are far
+    faster on a CPU than B tiny ones."""
     if t == 1:
         return False
-    if t is None or t * t > k * c:
+    if t is None or BUILD_WITHIN * t * t >= k * c:
         return True
     return elementwise and t > CROSS_TERMS
 
