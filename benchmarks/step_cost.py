@@ -215,7 +215,7 @@ def op_overhead(n=400):
 
 def zoo_tables(budget, quick, batch=64):
     """The models users bring (`tests/zoo.py`, bench sizes) at B=`batch`: both tiers, the share
-    of variables on the fast path, the norm tier with its outputs kept in the graph
+    of variables on the fast path, both tiers with their outputs kept in the graph
     (`kept_in_graph`), statistics every 16 steps in train.py's loop, and the transformer's
     peak memory at B=256."""
     import zoo
@@ -226,8 +226,9 @@ def zoo_tables(budget, quick, batch=64):
           f"plain and norm-tier steps; dispatch floor: 1 + (their difference x {per_op * 1e6:.1f} us, the "
           "measured cost of one small op) / plain step\n")
     print("| model | variables by the rules | plain step | norm tier | elementwise tier | rounds | "
-          "norm tier, kept in the graph | ops, plain | ops, norm tier | dispatch floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "norm tier, kept in the graph | elementwise, kept in the graph | ops, plain | ops, norm tier | "
+          "dispatch floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in zoo.NAMES:
         model, x, y = make(name, batch)
         cover = layerwise.coverage(model, x)
@@ -235,13 +236,14 @@ def zoo_tables(budget, quick, batch=64):
         rows = time_case(name, batch, budget, [m for m in METHODS[:2]])
         (_, t_plain, t_norm, rounds), (_, _, t_elem, _) = rows
         both, tx, ty = steps_for(model), *as_tensors(x, y)
-        kept = kept_in_graph(both.with_stats)
-        (t_alone, t_kept), _ = interleaved([lambda p=both.plain, x=tx, y=ty: call(p, x, y),
-                                            lambda k=kept, x=tx, y=ty: k(x, y).numpy()], budget)
+        kept = [kept_in_graph(steps_for(model, "auto", tier).with_stats) for tier in (False, True)]
+        (t_alone, *t_kept), _ = interleaved([lambda p=both.plain, x=tx, y=ty: call(p, x, y)] + [
+            lambda k=k, x=tx, y=ty: k(x, y).numpy() for k in kept], budget)
         ops_plain, ops_stats, floor = dispatch_floor(both.plain, both.with_stats, tx, ty, per_op, t_plain)
         print(f"| {name} | {fast} of {len(cover)} | {t_plain * 1e3:.2f} ms | {t_norm / t_plain:.2f}x | "
-              f"{t_elem / t_plain:.2f}x | {rounds} | {t_kept / t_alone:.2f}x | {ops_plain} | {ops_stats} | "
-              f"{floor:.2f}x |", flush=True)
+              f"{t_elem / t_plain:.2f}x | {rounds} | "
+              + " | ".join(f"{t / t_alone:.2f}x" for t in t_kept)
+              + f" | {ops_plain} | {ops_stats} | {floor:.2f}x |", flush=True)
     print(f"\nStatistics every 16 steps in train.py's loop (norm tier), against none, B={batch}:\n")
     print("| model | ratio | rounds |")
     print("|---|---|---|")
