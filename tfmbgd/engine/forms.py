@@ -92,7 +92,7 @@ BUILD_WITHIN = 4
 
 def builds(t, k, c, elementwise):
     """Whether an `Outer` form with `t` positions builds its per-example gradients `[B, K, C]`:
-    for an unknown `t`, when they are at most `BUILD_WITHIN` times the size of the Gram
+    when `t` is unknown or they hold at most `BUILD_WITHIN` times the values of the Gram
     matrices `[B, T, T]`, and for the elementwise tier beyond `CROSS_TERMS` positions. T = 1
     never builds: the identities are exact and cheaper. A few positions (a layer called a
     few times, a convolution's last 2x2 output) take the Gram norms and the cross terms
@@ -204,10 +204,9 @@ def in_xla():
 
 def sum_of_squares(t, axis):
     """`reduce_sum(t^2, axis)` in one pass over `t`: a Euclidean norm, squared. Squaring and
-    then summing writes the squares and reads them again, once per sum: at `[32, 4608, 512]`
-    on a CPU the sums over the batch and over each example took 2.3x and 2.9x as long so
-    (`benchmarks/step_cost.py --outer`, the built columns). XLA has no Euclidean norm, and
-    fuses the square into the sum itself."""
+    then summing writes the squares and reads them again, once per sum, which on a large
+    array costs twice or more (`benchmarks/step_cost.py --outer`, the built columns). XLA
+    has no Euclidean norm, and fuses the square into the sum itself."""
     if in_xla():
         return tf.reduce_sum(tf.square(t), axis)
     return tf.square(tf.math.reduce_euclidean_norm(t, axis))
