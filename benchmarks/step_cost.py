@@ -94,6 +94,17 @@ def kept_in_graph(step):
     return tf.function(fn, autograph=False)
 
 
+def handback_cost(n, budget_s=2.0):
+    """Seconds that a `tf.function` returning `n` more scalars takes beyond one returning one."""
+    import tensorflow as tf
+
+    x = tf.constant(1.0)
+    many = tf.function(lambda x: {f"v{i}": x + i for i in range(n + 1)})
+    one = tf.function(lambda x: tf.add_n([x + i for i in range(n + 1)]))
+    (t_many, t_one), _ = interleaved([lambda: many(x)["v0"].numpy(), lambda: one(x).numpy()], budget_s)
+    return t_many - t_one
+
+
 def interleaved(fns, budget_s, min_rounds=5, max_rounds=300):
     """Median seconds of each zero-argument fn, timed in alternation within a budget."""
     for fn in fns:             # trace and warm up
@@ -216,8 +227,9 @@ def op_overhead(n=400):
 def zoo_tables(budget, quick, batch=64):
     """The models users bring (`tests/zoo.py`, bench sizes) at B=`batch`: both tiers, the share
     of variables on the fast path, both tiers with their outputs kept in the graph
-    (`kept_in_graph`), statistics every 16 steps in train.py's loop, and the transformer's
-    peak memory at B=256."""
+    (`kept_in_graph`), the dispatch floor and the hand-back floor (the norm tier's tensors
+    handed back to Python, `handback_cost`), statistics every 16 steps in train.py's loop,
+    and the transformer's peak memory at B=256."""
     import zoo
     from tfmbgd import layerwise
 
@@ -227,8 +239,8 @@ def zoo_tables(budget, quick, batch=64):
           "measured cost of one small op) / plain step\n")
     print("| model | variables by the rules | plain step | norm tier | elementwise tier | rounds | "
           "norm tier, kept in the graph | elementwise, kept in the graph | ops, plain | ops, norm tier | "
-          "dispatch floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "dispatch floor | tensors handed back, beyond the plain step's | hand-back floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in zoo.NAMES:
         model, x, y = make(name, batch)
         cover = layerwise.coverage(model, x)
@@ -240,10 +252,12 @@ def zoo_tables(budget, quick, batch=64):
         (t_alone, *t_kept), _ = interleaved([lambda p=both.plain, x=tx, y=ty: call(p, x, y)] + [
             lambda k=k, x=tx, y=ty: k(x, y).numpy() for k in kept], budget)
         ops_plain, ops_stats, floor = dispatch_floor(both.plain, both.with_stats, tx, ty, per_op, t_plain)
+        returned = len(both.with_stats(tx, ty)) - len(both.plain(tx, ty))
         print(f"| {name} | {fast} of {len(cover)} | {t_plain * 1e3:.2f} ms | {t_norm / t_plain:.2f}x | "
               f"{t_elem / t_plain:.2f}x | {rounds} | "
               + " | ".join(f"{t / t_alone:.2f}x" for t in t_kept)
-              + f" | {ops_plain} | {ops_stats} | {floor:.2f}x |", flush=True)
+              + f" | {ops_plain} | {ops_stats} | {floor:.2f}x | {returned} | "
+              f"{1 + handback_cost(returned, budget) / t_plain:.2f}x |", flush=True)
     print(f"\nStatistics every 16 steps in train.py's loop (norm tier), against none, B={batch}:\n")
     print("| model | ratio | rounds |")
     print("|---|---|---|")
