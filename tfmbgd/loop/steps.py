@@ -170,7 +170,7 @@ class Steps:
         self.finite_only = self.panel.finite_only
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False)     # set by at_step
         self.plain = tf.function(self.plain_step)
-        self.with_stats = tf.function(self.stats_step)
+        self.with_stats = tf.function(self._every_stat)
 
     def at_step(self, step):
         """Tells the instruments and the non-finite guard (if any) the number of the step
@@ -246,6 +246,13 @@ class Steps:
                                  step=self.step.read_value(), batch=(self.model, self.loss_fn, x, y),
                                  replicas=self.replicas)
         return {**self._metrics(m.losses, m.outputs, y), **values}
+
+    def _every_stat(self, x, y):
+        """`stats_step` with all the instruments, for `with_stats`: a `tf.function` of a
+        Python function with a defaulted parameter (`stats_step`'s `panel`) binds every
+        call's arguments on a slower path, which the step of a small model feels
+        (`docs/benchmarks.md`)."""
+        return self.stats_step(x, y)
 
     def end_step(self, x, y):
         """The step after a statistics step when an instrument is two-step (alpha): only
