@@ -273,6 +273,23 @@ def _gram_products(fn, *args):
             if op.type.startswith("BatchMatMul") and op.inputs[0] is op.inputs[1]]
 
 
+def _sequence_dense(positions, width, outputs, dtype, elementwise, batch=6):
+    """`(model, loss_fn, x, y)` of a Dense layer of `outputs` units on `positions` positions of
+    `width` values, then a 3-way head, after checking its moments against the loop: 1e-10 in
+    float64, round-off in float32."""
+    from test_layerwise import assert_moments_close
+
+    def build():
+        inputs = keras.Input((positions, width))
+        hidden = keras.layers.Dense(outputs, activation="tanh")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(hidden)))
+    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"), batch=batch, dtype=dtype)
+    got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=elementwise)
+    assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=elementwise),
+                         rtol=1e-10 if dtype == "float64" else 2e-5)
+    return model, loss_fn, x, y
+
+
 @pytest.mark.parametrize("width", [64, 65])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_the_gram_matrices_flip_from_broadcast_sums_to_batched_products_at_the_threshold(width, dtype):
@@ -281,16 +298,7 @@ def test_the_gram_matrices_flip_from_broadcast_sums_to_batched_products_at_the_t
     # forms.GRAM_BY_BROADCAST) a's is summed from a broadcast product; with K = 65, 1040, it
     # is a batched matrix product. d's (T^2 C = 48) is a broadcast sum either way. Both
     # against the loop: 1e-10 in float64, round-off in float32.
-    from test_layerwise import assert_moments_close
-
-    def build():
-        inputs = keras.Input((4, width))
-        hidden = keras.layers.Dense(3, activation="tanh")(inputs)
-        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(hidden)))
-    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"), batch=6, dtype=dtype)
-    got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=False)
-    assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=False),
-                         rtol=1e-10 if dtype == "float64" else 2e-5)
+    model, loss_fn, x, y = _sequence_dense(4, width, 3, dtype, elementwise=False)
     fn = lambda x, y: gradient_moments(model, loss_fn, x, y, "auto", False).var_norms_sq
     assert len(_gram_products(fn, x, y)) == (width > 64)
     said = layerwise.choices(model, x)[model.layers[1].kernel.path]
@@ -331,16 +339,7 @@ def test_small_outer_products_build_their_per_example_gradients_within_the_thres
     # matrix, so they are built (one batched product whose sum is the batch gradient: the
     # backward pass leaves the layer's product out); with C = 9, 72 > 64, the ghost norm.
     # Against the loop: 1e-10 in float64, round-off in float32.
-    from test_layerwise import assert_moments_close
-
-    def build():
-        inputs = keras.Input((4, 8))
-        hidden = keras.layers.Dense(outputs, activation="tanh")(inputs)
-        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(hidden)))
-    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"), batch=6, dtype=dtype)
-    got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=False)
-    assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=False),
-                         rtol=1e-10 if dtype == "float64" else 2e-5)
+    model, loss_fn, x, y = _sequence_dense(4, 8, outputs, dtype, elementwise=False)
     fn = lambda x, y: gradient_moments(model, loss_fn, x, y, "auto", False).var_norms_sq
     graph = tf.function(fn).get_concrete_function(x, y).graph
     per_example = [op for op in graph.get_operations()
@@ -351,6 +350,7 @@ def test_small_outer_products_build_their_per_example_gradients_within_the_thres
                            else "MatMul: ghost norm: Gram matrices of T=4 positions")
     assert said.endswith("the backward pass leaves out its batch gradient") == (outputs == 8)
 
+
 @pytest.mark.parametrize("cut", [20, 21], ids=["one_product", "a_product_per_pair"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_the_cross_terms_join_into_one_product_from_the_threshold(cut, dtype, monkeypatch):
@@ -359,19 +359,9 @@ def test_the_cross_terms_join_into_one_product_from_the_threshold(cut, dtype, mo
     # forms.CROSS_JOINED they are one product of the pairs' factors stacked, [B 3, K] by
     # [B 3, C]; one below, one [B, K] by [B, C] product per pair. Against the loop: 1e-10 in
     # float64, round-off in float32.
-    from test_layerwise import assert_moments_close
-
     monkeypatch.setattr(forms, "CROSS_JOINED", cut)
-
-    def build():
-        inputs = keras.Input((2, 5))
-        hidden = keras.layers.Dense(4, activation="tanh")(inputs)
-        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(hidden)))
     b = 5
-    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"), batch=b, dtype=dtype)
-    got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=True)
-    assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=True),
-                         rtol=1e-10 if dtype == "float64" else 2e-5)
+    model, loss_fn, x, y = _sequence_dense(2, 5, 4, dtype, elementwise=True, batch=b)
     fn = lambda x, y: gradient_moments(model, loss_fn, x, y, "auto", True).sum_sq
     graph = tf.function(fn).get_concrete_function(x, y).graph
     rows = [op.inputs[0].shape[0] for op in graph.get_operations()
@@ -387,17 +377,8 @@ def test_built_gradients_take_their_norms_from_the_gram_matrices_below_the_thres
     # Gram matrices where those cost fewer multiply-adds than the gradients hold values,
     # T^2 (K + C) < K C: at width 130, 16,640 < 16,900 (two Gram products, of a and of d);
     # at 128, 16,384 = 16,384, so from the built gradients. Against the loop.
-    from test_layerwise import assert_moments_close
-
-    def build():
-        inputs = keras.Input((8, width))
-        hidden = keras.layers.Dense(width, activation="tanh")(inputs)
-        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(hidden)))
-    model, loss_fn, x, y = make(dict(build=build, loss="crossentropy"), batch=4, dtype=dtype)
     assert forms.builds(8, width, width, True) and not forms.builds(8, width, width, False)
-    got = gradient_moments(model, loss_fn, x, y, method="layerwise", elementwise=True)
-    assert_moments_close(got, gradient_moments(model, loss_fn, x, y, method="loop", elementwise=True),
-                         rtol=1e-10 if dtype == "float64" else 2e-5)
+    model, loss_fn, x, y = _sequence_dense(8, width, width, dtype, elementwise=True, batch=4)
     fn = lambda x, y: gradient_moments(model, loss_fn, x, y, "auto", True).var_norms_sq
     assert len(_gram_products(fn, x, y)) == (2 if width == 130 else 0)
 
