@@ -184,14 +184,16 @@ def moments(form, shape, b, elementwise):
                 return None, ghost(), None
             sum_sq = cross_terms(form.a, form.d, joins_cross_terms(k, c)) * b2
             return tf.reshape(sum_sq, shape), ghost(), None
-        if norms_by_gram(t, k, c):
-            g = explicit(form, shape)
-            return sum_of_squares(g, 0) * b2, ghost(), tf.reduce_sum(g, 0)
-    if isinstance(form, Pieces):
+        norms = ghost() if norms_by_gram(t, k, c) else None
+    elif isinstance(form, Pieces):
         return _pieces(form, shape, b2, elementwise)
+    else:
+        norms = None
     g = explicit(form, shape)
+    if norms is None:
+        norms = sum_of_squares(g, list(range(1, g.shape.rank))) * b2
     sum_sq = sum_of_squares(g, 0) * b2 if elementwise else None
-    return sum_sq, sum_of_squares(g, list(range(1, g.shape.rank))) * b2, tf.reduce_sum(g, 0)
+    return sum_sq, norms, tf.reduce_sum(g, 0)
 
 
 def in_xla():
